@@ -1,0 +1,256 @@
+//! Everything a worker reads, compiled by the control side into one immutable value and
+//! published with a single pointer swap (`arc_swap::ArcSwap<Snapshot>`). A worker loads it
+//! once per burst. Conntrack entries store translations by value, never an index into a
+//! snapshot, so a swap never invalidates a flow.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+
+use crate::maglev::MaglevTable;
+
+/// IP protocol numbers of the protocols a Service can carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Protocol {
+    Tcp = 6,
+    Udp = 17,
+    Sctp = 132,
+}
+
+impl Protocol {
+    pub fn from_ip_proto(proto: u8) -> Option<Protocol> {
+        match proto {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            132 => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What destination a frontend answers on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl FrontendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::ExternalIp => "ExternalIP",
+        }
+    }
+}
+
+/// Condition of an endpoint as the EndpointSlice reports it, reduced to what the
+/// dataplane decides on (kube-semantics items 11–12).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EndpointState {
+    /// `ready`: chosen for new connections.
+    Ready,
+    /// Not ready but `serving` and `terminating`: keeps its flows; chosen for new
+    /// connections only when no endpoint of the frontend is ready.
+    ServingTerminating,
+    /// Neither: keeps nothing new; existing flows stay only while present.
+    NotServing,
+}
+
+impl EndpointState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointState::Ready => "ready",
+            EndpointState::ServingTerminating => "serving-terminating",
+            EndpointState::NotServing => "not-serving",
+        }
+    }
+}
+
+/// One endpoint of a Service port (ip:port from the EndpointSlice).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub state: EndpointState,
+    /// `nodeName` of the endpoint, for internalTrafficPolicy: Local.
+    pub node: Option<Arc<str>>,
+}
+
+/// A (namespace/name, port name, protocol) of a Service: the unit kube-proxy serves.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub port_name: Arc<str>,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+/// The backends of one Service port and the Maglev table over the usable ones. Shared by
+/// every frontend (ClusterIP, NodePort, LB, externalIP) of that port, and between
+/// snapshots when the port's inputs did not change.
+#[derive(Debug)]
+pub struct BackendSet {
+    /// Every endpoint known for the port, in a stable order (sorted by ip, port).
+    pub backends: Vec<Backend>,
+    /// Maglev table over `usable` (indices into `backends`). Empty when nothing is usable.
+    pub maglev: MaglevTable,
+    /// Indices into `backends` of the endpoints chosen for new connections: the ready ones,
+    /// or when none is ready the serving-terminating ones.
+    pub usable: Vec<u32>,
+}
+
+impl BackendSet {
+    /// The backend a Maglev lookup of `flow_hash` picks, if any endpoint is usable.
+    #[inline]
+    pub fn pick(&self, flow_hash: u64) -> Option<&Backend> {
+        let slot = self.maglev.lookup(flow_hash)?;
+        let index = *self.usable.get(slot as usize)?;
+        self.backends.get(index as usize)
+    }
+
+    /// The state of `addr:port` in this set, or `None` when it is gone entirely.
+    pub fn state_of(&self, addr: Ipv4Addr, port: u16) -> Option<EndpointState> {
+        self.backends
+            .binary_search_by(|b| (b.addr, b.port).cmp(&(addr, port)))
+            .ok()
+            .map(|i| self.backends[i].state)
+    }
+}
+
+/// internalTrafficPolicy: Local, seen from a gateway (kube-semantics item 18).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InternalPolicy {
+    Cluster,
+    /// Pod-originated traffic goes only to endpoints on the sending pod's node.
+    Local,
+}
+
+/// One served frontend: a destination (ip or node-port, protocol, port) and what to do
+/// with a new connection to it.
+#[derive(Debug)]
+pub struct Frontend {
+    /// Dense index for per-frontend counters; stable only within one snapshot.
+    pub id: u32,
+    pub service: ServicePortName,
+    pub kind: FrontendKind,
+    /// The address matched (the VIP; for NodePort the node-port address is any of
+    /// `Snapshot::node_port_addresses`, and this is unspecified).
+    pub addr: Ipv4Addr,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub backends: Arc<BackendSet>,
+    /// SNAT new connections to the cluster-side address (externalTrafficPolicy: Cluster,
+    /// pod-originated ClusterIP traffic; kube-semantics items 16–19).
+    pub masquerade: bool,
+    /// LoadBalancer source ranges; empty means every source is allowed.
+    pub source_ranges: Vec<Ipv4Net>,
+    /// sessionAffinity: ClientIP timeout in seconds.
+    pub affinity_timeout_secs: Option<u32>,
+    pub internal_policy: InternalPolicy,
+}
+
+/// Key of an address-bound frontend (ClusterIP, LB ingress IP, externalIP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FrontendKey {
+    pub addr: Ipv4Addr,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A remote pod CIDR reached through a node's VTEP (VXLAN encapsulation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodCidrRoute {
+    pub cidr: Ipv4Net,
+    pub vtep: Ipv4Addr,
+    pub vni: u32,
+    /// Kubernetes node name behind the VTEP (internalTrafficPolicy: Local).
+    pub node: Option<Arc<str>>,
+}
+
+/// The immutable tables every worker reads.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases by one per published snapshot; 0 means "nothing installed yet".
+    pub generation: u64,
+    /// ClusterIP, LoadBalancer and externalIP frontends.
+    pub frontends: HashMap<FrontendKey, Arc<Frontend>>,
+    /// NodePort frontends by (protocol, nodePort), matched on `node_port_addresses`.
+    pub node_ports: HashMap<(Protocol, u16), Arc<Frontend>>,
+    pub node_port_addresses: Vec<Ipv4Addr>,
+    /// Every service address (ClusterIP, LB ingress, externalIP) with a frontend: a packet
+    /// to one of these on an unknown port is rejected (kube-semantics item 8).
+    pub service_addresses: HashMap<Ipv4Addr, FrontendKind>,
+    /// The service CIDR, if configured: unallocated addresses inside it are dropped.
+    pub service_cidr: Option<Ipv4Net>,
+    /// Remote pod CIDRs behind node VTEPs.
+    pub pod_routes: Vec<PodCidrRoute>,
+    /// Number of frontends (ids are `0..frontend_count`).
+    pub frontend_count: u32,
+}
+
+impl Snapshot {
+    /// The frontend a packet to `dst:port` matches, if any. NodePort frontends match only
+    /// on the node-port addresses.
+    #[inline]
+    pub fn match_frontend(
+        &self,
+        dst: Ipv4Addr,
+        protocol: Protocol,
+        port: u16,
+    ) -> Option<&Arc<Frontend>> {
+        if let Some(frontend) = self.frontends.get(&FrontendKey {
+            addr: dst,
+            protocol,
+            port,
+        }) {
+            return Some(frontend);
+        }
+        if !self.node_ports.is_empty() && self.node_port_addresses.contains(&dst) {
+            return self.node_ports.get(&(protocol, port));
+        }
+        None
+    }
+
+    /// Every frontend, address-bound ones first, in a stable order (for the admin API).
+    pub fn all_frontends(&self) -> Vec<&Arc<Frontend>> {
+        let mut all: Vec<&Arc<Frontend>> = self
+            .frontends
+            .values()
+            .chain(self.node_ports.values())
+            .collect();
+        all.sort_by_key(|f| f.id);
+        all
+    }
+}
