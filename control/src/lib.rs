@@ -1,0 +1,5 @@
+//! servicegate's control side: config, service sources, the compiler from Kubernetes objects
+//! to a dataplane snapshot, publishing, the admin API, and the `servicegate` binary.
+#![forbid(unsafe_code)]
+
+pub mod model;
