@@ -150,11 +150,14 @@ impl BackendSet {
 }
 
 /// internalTrafficPolicy: Local, seen from a gateway (kube-semantics item 18).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum InternalPolicy {
     Cluster,
-    /// Pod-originated traffic goes only to endpoints on the sending pod's node.
-    Local,
+    /// Pod-originated traffic (arriving over VXLAN from a node's VTEP) goes only to
+    /// endpoints on the sending pod's node: one backend set per node name.
+    Local {
+        by_node: HashMap<Arc<str>, Arc<BackendSet>>,
+    },
 }
 
 /// One served frontend: a destination (ip or node-port, protocol, port) and what to do
