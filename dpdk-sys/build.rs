@@ -8,6 +8,7 @@ const MISSING: &str = "libdpdk not found by pkg-config: install it with `apt-get
 
 fn main() {
     println!("cargo:rerun-if-changed=wrapper.h");
+    println!("cargo:rerun-if-changed=shim.c");
     let dpdk = match pkg_config::Config::new()
         .atleast_version("22.11")
         .probe("libdpdk")
@@ -43,6 +44,7 @@ fn main() {
         .allowlist_function("rte_ring_.*")
         .allowlist_function("rte_prefetch.*")
         .allowlist_function("rte_version")
+        .allowlist_function("sg_.*")
         .allowlist_function("rte_lpm_.*")
         .allowlist_var("RTE_.*")
         .allowlist_type("rte_eth_.*")
@@ -70,6 +72,7 @@ fn main() {
 
     let mut cc = cc::Build::new();
     cc.file(&wrappers)
+        .file("shim.c")
         .include(env::current_dir().expect("cwd"))
         .flag("-march=native")
         .flag("-O3")

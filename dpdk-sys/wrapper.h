@@ -13,3 +13,6 @@
 #include <rte_prefetch.h>
 #include <rte_version.h>
 #include <rte_lpm.h>
+
+/* shim.c */
+int sg_rte_errno(void);

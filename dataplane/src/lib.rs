@@ -5,5 +5,9 @@
 //! `dpdk` is the only place that talks to DPDK and the only module allowed `unsafe`.
 #![deny(unsafe_code)]
 
+pub mod frame;
 pub mod maglev;
 pub mod snapshot;
+
+#[cfg(feature = "dpdk")]
+pub mod dpdk;

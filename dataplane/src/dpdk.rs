@@ -1,0 +1,788 @@
+//! The safe DPDK layer: EAL, mempools, ports and queues, mbufs with a single owner, bursts.
+//! The only module of servicegate (besides `dpdk-sys`) that contains `unsafe`; every block
+//! says why it is sound. Negative returns and `rte_errno` become `Result` in `check`.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_int, c_uint, c_void, CStr, CString};
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dpdk_sys as sys;
+
+use crate::frame::Frame;
+
+/// Frames per `rx_burst` call, as testpmd and VPP use.
+pub const BURST_SIZE: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub operation: String,
+    pub code: i32,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.operation, strerror(self.code))
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// DPDK's description of an error code (its own codes and errno values).
+pub fn strerror(code: i32) -> String {
+    // SAFETY: rte_strerror returns a pointer to a static or thread-local NUL-terminated
+    // string for any code; we copy it out before the next call could overwrite it.
+    unsafe {
+        let message = sys::rte_strerror(code);
+        if message.is_null() {
+            return format!("error {code}");
+        }
+        CStr::from_ptr(message).to_string_lossy().into_owned()
+    }
+}
+
+fn rte_errno() -> i32 {
+    // SAFETY: reads the calling thread's rte_errno through a C accessor; no preconditions.
+    unsafe { sys::sg_rte_errno() }
+}
+
+/// Turns a DPDK return value into a `Result`: negative values are `-errno` codes; `-1`
+/// means "see rte_errno" for the EAL calls that use that convention.
+fn check(operation: impl Into<String>, ret: c_int) -> Result<c_int> {
+    if ret >= 0 {
+        return Ok(ret);
+    }
+    let code = if ret == -1 { rte_errno() } else { -ret };
+    Err(Error {
+        operation: operation.into(),
+        code,
+    })
+}
+
+/// DPDK's version string, e.g. "DPDK 22.11.11".
+pub fn version() -> String {
+    // SAFETY: rte_version returns a pointer to a static NUL-terminated string.
+    unsafe { CStr::from_ptr(sys::rte_version()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Time-stamp counter and its frequency: the clock of the per-burst latency histogram.
+#[inline]
+pub fn tsc() -> u64 {
+    // SAFETY: rdtsc has no preconditions.
+    unsafe { sys::rte_rdtsc() }
+}
+
+pub fn tsc_hz() -> u64 {
+    // SAFETY: valid after EAL init; before it DPDK returns 0, which callers treat as unknown.
+    unsafe { sys::rte_get_tsc_hz() }
+}
+
+/// An EAL logical core id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LcoreId(pub u32);
+
+/// The calling thread's lcore id (`u32::MAX` on a thread EAL does not know).
+pub fn current_lcore() -> LcoreId {
+    // SAFETY: rte_lcore_id reads a thread-local; no preconditions.
+    LcoreId(unsafe { sys::rte_lcore_id() })
+}
+
+static EAL_STARTED: AtomicBool = AtomicBool::new(false);
+
+/// The initialised Environment Abstraction Layer. One per process: DPDK cannot be
+/// initialised twice, even after cleanup. Dropping it runs `rte_eal_cleanup`, which must
+/// happen after every port is closed and every mempool freed.
+pub struct Eal {
+    _private: (),
+}
+
+impl Eal {
+    /// Initialises EAL with `args` (without the program name). Fails if EAL was already
+    /// initialised in this process.
+    pub fn init<S: AsRef<str>>(args: &[S]) -> Result<Eal> {
+        if EAL_STARTED.swap(true, Ordering::SeqCst) {
+            return Err(Error {
+                operation: "rte_eal_init (EAL initialises once per process)".into(),
+                code: libc_eal_already(),
+            });
+        }
+        let mut owned: Vec<CString> = Vec::with_capacity(args.len() + 1);
+        owned.push(CString::new("servicegate").expect("no NUL"));
+        for arg in args {
+            owned.push(CString::new(arg.as_ref()).map_err(|_| Error {
+                operation: format!("EAL argument {:?} contains a NUL byte", arg.as_ref()),
+                code: 22,
+            })?);
+        }
+        let mut argv: Vec<*mut std::ffi::c_char> =
+            owned.iter().map(|s| s.as_ptr() as *mut _).collect();
+        // SAFETY: argv holds argc valid NUL-terminated strings that outlive the call (EAL
+        // may permute the pointer array, which we own, and keeps no pointer past return
+        // except into `owned`, which we leak below for that reason).
+        let ret = unsafe { sys::rte_eal_init(argv.len() as c_int, argv.as_mut_ptr()) };
+        std::mem::forget(owned);
+        check("rte_eal_init", ret)?;
+        Ok(Eal { _private: () })
+    }
+
+    /// Runs `work` on the EAL worker lcore `lcore`. Join it with `wait`.
+    pub fn launch(&self, lcore: LcoreId, work: Box<dyn FnOnce() + Send + 'static>) -> Result<()> {
+        extern "C" fn trampoline(arg: *mut c_void) -> c_int {
+            // SAFETY: `arg` is the pointer produced by Box::into_raw below, passed to exactly
+            // one launch, so we are its only owner.
+            let work: Box<Box<dyn FnOnce() + Send>> = unsafe { Box::from_raw(arg.cast()) };
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+                Ok(()) => 0,
+                Err(_) => -1,
+            }
+        }
+        let arg = Box::into_raw(Box::new(work)).cast::<c_void>();
+        // SAFETY: the trampoline has the signature lcore_function_t expects and takes
+        // ownership of `arg`; on failure EAL did not run it, so we reclaim the box.
+        let ret = unsafe { sys::rte_eal_remote_launch(Some(trampoline), arg, lcore.0 as c_uint) };
+        if ret < 0 {
+            // SAFETY: the launch failed, so the trampoline never received `arg`.
+            drop(unsafe { Box::from_raw(arg.cast::<Box<dyn FnOnce() + Send>>()) });
+        }
+        check(format!("rte_eal_remote_launch on lcore {}", lcore.0), ret).map(|_| ())
+    }
+
+    /// Waits for the work launched on `lcore`; false when it panicked.
+    pub fn wait(&self, lcore: LcoreId) -> bool {
+        // SAFETY: waiting on a launched (or idle) worker lcore has no other precondition.
+        unsafe { sys::rte_eal_wait_lcore(lcore.0 as c_uint) == 0 }
+    }
+
+    /// The enabled worker lcores (every lcore but the main one), in order.
+    pub fn worker_lcores(&self) -> Vec<LcoreId> {
+        let mut lcores = Vec::new();
+        // SAFETY: rte_get_next_lcore iterates EAL's lcore table; RTE_MAX_LCORE ends it.
+        let mut lcore = unsafe { sys::rte_get_next_lcore(u32::MAX, 1, 0) };
+        while lcore < sys::RTE_MAX_LCORE {
+            lcores.push(LcoreId(lcore));
+            // SAFETY: as above.
+            lcore = unsafe { sys::rte_get_next_lcore(lcore, 1, 0) };
+        }
+        lcores
+    }
+}
+
+impl Drop for Eal {
+    fn drop(&mut self) {
+        // SAFETY: called once, after the owner closed ports and freed pools (Drop order of
+        // `Runtime`); EAL's worker lcores are idle because every launch was waited for.
+        unsafe { sys::rte_eal_cleanup() };
+    }
+}
+
+fn libc_eal_already() -> i32 {
+    114 // EALREADY
+}
+
+/// A pool of packet buffers (`rte_pktmbuf_pool_create`).
+pub struct Mempool {
+    pool: NonNull<sys::rte_mempool>,
+}
+
+// SAFETY: a DPDK mempool is safe to use from several threads (its ring is multi-producer,
+// multi-consumer; per-lcore caches are keyed by the calling lcore).
+unsafe impl Send for Mempool {}
+// SAFETY: as above; every method takes &self and DPDK synchronises internally.
+unsafe impl Sync for Mempool {}
+
+impl Mempool {
+    /// `size` mbufs of `data_room` bytes (plus DPDK's headroom) with a per-lcore cache.
+    pub fn new(_eal: &Eal, name: &str, size: u32, cache: u32, data_room: u16) -> Result<Mempool> {
+        let cname = CString::new(name).map_err(|_| Error {
+            operation: format!("mempool name {name:?}"),
+            code: 22,
+        })?;
+        // SAFETY: EAL is initialised (we hold &Eal); the name is a valid C string copied by
+        // DPDK; SOCKET_ID_ANY lets DPDK choose the NUMA node.
+        let pool = unsafe {
+            sys::rte_pktmbuf_pool_create(
+                cname.as_ptr(),
+                size,
+                cache,
+                0,
+                data_room.saturating_add(sys::RTE_PKTMBUF_HEADROOM as u16),
+                -1,
+            )
+        };
+        NonNull::new(pool).map(|pool| Mempool { pool }).ok_or(Error {
+            operation: format!("rte_pktmbuf_pool_create({name}, {size} mbufs)"),
+            code: rte_errno(),
+        })
+    }
+
+    /// Mbufs currently taken from the pool (0 after a clean stop).
+    pub fn in_use(&self) -> u32 {
+        // SAFETY: the pool is valid for the life of self.
+        unsafe { sys::rte_mempool_in_use_count(self.pool.as_ptr()) }
+    }
+
+    pub fn available(&self) -> u32 {
+        // SAFETY: the pool is valid for the life of self.
+        unsafe { sys::rte_mempool_avail_count(self.pool.as_ptr()) }
+    }
+
+    /// A fresh mbuf, or `None` when the pool is empty.
+    pub fn alloc(&self) -> Option<Mbuf> {
+        // SAFETY: the pool is valid; a non-null result is an mbuf we now own.
+        NonNull::new(unsafe { sys::rte_pktmbuf_alloc(self.pool.as_ptr()) }).map(|mbuf| Mbuf { mbuf })
+    }
+
+    fn as_ptr(&self) -> *mut sys::rte_mempool {
+        self.pool.as_ptr()
+    }
+}
+
+impl Drop for Mempool {
+    fn drop(&mut self) {
+        // SAFETY: the owner drops pools after ports are closed, so no PMD still holds mbufs
+        // of this pool; the pointer came from rte_pktmbuf_pool_create.
+        unsafe { sys::rte_mempool_free(self.pool.as_ptr()) };
+    }
+}
+
+/// A packet buffer with exactly one owner: dropping it frees it, transmitting consumes it.
+/// Only single-segment mbufs are handed to the pipeline (ports run without scatter).
+pub struct Mbuf {
+    mbuf: NonNull<sys::rte_mbuf>,
+}
+
+// SAFETY: an mbuf is owned by exactly one Mbuf value; moving it to another thread moves
+// that ownership (the hand-off ring between workers relies on this).
+unsafe impl Send for Mbuf {}
+
+impl Mbuf {
+    fn raw(&self) -> &sys::rte_mbuf {
+        // SAFETY: we own a valid mbuf for the life of self.
+        unsafe { self.mbuf.as_ref() }
+    }
+
+    /// The port the frame arrived on.
+    pub fn port(&self) -> u16 {
+        self.raw().port
+    }
+
+    /// The RSS hash the NIC computed, when it did.
+    pub fn rss_hash(&self) -> Option<u32> {
+        let m = self.raw();
+        if m.ol_flags & sys::RTE_MBUF_F_RX_RSS_HASH as u64 != 0 {
+            // SAFETY: the RSS flag says the hash member of the union is the valid one.
+            Some(unsafe { m.__bindgen_anon_2.hash.rss })
+        } else {
+            None
+        }
+    }
+
+    pub fn is_contiguous(&self) -> bool {
+        self.raw().nb_segs == 1
+    }
+
+    /// Copies `bytes` into a fresh mbuf from `pool`.
+    pub fn from_bytes(pool: &Mempool, bytes: &[u8]) -> Option<Mbuf> {
+        let mut mbuf = pool.alloc()?;
+        if !mbuf.append(bytes.len()) {
+            return None;
+        }
+        mbuf.data_mut().copy_from_slice(bytes);
+        Some(mbuf)
+    }
+
+    fn into_raw(self) -> *mut sys::rte_mbuf {
+        let ptr = self.mbuf.as_ptr();
+        std::mem::forget(self);
+        ptr
+    }
+
+    /// Pointer-sized prefetch of the frame's first cache line.
+    #[inline]
+    pub fn prefetch(&self) {
+        let m = self.raw();
+        // SAFETY: buf_addr + data_off points inside the mbuf's data room.
+        unsafe { sys::rte_prefetch0(m.buf_addr.cast::<u8>().add(m.data_off as usize).cast()) };
+    }
+}
+
+impl Frame for Mbuf {
+    #[inline]
+    fn data(&self) -> &[u8] {
+        let m = self.raw();
+        // SAFETY: for a single-segment mbuf the data_len bytes at buf_addr + data_off are
+        // initialised packet data owned by this mbuf; the borrow is tied to &self.
+        unsafe {
+            std::slice::from_raw_parts(
+                m.buf_addr.cast::<u8>().add(m.data_off as usize),
+                m.data_len as usize,
+            )
+        }
+    }
+
+    #[inline]
+    fn data_mut(&mut self) -> &mut [u8] {
+        let m = self.raw();
+        let (addr, off, len) = (m.buf_addr.cast::<u8>(), m.data_off as usize, m.data_len as usize);
+        // SAFETY: as in `data`, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(addr.add(off), len) }
+    }
+
+    fn prepend(&mut self, len: usize) -> bool {
+        let Ok(len) = u16::try_from(len) else {
+            return false;
+        };
+        // SAFETY: we own the mbuf; rte_pktmbuf_prepend checks the headroom itself.
+        !unsafe { sys::rte_pktmbuf_prepend(self.mbuf.as_ptr(), len) }.is_null()
+    }
+
+    fn adj(&mut self, len: usize) -> bool {
+        let Ok(len) = u16::try_from(len) else {
+            return false;
+        };
+        // SAFETY: we own the mbuf; rte_pktmbuf_adj checks the length itself.
+        !unsafe { sys::rte_pktmbuf_adj(self.mbuf.as_ptr(), len) }.is_null()
+    }
+
+    fn trim(&mut self, len: usize) -> bool {
+        let Ok(len) = u16::try_from(len) else {
+            return false;
+        };
+        // SAFETY: we own the mbuf; rte_pktmbuf_trim checks the length itself.
+        unsafe { sys::rte_pktmbuf_trim(self.mbuf.as_ptr(), len) == 0 }
+    }
+
+    fn append(&mut self, len: usize) -> bool {
+        let Ok(len) = u16::try_from(len) else {
+            return false;
+        };
+        // SAFETY: we own the mbuf; rte_pktmbuf_append checks the tailroom itself.
+        !unsafe { sys::rte_pktmbuf_append(self.mbuf.as_ptr(), len) }.is_null()
+    }
+}
+
+impl Drop for Mbuf {
+    fn drop(&mut self) {
+        // SAFETY: we are the only owner of this mbuf; it returns to its pool.
+        unsafe { sys::rte_pktmbuf_free(self.mbuf.as_ptr()) };
+    }
+}
+
+/// Up to `BURST_SIZE` mbufs received in one `rx_burst`. Taking them out transfers
+/// ownership; whatever is left is freed when the burst is dropped or refilled.
+pub struct RxBurst {
+    mbufs: [*mut sys::rte_mbuf; BURST_SIZE],
+    len: usize,
+    next: usize,
+}
+
+impl Default for RxBurst {
+    fn default() -> Self {
+        RxBurst {
+            mbufs: [std::ptr::null_mut(); BURST_SIZE],
+            len: 0,
+            next: 0,
+        }
+    }
+}
+
+impl RxBurst {
+    fn free_rest(&mut self) {
+        if self.next < self.len {
+            // SAFETY: entries next..len are mbufs received and not yet handed out.
+            unsafe {
+                sys::rte_pktmbuf_free_bulk(
+                    self.mbufs.as_mut_ptr().add(self.next),
+                    (self.len - self.next) as c_uint,
+                )
+            };
+        }
+        self.len = 0;
+        self.next = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.len - self.next
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == self.next
+    }
+
+    /// Takes the next frame, prefetching the one after it.
+    #[inline]
+    pub fn pop(&mut self) -> Option<Mbuf> {
+        if self.next >= self.len {
+            return None;
+        }
+        let ptr = self.mbufs[self.next];
+        self.next += 1;
+        if self.next < self.len {
+            // SAFETY: the entry is a valid received mbuf; prefetching reads nothing.
+            unsafe { sys::rte_prefetch0(self.mbufs[self.next].cast()) };
+        }
+        NonNull::new(ptr).map(|mbuf| Mbuf { mbuf })
+    }
+}
+
+impl Drop for RxBurst {
+    fn drop(&mut self) {
+        self.free_rest();
+    }
+}
+
+/// Frames waiting to be transmitted on one (port, queue); flushed once per burst.
+pub struct TxBuffer {
+    mbufs: [*mut sys::rte_mbuf; TxBuffer::CAPACITY],
+    len: usize,
+}
+
+// SAFETY: the buffer owns the mbufs it holds (see Mbuf's Send).
+unsafe impl Send for TxBuffer {}
+
+impl Default for TxBuffer {
+    fn default() -> Self {
+        TxBuffer {
+            mbufs: [std::ptr::null_mut(); TxBuffer::CAPACITY],
+            len: 0,
+        }
+    }
+}
+
+impl TxBuffer {
+    pub const CAPACITY: usize = 2 * BURST_SIZE;
+
+    /// Queues `mbuf`; hands it back when the buffer is full (flush first).
+    #[inline]
+    pub fn push(&mut self, mbuf: Mbuf) -> std::result::Result<(), Mbuf> {
+        if self.len == Self::CAPACITY {
+            return Err(mbuf);
+        }
+        self.mbufs[self.len] = mbuf.into_raw();
+        self.len += 1;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len == Self::CAPACITY
+    }
+
+    /// Frees every queued frame without sending it; returns how many.
+    pub fn discard(&mut self) -> usize {
+        let n = self.len;
+        if n > 0 {
+            // SAFETY: entries 0..len are mbufs we own.
+            unsafe { sys::rte_pktmbuf_free_bulk(self.mbufs.as_mut_ptr(), n as c_uint) };
+        }
+        self.len = 0;
+        n
+    }
+}
+
+impl Drop for TxBuffer {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
+/// Port and queue as DPDK numbers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortId(pub u16);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId(pub u16);
+
+/// How to bring a port up.
+#[derive(Clone, Debug)]
+pub struct PortSetup {
+    pub rx_queues: u16,
+    pub tx_queues: u16,
+    pub rx_descriptors: u16,
+    pub tx_descriptors: u16,
+    pub mtu: Option<u16>,
+    pub promiscuous: bool,
+    /// Spread flows over the rx queues with RSS (IPv4 + TCP/UDP), when several.
+    pub rss: bool,
+}
+
+/// What the driver reports about a port.
+#[derive(Clone, Debug, Default)]
+pub struct PortInfo {
+    pub driver: String,
+    pub max_rx_queues: u16,
+    pub max_tx_queues: u16,
+    pub rx_offload_capa: u64,
+    pub tx_offload_capa: u64,
+    pub flow_type_rss_offloads: u64,
+}
+
+/// Counters the driver keeps for a port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortStats {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_missed: u64,
+    pub rx_errors: u64,
+    pub tx_errors: u64,
+    pub rx_no_mbuf: u64,
+}
+
+/// An ethernet port (PCI or vdev) that EAL probed.
+#[derive(Debug)]
+pub struct Port {
+    pub id: PortId,
+    pub name: String,
+    pub info: PortInfo,
+    started: bool,
+}
+
+impl Port {
+    /// The port EAL created for `name` (a vdev name like `net_tap0` or a PCI address).
+    pub fn by_name(_eal: &Eal, name: &str) -> Result<Port> {
+        let cname = CString::new(name).map_err(|_| Error {
+            operation: format!("port name {name:?}"),
+            code: 22,
+        })?;
+        let mut id: u16 = 0;
+        // SAFETY: cname is a valid C string and id a valid out pointer.
+        let ret = unsafe { sys::rte_eth_dev_get_port_by_name(cname.as_ptr(), &mut id) };
+        check(format!("no DPDK port named {name:?} (is it in the EAL --vdev/-a arguments?)"), ret)?;
+        let mut info = sys::rte_eth_dev_info::default();
+        // SAFETY: id is a valid port id and info a valid out pointer.
+        let ret = unsafe { sys::rte_eth_dev_info_get(id, &mut info) };
+        check(format!("rte_eth_dev_info_get({name})"), ret)?;
+        let driver = if info.driver_name.is_null() {
+            String::new()
+        } else {
+            // SAFETY: driver_name points to the driver's static NUL-terminated name.
+            unsafe { CStr::from_ptr(info.driver_name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        Ok(Port {
+            id: PortId(id),
+            name: name.to_string(),
+            info: PortInfo {
+                driver,
+                max_rx_queues: info.max_rx_queues,
+                max_tx_queues: info.max_tx_queues,
+                rx_offload_capa: info.rx_offload_capa,
+                tx_offload_capa: info.tx_offload_capa,
+                flow_type_rss_offloads: info.flow_type_rss_offloads,
+            },
+            started: false,
+        })
+    }
+
+    /// Configures queues (receiving into `pool`), MTU and RSS, then starts the port.
+    pub fn start(&mut self, setup: &PortSetup, pool: &Mempool) -> Result<()> {
+        let name = &self.name;
+        if setup.rx_queues > self.info.max_rx_queues || setup.tx_queues > self.info.max_tx_queues {
+            return Err(Error {
+                operation: format!(
+                    "port {name}: {} rx / {} tx queues requested, driver {} allows {} / {}",
+                    setup.rx_queues,
+                    setup.tx_queues,
+                    self.info.driver,
+                    self.info.max_rx_queues,
+                    self.info.max_tx_queues
+                ),
+                code: 22,
+            });
+        }
+        let mut conf = sys::rte_eth_conf::default();
+        let rss_hf = RSS_IPV4_TCP_UDP & self.info.flow_type_rss_offloads;
+        if setup.rss && setup.rx_queues > 1 && rss_hf != 0 {
+            conf.rxmode.mq_mode = sys::rte_eth_rx_mq_mode_RTE_ETH_MQ_RX_RSS;
+            conf.rx_adv_conf.rss_conf.rss_hf = rss_hf;
+            // Symmetric RSS: the 0x6d5a-repeated Toeplitz key hashes both directions of a
+            // flow to the same queue (Woo & Park, 2012).
+            conf.rx_adv_conf.rss_conf.rss_key = SYMMETRIC_RSS_KEY.as_ptr() as *mut u8;
+            conf.rx_adv_conf.rss_conf.rss_key_len = SYMMETRIC_RSS_KEY.len() as u8;
+        }
+        if let Some(mtu) = setup.mtu {
+            conf.rxmode.mtu = u32::from(mtu);
+        }
+        // SAFETY: the port id is valid and conf a valid, fully initialised configuration
+        // whose rss_key points to a static array.
+        let ret = unsafe {
+            sys::rte_eth_dev_configure(self.id.0, setup.rx_queues, setup.tx_queues, &conf)
+        };
+        check(format!("rte_eth_dev_configure({name})"), ret)?;
+        let mut rx_desc = setup.rx_descriptors;
+        let mut tx_desc = setup.tx_descriptors;
+        // SAFETY: valid port id and pointers to our locals.
+        let ret = unsafe { sys::rte_eth_dev_adjust_nb_rx_tx_desc(self.id.0, &mut rx_desc, &mut tx_desc) };
+        check(format!("rte_eth_dev_adjust_nb_rx_tx_desc({name})"), ret)?;
+        // SAFETY: valid port id.
+        let socket = unsafe { sys::rte_eth_dev_socket_id(self.id.0) };
+        for queue in 0..setup.rx_queues {
+            // SAFETY: configured port, queue index below the configured count, a null
+            // rx_conf means driver defaults, and the pool outlives the port (Runtime order).
+            let ret = unsafe {
+                sys::rte_eth_rx_queue_setup(
+                    self.id.0,
+                    queue,
+                    rx_desc,
+                    socket.max(0) as c_uint,
+                    std::ptr::null(),
+                    pool.as_ptr(),
+                )
+            };
+            check(format!("rte_eth_rx_queue_setup({name}, queue {queue})"), ret)?;
+        }
+        for queue in 0..setup.tx_queues {
+            // SAFETY: as above; a null tx_conf means driver defaults.
+            let ret = unsafe {
+                sys::rte_eth_tx_queue_setup(
+                    self.id.0,
+                    queue,
+                    tx_desc,
+                    socket.max(0) as c_uint,
+                    std::ptr::null(),
+                )
+            };
+            check(format!("rte_eth_tx_queue_setup({name}, queue {queue})"), ret)?;
+        }
+        // SAFETY: configured port with every queue set up.
+        let ret = unsafe { sys::rte_eth_dev_start(self.id.0) };
+        check(format!("rte_eth_dev_start({name})"), ret)?;
+        self.started = true;
+        if setup.promiscuous {
+            // SAFETY: started port; not every PMD supports it, which is not an error here.
+            unsafe { sys::rte_eth_promiscuous_enable(self.id.0) };
+        }
+        Ok(())
+    }
+
+    /// The port's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        let mut addr = sys::rte_ether_addr::default();
+        // SAFETY: valid port id and out pointer.
+        unsafe { sys::rte_eth_macaddr_get(self.id.0, &mut addr) };
+        addr.addr_bytes
+    }
+
+    pub fn stats(&self) -> PortStats {
+        port_stats(self.id)
+    }
+
+    /// Receives up to `BURST_SIZE` frames from `queue` into `burst` (whose previous
+    /// contents are freed first). Returns how many arrived.
+    #[inline]
+    pub fn rx_burst(&self, queue: QueueId, burst: &mut RxBurst) -> usize {
+        rx_burst(self.id, queue, burst)
+    }
+
+    /// Stops the port; frames still in its rings return to their pool.
+    pub fn stop(&mut self) {
+        if self.started {
+            // SAFETY: valid, started port; no worker polls it any more (caller's order).
+            unsafe { sys::rte_eth_dev_stop(self.id.0) };
+            self.started = false;
+        }
+    }
+}
+
+impl Drop for Port {
+    fn drop(&mut self) {
+        self.stop();
+        // SAFETY: the port is stopped and no worker uses it; close releases its queues
+        // (and their mbufs) once.
+        unsafe { sys::rte_eth_dev_close(self.id.0) };
+    }
+}
+
+/// Driver counters of any port (for the control side, which holds only ids).
+pub fn port_stats(port: PortId) -> PortStats {
+    let mut stats = sys::rte_eth_stats::default();
+    // SAFETY: valid out pointer; an invalid id makes DPDK return an error and leaves zeros.
+    unsafe { sys::rte_eth_stats_get(port.0, &mut stats) };
+    PortStats {
+        rx_packets: stats.ipackets,
+        tx_packets: stats.opackets,
+        rx_bytes: stats.ibytes,
+        tx_bytes: stats.obytes,
+        rx_missed: stats.imissed,
+        rx_errors: stats.ierrors,
+        tx_errors: stats.oerrors,
+        rx_no_mbuf: stats.rx_nombuf,
+    }
+}
+
+/// `rx_burst` by id: workers hold only ids; the `Port` values stay with the runtime.
+#[inline]
+pub fn rx_burst(port: PortId, queue: QueueId, burst: &mut RxBurst) -> usize {
+    burst.free_rest();
+    // SAFETY: the array has BURST_SIZE slots; this worker is the only poller of the
+    // (port, queue) pair (worker assignment guarantees it), as DPDK requires.
+    let n = unsafe {
+        sys::rte_eth_rx_burst(port.0, queue.0, burst.mbufs.as_mut_ptr(), BURST_SIZE as u16)
+    };
+    burst.len = n as usize;
+    burst.next = 0;
+    burst.len
+}
+
+/// Transmits what `buffer` holds on (port, queue); frees and returns the count of
+/// frames the NIC refused.
+#[inline]
+pub fn tx_flush(port: PortId, queue: QueueId, buffer: &mut TxBuffer) -> (usize, usize) {
+    if buffer.len == 0 {
+        return (0, 0);
+    }
+    let total = buffer.len;
+    let mut sent = 0usize;
+    // Retry a little: a virtual NIC's ring often frees room within a few calls.
+    for _ in 0..4 {
+        // SAFETY: entries sent..total are mbufs we own; the PMD takes ownership of the
+        // ones it accepts. This worker is the only user of the (port, queue) tx pair.
+        let n = unsafe {
+            sys::rte_eth_tx_burst(
+                port.0,
+                queue.0,
+                buffer.mbufs.as_mut_ptr().add(sent),
+                (total - sent) as u16,
+            )
+        };
+        sent += n as usize;
+        if sent == total {
+            break;
+        }
+    }
+    let refused = total - sent;
+    if refused > 0 {
+        // SAFETY: entries sent..total were not accepted and are still ours.
+        unsafe {
+            sys::rte_pktmbuf_free_bulk(buffer.mbufs.as_mut_ptr().add(sent), refused as c_uint)
+        };
+    }
+    buffer.len = 0;
+    (sent, refused)
+}
+
+/// RTE_ETH_RSS_IPV4 | FRAG_IPV4 | NONFRAG_IPV4_TCP | NONFRAG_IPV4_UDP | NONFRAG_IPV4_OTHER
+/// (function-like macros bindgen cannot translate).
+const RSS_IPV4_TCP_UDP: u64 = (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 7);
+
+/// Toeplitz key whose 16-bit period makes the hash symmetric in (src, dst) and (sport, dport).
+static SYMMETRIC_RSS_KEY: [u8; 40] = [
+    0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a,
+    0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a,
+    0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a,
+];

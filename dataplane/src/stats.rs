@@ -1,0 +1,175 @@
+//! Per-worker counters. A worker owns its `WorkerStats` and bumps plain integers (no shared
+//! atomic on the per-packet path); every few milliseconds it copies them into a
+//! `StatsCell` the control side reads and sums.
+
+use std::sync::Arc;
+
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+
+/// Most ports a gateway drives (counters are fixed arrays indexed by port id).
+pub const MAX_PORTS: usize = 16;
+
+macro_rules! drop_reasons {
+    ($($variant:ident => $name:literal: $help:literal,)*) => {
+        /// Why a frame was not transmitted. Every drop has one; the names are the
+        /// `reason` label of `servicegate_drops_total` and never change.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum DropReason { $($variant,)* }
+
+        impl DropReason {
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$variant,)*];
+            pub const COUNT: usize = Self::ALL.len();
+
+            pub fn as_str(self) -> &'static str {
+                match self { $(DropReason::$variant => $name,)* }
+            }
+
+            pub fn help(self) -> &'static str {
+                match self { $(DropReason::$variant => $help,)* }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    Malformed => "malformed": "a header is truncated or inconsistent",
+    NotIpv4 => "not_ipv4": "not IPv4 or ARP, and no exception port to hand it to",
+    BadChecksum => "bad_checksum": "IPv4 header checksum wrong",
+    TtlExceeded => "ttl_exceeded": "TTL reached zero (an ICMP time-exceeded was sent when allowed)",
+    Fragment => "fragment": "IPv4 fragment of a service flow (fragments are not reassembled)",
+    NoService => "no_service": "destination is an unallocated service address, or a service port nobody serves",
+    NoEndpoints => "no_endpoints": "service has no usable endpoint (an ICMP port-unreachable was sent when allowed)",
+    SourceRange => "source_range": "LoadBalancer source outside loadBalancerSourceRanges",
+    NoLocalEndpoint => "no_local_endpoint": "internalTrafficPolicy Local and no endpoint on the sender's node",
+    BackendGone => "backend_gone": "the flow's backend left the service",
+    CtFull => "ct_full": "connection table full of established flows",
+    SnatExhausted => "snat_exhausted": "no free SNAT port in this worker's range",
+    NoRoute => "no_route": "no route to the destination",
+    NoNeighbor => "no_neighbor": "next hop MAC unresolved (an ARP request was sent)",
+    MtuExceeded => "mtu_exceeded": "frame larger than the egress MTU (ICMP frag-needed sent when DF)",
+    VxlanUnknownVni => "vxlan_unknown_vni": "VXLAN with a VNI the gateway does not serve",
+    VxlanBadFlags => "vxlan_bad_flags": "VXLAN without the I flag",
+    NotForUs => "not_for_us": "frame for another host and nothing routes it",
+    NoException => "no_exception_port": "traffic for the gateway itself and no exception port",
+    ArpIgnored => "arp_ignored": "ARP not for an address the gateway answers",
+    IcmpRateLimited => "icmp_rate_limited": "an ICMP error was due but the rate limit held it back",
+    HandoffFull => "handoff_full": "hand-off ring to the owning worker was full",
+    TxFull => "tx_full": "the NIC refused the frame",
+    NoMbuf => "no_mbuf": "mempool empty when a frame had to be built",
+}
+
+/// Counters of one worker since start.
+#[derive(Clone)]
+pub struct WorkerStats {
+    pub rx_packets: [u64; MAX_PORTS],
+    pub rx_bytes: [u64; MAX_PORTS],
+    pub tx_packets: [u64; MAX_PORTS],
+    pub tx_bytes: [u64; MAX_PORTS],
+    pub drops: [u64; DropReason::COUNT],
+    pub bursts: u64,
+    pub busy_cycles: u64,
+    pub total_cycles: u64,
+    pub handoffs_out: u64,
+    pub handoffs_in: u64,
+    pub to_exception: u64,
+    pub from_exception: u64,
+    /// Snapshot generation the worker last loaded.
+    pub generation: u64,
+    /// Processing time of non-empty bursts, in nanoseconds.
+    pub burst_latency_ns: Histogram<u64>,
+    /// Per-frontend packets (index = frontend id of `generation`'s snapshot).
+    pub frontend_packets: Vec<u64>,
+    pub conntrack: ConntrackCounters,
+}
+
+/// Conntrack figures a worker reports (copied from its table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackCounters {
+    pub entries: u64,
+    pub inserts: u64,
+    pub evictions: u64,
+    pub expirations: u64,
+    pub full: u64,
+}
+
+impl Default for WorkerStats {
+    fn default() -> Self {
+        WorkerStats {
+            rx_packets: [0; MAX_PORTS],
+            rx_bytes: [0; MAX_PORTS],
+            tx_packets: [0; MAX_PORTS],
+            tx_bytes: [0; MAX_PORTS],
+            drops: [0; DropReason::COUNT],
+            bursts: 0,
+            busy_cycles: 0,
+            total_cycles: 0,
+            handoffs_out: 0,
+            handoffs_in: 0,
+            to_exception: 0,
+            from_exception: 0,
+            generation: 0,
+            burst_latency_ns: new_latency_histogram(),
+            frontend_packets: Vec::new(),
+            conntrack: ConntrackCounters::default(),
+        }
+    }
+}
+
+/// 1 ns to 1 s at 3 significant digits: fixed size, so recording never allocates.
+pub fn new_latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 1_000_000_000, 3).expect("static histogram bounds")
+}
+
+impl WorkerStats {
+    #[inline]
+    pub fn drop(&mut self, reason: DropReason) {
+        self.drops[reason as usize] += 1;
+    }
+
+    pub fn drops_of(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Adds `other` into `self` (the control side sums workers).
+    pub fn merge(&mut self, other: &WorkerStats) {
+        for i in 0..MAX_PORTS {
+            self.rx_packets[i] += other.rx_packets[i];
+            self.rx_bytes[i] += other.rx_bytes[i];
+            self.tx_packets[i] += other.tx_packets[i];
+            self.tx_bytes[i] += other.tx_bytes[i];
+        }
+        for (mine, theirs) in self.drops.iter_mut().zip(other.drops.iter()) {
+            *mine += theirs;
+        }
+        self.bursts += other.bursts;
+        self.busy_cycles += other.busy_cycles;
+        self.total_cycles += other.total_cycles;
+        self.handoffs_out += other.handoffs_out;
+        self.handoffs_in += other.handoffs_in;
+        self.to_exception += other.to_exception;
+        self.from_exception += other.from_exception;
+        self.generation = self.generation.max(other.generation);
+        let _ = self.burst_latency_ns.add(&other.burst_latency_ns);
+        if self.frontend_packets.len() < other.frontend_packets.len() {
+            self.frontend_packets.resize(other.frontend_packets.len(), 0);
+        }
+        for (mine, theirs) in self.frontend_packets.iter_mut().zip(&other.frontend_packets) {
+            *mine += theirs;
+        }
+        self.conntrack.entries += other.conntrack.entries;
+        self.conntrack.inserts += other.conntrack.inserts;
+        self.conntrack.evictions += other.conntrack.evictions;
+        self.conntrack.expirations += other.conntrack.expirations;
+        self.conntrack.full += other.conntrack.full;
+    }
+}
+
+/// Where a worker publishes its counters; the lock is taken once per publish period by
+/// the worker and on each scrape by the control side, never per packet.
+pub type StatsCell = Arc<Mutex<WorkerStats>>;
