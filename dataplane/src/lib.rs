@@ -7,3 +7,4 @@
 
 pub mod maglev;
 pub mod snapshot;
+pub mod wire;
