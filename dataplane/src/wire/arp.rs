@@ -196,18 +196,33 @@ mod tests {
 
     #[test]
     fn malformed() {
-        assert_eq!(ArpPacket::new_checked(&REQUEST[..27]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            ArpPacket::new_checked(&REQUEST[..27]).unwrap_err(),
+            Error::Truncated
+        );
         let mut bad = REQUEST;
         bad[4] = 8; // hlen
-        assert_eq!(ArpPacket::new_checked(&bad[..]).unwrap_err(), Error::Malformed);
+        assert_eq!(
+            ArpPacket::new_checked(&bad[..]).unwrap_err(),
+            Error::Malformed
+        );
         let mut bad = REQUEST;
         bad[5] = 16; // plen (IPv6)
-        assert_eq!(ArpPacket::new_checked(&bad[..]).unwrap_err(), Error::Malformed);
+        assert_eq!(
+            ArpPacket::new_checked(&bad[..]).unwrap_err(),
+            Error::Malformed
+        );
         let mut bad = REQUEST;
         bad[1] = 6; // htype IEEE 802
-        assert_eq!(ArpPacket::new_checked(&bad[..]).unwrap_err(), Error::Malformed);
+        assert_eq!(
+            ArpPacket::new_checked(&bad[..]).unwrap_err(),
+            Error::Malformed
+        );
         let mut bad = REQUEST;
         bad[2] = 0x86; // ptype
-        assert_eq!(ArpPacket::new_checked(&bad[..]).unwrap_err(), Error::Malformed);
+        assert_eq!(
+            ArpPacket::new_checked(&bad[..]).unwrap_err(),
+            Error::Malformed
+        );
     }
 }

@@ -173,7 +173,10 @@ impl FrameBuilder {
 
     /// An Ethernet frame carrying an IPv4 packet around `l4`.
     pub fn ipv4(&self, src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
-        self.ethernet(ethernet::ETHERTYPE_IPV4, &self.ipv4_packet(src, dst, protocol, l4))
+        self.ethernet(
+            ethernet::ETHERTYPE_IPV4,
+            &self.ipv4_packet(src, dst, protocol, l4),
+        )
     }
 
     /// A TCP segment with a 20-byte header.
@@ -341,7 +344,11 @@ pub fn sctp_data_chunk(tsn: u32, stream_id: u16, ppid: u32, data: &[u8]) -> Vec<
     let len = 16 + data.len();
     let mut c = Vec::with_capacity(len.div_ceil(4) * 4);
     c.extend_from_slice(&[sctp::CHUNK_DATA, 0x03]);
-    c.extend_from_slice(&u16::try_from(len).expect("DATA chunk too long").to_be_bytes());
+    c.extend_from_slice(
+        &u16::try_from(len)
+            .expect("DATA chunk too long")
+            .to_be_bytes(),
+    );
     c.extend_from_slice(&tsn.to_be_bytes());
     c.extend_from_slice(&stream_id.to_be_bytes());
     c.extend_from_slice(&0u16.to_be_bytes()); // stream sequence number
@@ -466,11 +473,21 @@ mod tests {
 
     #[test]
     fn tcp_frame() {
-        let f = tcp_v4(A, B, sock("10.0.0.1:40000"), sock("10.96.0.10:80"), TcpFlags::SYN, b"x");
+        let f = tcp_v4(
+            A,
+            B,
+            sock("10.0.0.1:40000"),
+            sock("10.96.0.10:80"),
+            TcpFlags::SYN,
+            b"x",
+        );
         assert_eq!(f.len(), 14 + 20 + 20 + 1);
         let (ip, l4) = ip_payload(&f, ipv4::PROTO_TCP).unwrap();
         let t = TcpPacket::new_checked(l4).unwrap();
-        assert_eq!((t.src_port(), t.dst_port(), t.flags()), (40000, 80, TcpFlags::SYN));
+        assert_eq!(
+            (t.src_port(), t.dst_port(), t.flags()),
+            (40000, 80, TcpFlags::SYN)
+        );
         assert!(t.verify_checksum(ip.src(), ip.dst()));
         assert_eq!(t.payload(), b"x");
         let eth = EthernetFrame::new_checked(&f[..]).unwrap();
@@ -505,8 +522,10 @@ mod tests {
     #[test]
     fn sctp_frames() {
         let (s, d) = (sock("10.0.0.1:4068"), sock("10.0.0.2:3868"));
-        for (tag, chunk) in [(0, sctp_init_chunk(0x1234)), (9, sctp_data_chunk(1, 0, 46, b"abc"))]
-        {
+        for (tag, chunk) in [
+            (0, sctp_init_chunk(0x1234)),
+            (9, sctp_data_chunk(1, 0, 46, b"abc")),
+        ] {
             let f = sctp_v4(A, B, s, d, tag, &chunk);
             let (_, l4) = ip_payload(&f, ipv4::PROTO_SCTP).unwrap();
             let p = SctpPacket::new_checked(l4).unwrap();
@@ -560,7 +579,14 @@ mod tests {
 
     #[test]
     fn vxlan_frame() {
-        let inner = tcp_v4(A, B, sock("10.244.1.5:40000"), sock("10.244.2.7:8080"), TcpFlags::SYN, b"");
+        let inner = tcp_v4(
+            A,
+            B,
+            sock("10.244.1.5:40000"),
+            sock("10.244.2.7:8080"),
+            TcpFlags::SYN,
+            b"",
+        );
         let outer = vxlan_encap(
             B,
             A,
@@ -583,6 +609,9 @@ mod tests {
     #[test]
     fn truncated_builder_output_is_rejected() {
         let f = udp_v4(A, B, sock("10.0.0.1:1"), sock("10.0.0.2:2"), b"abc");
-        assert_eq!(ip_payload(&f[..f.len() - 1], 17).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            ip_payload(&f[..f.len() - 1], 17).unwrap_err(),
+            Error::Truncated
+        );
     }
 }

@@ -294,16 +294,28 @@ mod tests {
 
     #[test]
     fn malformed() {
-        assert_eq!(EthernetFrame::new_checked(&FRAME[..13]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            EthernetFrame::new_checked(&FRAME[..13]).unwrap_err(),
+            Error::Truncated
+        );
         // A tag announced, but the buffer ends inside it.
-        assert_eq!(EthernetFrame::new_checked(&TAGGED[..17]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            EthernetFrame::new_checked(&TAGGED[..17]).unwrap_err(),
+            Error::Truncated
+        );
         assert!(EthernetFrame::new_checked(&TAGGED[..18]).is_ok());
-        assert!(EthernetFrame::new_checked(&FRAME[..14]).unwrap().payload().is_empty());
+        assert!(EthernetFrame::new_checked(&FRAME[..14])
+            .unwrap()
+            .payload()
+            .is_empty());
     }
 
     #[test]
     fn mac_display() {
-        assert_eq!(MacAddr([0x02, 0, 0xab, 1, 2, 0xff]).to_string(), "02:00:ab:01:02:ff");
+        assert_eq!(
+            MacAddr([0x02, 0, 0xab, 1, 2, 0xff]).to_string(),
+            "02:00:ab:01:02:ff"
+        );
         assert_eq!(MacAddr::BROADCAST.to_string(), "ff:ff:ff:ff:ff:ff");
         assert!(MacAddr::BROADCAST.is_multicast());
         assert!(MacAddr([2, 0, 0, 0, 0, 1]).is_unicast());

@@ -201,8 +201,8 @@ mod tests {
     /// Frag-needed with MTU 1400 carrying an original header + 8 bytes (UDP 1234 -> 53).
     static FRAG_NEEDED: [u8; 36] = [
         0x03, 0x04, 0x00, 0x00, 0x00, 0x00, 0x05, 0x78, // type, code, checksum, MTU
-        0x45, 0x00, 0x05, 0xdc, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0x0a, 0x00,
-        0x00, 0x01, 0x0a, 0x00, 0x00, 0x02, // original IPv4 header
+        0x45, 0x00, 0x05, 0xdc, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0x0a, 0x00, 0x00,
+        0x01, 0x0a, 0x00, 0x00, 0x02, // original IPv4 header
         0x04, 0xd2, 0x00, 0x35, 0x05, 0xc8, 0x00, 0x00, // original UDP header
     ];
 
@@ -238,7 +238,10 @@ mod tests {
         let mut p = IcmpPacket::new_unchecked(&mut buf[..]);
         p.fill_checksum();
         let p = IcmpPacket::new_checked(&buf[..]).unwrap();
-        assert_eq!((p.msg_type(), p.msg_code()), (TYPE_DEST_UNREACHABLE, CODE_FRAG_NEEDED));
+        assert_eq!(
+            (p.msg_type(), p.msg_code()),
+            (TYPE_DEST_UNREACHABLE, CODE_FRAG_NEEDED)
+        );
         assert!(p.is_error());
         assert_eq!(p.next_hop_mtu(), 1400);
         assert!(p.verify_checksum());
@@ -266,7 +269,10 @@ mod tests {
 
     #[test]
     fn malformed() {
-        assert_eq!(IcmpPacket::new_checked(&ECHO[..7]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            IcmpPacket::new_checked(&ECHO[..7]).unwrap_err(),
+            Error::Truncated
+        );
         let mut bad = ECHO;
         bad[9] ^= 1;
         assert!(!IcmpPacket::new_checked(&bad[..]).unwrap().verify_checksum());

@@ -201,7 +201,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
 
     /// Sets the header length in bytes (a multiple of 4, at most 60).
     pub fn set_header_len(&mut self, len: usize) {
-        debug_assert!(len % 4 == 0 && (HEADER_LEN..=60).contains(&len));
+        debug_assert!(len & 3 == 0 && (HEADER_LEN..=60).contains(&len));
         let b = &mut self.buffer.as_mut()[field::VER_IHL];
         *b = (*b & 0xf0) | ((len / 4) as u8 & 0x0f);
     }
@@ -233,7 +233,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
 
     /// Sets the fragment offset in bytes (a multiple of 8).
     pub fn set_frag_offset(&mut self, offset: u16) {
-        debug_assert!(offset % 8 == 0);
+        debug_assert!(offset & 7 == 0, "fragment offsets are in 8-byte units");
         self.set_flg_off(OFFSET_MASK, offset >> 3);
     }
 
@@ -293,8 +293,8 @@ mod tests {
 
     /// 10.0.0.1 -> 10.0.0.2, UDP, DF, TTL 64, ident 0x1234, 4 bytes payload, 2 bytes padding.
     static PACKET: [u8; 26] = [
-        0x45, 0x00, 0x00, 0x18, 0x12, 0x34, 0x40, 0x00, 0x40, 0x11, 0x14, 0x9f, 0x0a, 0x00,
-        0x00, 0x01, 0x0a, 0x00, 0x00, 0x02, // header
+        0x45, 0x00, 0x00, 0x18, 0x12, 0x34, 0x40, 0x00, 0x40, 0x11, 0x14, 0x9f, 0x0a, 0x00, 0x00,
+        0x01, 0x0a, 0x00, 0x00, 0x02, // header
         0xde, 0xad, 0xbe, 0xef, // payload
         0x00, 0x00, // Ethernet padding
     ];

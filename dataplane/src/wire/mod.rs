@@ -63,7 +63,13 @@ mod tests {
 
     fn touch_ethernet(bytes: &[u8]) {
         if let Ok(f) = EthernetFrame::new_checked(bytes) {
-            let _ = (f.dst_addr(), f.src_addr(), f.ethertype(), f.vlan_id(), f.vlan_tci());
+            let _ = (
+                f.dst_addr(),
+                f.src_addr(),
+                f.ethertype(),
+                f.vlan_id(),
+                f.vlan_tci(),
+            );
             let _ = (f.header_len(), f.payload().len());
         }
     }
@@ -78,8 +84,19 @@ mod tests {
 
     fn touch_ipv4(bytes: &[u8]) {
         if let Ok(p) = Ipv4Packet::new_checked(bytes) {
-            let _ = (p.version(), p.header_len(), p.dscp_ecn(), p.total_len(), p.ident());
-            let _ = (p.dont_frag(), p.more_frags(), p.frag_offset(), p.is_fragment());
+            let _ = (
+                p.version(),
+                p.header_len(),
+                p.dscp_ecn(),
+                p.total_len(),
+                p.ident(),
+            );
+            let _ = (
+                p.dont_frag(),
+                p.more_frags(),
+                p.frag_offset(),
+                p.is_fragment(),
+            );
             let _ = (p.ttl(), p.protocol(), p.checksum(), p.src(), p.dst());
             let _ = (p.verify_checksum(), p.options().len(), p.payload().len());
         }
@@ -103,7 +120,12 @@ mod tests {
             let _ = (p.payload().len(), p.verify_checksum());
         }
         if let Ok(p) = SctpPacket::new_checked(bytes) {
-            let _ = (p.src_port(), p.dst_port(), p.verification_tag(), p.checksum());
+            let _ = (
+                p.src_port(),
+                p.dst_port(),
+                p.verification_tag(),
+                p.checksum(),
+            );
             let _ = (p.compute_checksum(), p.verify_checksum(), p.payload().len());
         }
         if let Ok(p) = VxlanPacket::new_checked(bytes) {

@@ -271,7 +271,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
 
     /// Sets the header length in bytes (a multiple of 4, 20 to 60), keeping the flags.
     pub fn set_header_len(&mut self, len: usize) {
-        debug_assert!(len % 4 == 0 && (HEADER_LEN..=60).contains(&len));
+        debug_assert!(len & 3 == 0 && (HEADER_LEN..=60).contains(&len));
         let b = &mut self.buffer.as_mut()[field::FLAGS.start];
         *b = (*b & 0x0f) | (((len / 4) as u8) << 4);
     }
@@ -405,6 +405,9 @@ mod tests {
         let mut bad = SEGMENT;
         bad[12] = 0xf0; // data offset 15: 60 bytes in a 27-byte buffer
         assert_eq!(err(&bad), Error::Truncated);
-        assert!(TcpPacket::new_checked(&SEGMENT[..24]).unwrap().payload().is_empty());
+        assert!(TcpPacket::new_checked(&SEGMENT[..24])
+            .unwrap()
+            .payload()
+            .is_empty());
     }
 }

@@ -130,11 +130,20 @@ mod tests {
 
     #[test]
     fn malformed() {
-        assert_eq!(VxlanPacket::new_checked(&PACKET[..7]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            VxlanPacket::new_checked(&PACKET[..7]).unwrap_err(),
+            Error::Truncated
+        );
         let mut bad = PACKET;
         bad[0] = 0x00; // no I flag
-        assert_eq!(VxlanPacket::new_checked(&bad[..]).unwrap_err(), Error::Malformed);
-        assert!(VxlanPacket::new_checked(&PACKET[..8]).unwrap().payload().is_empty());
+        assert_eq!(
+            VxlanPacket::new_checked(&bad[..]).unwrap_err(),
+            Error::Malformed
+        );
+        assert!(VxlanPacket::new_checked(&PACKET[..8])
+            .unwrap()
+            .payload()
+            .is_empty());
         assert_eq!((VXLAN_PORT, HEADER_LEN), (4789, 8));
     }
 }
