@@ -5,9 +5,12 @@
 //! `dpdk` is the only place that talks to DPDK and the only module allowed `unsafe`.
 #![deny(unsafe_code)]
 
+pub mod conntrack;
 pub mod frame;
 pub mod maglev;
 pub mod snapshot;
+pub mod stats;
+pub mod wire;
 
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
