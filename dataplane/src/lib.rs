@@ -5,5 +5,6 @@
 //! `dpdk` is the only place that talks to DPDK and the only module allowed `unsafe`.
 #![deny(unsafe_code)]
 
+pub mod conntrack;
 pub mod maglev;
 pub mod snapshot;
