@@ -28,8 +28,8 @@
 //!
 //! # Protocol models
 //!
-//! * TCP follows Linux's `nf_conntrack_proto_tcp` state table (flag classes RST > SYN/SYN+ACK
-//!   > FIN > ACK, per direction) without window tracking. A fresh entry starts in `None`
+//! * TCP follows Linux's `nf_conntrack_proto_tcp` state table (flag classes by precedence:
+//!   RST, SYN or SYN+ACK, FIN, ACK; per direction) without window tracking. A fresh entry starts in `None`
 //!   (10 s, the CLOSE timeout) and the pipeline feeds it the first packet: a SYN moves it to
 //!   SYN_SENT; a bare ACK picks up a mid-stream flow (Linux `tcp_loose=1`), which matters for
 //!   a gateway fleet where ECMP may move a flow between gateways — Maglev picks the same
@@ -889,7 +889,7 @@ impl Conntrack {
 
     /// Removes a live entry (e.g. its backend is gone). Returns `false` for a stale handle.
     pub fn remove(&mut self, id: EntryId) -> bool {
-        if !self.get(id).is_some() {
+        if self.get(id).is_none() {
             return false;
         }
         self.remove_inner(id.0);

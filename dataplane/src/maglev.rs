@@ -120,6 +120,8 @@ impl MaglevTable {
 }
 
 /// True when `n` is prime (table sizes are validated with it).
+// `u32::is_multiple_of` needs Rust 1.87; the workspace's rust-version is 1.80.
+#[allow(clippy::manual_is_multiple_of)]
 pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
