@@ -214,10 +214,12 @@ impl Mempool {
                 -1,
             )
         };
-        NonNull::new(pool).map(|pool| Mempool { pool }).ok_or(Error {
-            operation: format!("rte_pktmbuf_pool_create({name}, {size} mbufs)"),
-            code: rte_errno(),
-        })
+        NonNull::new(pool)
+            .map(|pool| Mempool { pool })
+            .ok_or(Error {
+                operation: format!("rte_pktmbuf_pool_create({name}, {size} mbufs)"),
+                code: rte_errno(),
+            })
     }
 
     /// Mbufs currently taken from the pool (0 after a clean stop).
@@ -234,7 +236,8 @@ impl Mempool {
     /// A fresh mbuf, or `None` when the pool is empty.
     pub fn alloc(&self) -> Option<Mbuf> {
         // SAFETY: the pool is valid; a non-null result is an mbuf we now own.
-        NonNull::new(unsafe { sys::rte_pktmbuf_alloc(self.pool.as_ptr()) }).map(|mbuf| Mbuf { mbuf })
+        NonNull::new(unsafe { sys::rte_pktmbuf_alloc(self.pool.as_ptr()) })
+            .map(|mbuf| Mbuf { mbuf })
     }
 
     fn as_ptr(&self) -> *mut sys::rte_mempool {
@@ -328,7 +331,11 @@ impl Frame for Mbuf {
     #[inline]
     fn data_mut(&mut self) -> &mut [u8] {
         let m = self.raw();
-        let (addr, off, len) = (m.buf_addr.cast::<u8>(), m.data_off as usize, m.data_len as usize);
+        let (addr, off, len) = (
+            m.buf_addr.cast::<u8>(),
+            m.data_off as usize,
+            m.data_len as usize,
+        );
         // SAFETY: as in `data`, and &mut self guarantees exclusive access.
         unsafe { std::slice::from_raw_parts_mut(addr.add(off), len) }
     }
@@ -561,7 +568,10 @@ impl Port {
         let mut id: u16 = 0;
         // SAFETY: cname is a valid C string and id a valid out pointer.
         let ret = unsafe { sys::rte_eth_dev_get_port_by_name(cname.as_ptr(), &mut id) };
-        check(format!("no DPDK port named {name:?} (is it in the EAL --vdev/-a arguments?)"), ret)?;
+        check(
+            format!("no DPDK port named {name:?} (is it in the EAL --vdev/-a arguments?)"),
+            ret,
+        )?;
         let mut info = sys::rte_eth_dev_info::default();
         // SAFETY: id is a valid port id and info a valid out pointer.
         let ret = unsafe { sys::rte_eth_dev_info_get(id, &mut info) };
@@ -627,7 +637,8 @@ impl Port {
         let mut rx_desc = setup.rx_descriptors;
         let mut tx_desc = setup.tx_descriptors;
         // SAFETY: valid port id and pointers to our locals.
-        let ret = unsafe { sys::rte_eth_dev_adjust_nb_rx_tx_desc(self.id.0, &mut rx_desc, &mut tx_desc) };
+        let ret =
+            unsafe { sys::rte_eth_dev_adjust_nb_rx_tx_desc(self.id.0, &mut rx_desc, &mut tx_desc) };
         check(format!("rte_eth_dev_adjust_nb_rx_tx_desc({name})"), ret)?;
         // SAFETY: valid port id.
         let socket = unsafe { sys::rte_eth_dev_socket_id(self.id.0) };
@@ -644,7 +655,10 @@ impl Port {
                     pool.as_ptr(),
                 )
             };
-            check(format!("rte_eth_rx_queue_setup({name}, queue {queue})"), ret)?;
+            check(
+                format!("rte_eth_rx_queue_setup({name}, queue {queue})"),
+                ret,
+            )?;
         }
         for queue in 0..setup.tx_queues {
             // SAFETY: as above; a null tx_conf means driver defaults.
@@ -657,7 +671,10 @@ impl Port {
                     std::ptr::null(),
                 )
             };
-            check(format!("rte_eth_tx_queue_setup({name}, queue {queue})"), ret)?;
+            check(
+                format!("rte_eth_tx_queue_setup({name}, queue {queue})"),
+                ret,
+            )?;
         }
         // SAFETY: configured port with every queue set up.
         let ret = unsafe { sys::rte_eth_dev_start(self.id.0) };

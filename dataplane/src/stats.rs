@@ -157,9 +157,14 @@ impl WorkerStats {
         self.generation = self.generation.max(other.generation);
         let _ = self.burst_latency_ns.add(&other.burst_latency_ns);
         if self.frontend_packets.len() < other.frontend_packets.len() {
-            self.frontend_packets.resize(other.frontend_packets.len(), 0);
+            self.frontend_packets
+                .resize(other.frontend_packets.len(), 0);
         }
-        for (mine, theirs) in self.frontend_packets.iter_mut().zip(&other.frontend_packets) {
+        for (mine, theirs) in self
+            .frontend_packets
+            .iter_mut()
+            .zip(&other.frontend_packets)
+        {
             *mine += theirs;
         }
         self.conntrack.entries += other.conntrack.entries;
