@@ -8,9 +8,14 @@
 pub mod conntrack;
 pub mod frame;
 pub mod maglev;
+pub mod pipeline;
 pub mod snapshot;
 pub mod stats;
 pub mod wire;
 
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
+#[cfg(feature = "dpdk")]
+pub mod runtime;
+#[cfg(feature = "dpdk")]
+pub mod worker;

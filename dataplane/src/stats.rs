@@ -178,3 +178,28 @@ impl WorkerStats {
 /// Where a worker publishes its counters; the lock is taken once per publish period by
 /// the worker and on each scrape by the control side, never per packet.
 pub type StatsCell = Arc<Mutex<WorkerStats>>;
+
+impl WorkerStats {
+    /// Copies a worker's live counters into its published cell. The latency histogram
+    /// moves instead (added here, reset there), so the worker's copy stays small and
+    /// recording never allocates.
+    pub fn publish_from(&mut self, local: &mut WorkerStats) {
+        self.rx_packets = local.rx_packets;
+        self.rx_bytes = local.rx_bytes;
+        self.tx_packets = local.tx_packets;
+        self.tx_bytes = local.tx_bytes;
+        self.drops = local.drops;
+        self.bursts = local.bursts;
+        self.busy_cycles = local.busy_cycles;
+        self.total_cycles = local.total_cycles;
+        self.handoffs_out = local.handoffs_out;
+        self.handoffs_in = local.handoffs_in;
+        self.to_exception = local.to_exception;
+        self.from_exception = local.from_exception;
+        self.generation = local.generation;
+        self.frontend_packets.clone_from(&local.frontend_packets);
+        self.conntrack = local.conntrack;
+        let _ = self.burst_latency_ns.add(&local.burst_latency_ns);
+        local.burst_latency_ns.reset();
+    }
+}

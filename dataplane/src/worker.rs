@@ -1,0 +1,442 @@
+//! The polling loop of one worker lcore: receive a burst from each (port, queue) it owns,
+//! hand frames of other workers' flows over, run the pipeline, transmit per port at the end
+//! of the burst. Nothing here locks, allocates or touches a shared atomic per packet: the
+//! snapshot is loaded once per burst, the stop flag read once per loop, counters are the
+//! worker's own and published every few milliseconds.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use crossbeam_queue::ArrayQueue;
+
+use crate::conntrack::{Direction, FlowKey, Nat, Tick};
+use crate::dpdk::{self, Mbuf, Mempool, PortId, QueueId, RxBurst, TxBuffer};
+use crate::frame::Frame;
+use crate::pipeline::{Pipeline, Verdict};
+use crate::snapshot::Snapshot;
+use crate::stats::{ConntrackCounters, DropReason, StatsCell, WorkerStats, MAX_PORTS};
+use crate::wire::MacAddr;
+
+/// Frames a worker holds while their next hop's MAC is being resolved.
+const HOLD_CAPACITY: usize = 64;
+/// How long a held frame waits for an ARP reply.
+const HOLD_TIMEOUT_MS: Tick = 1000;
+/// Frames taken from the hand-off inbox per loop, so a flood from another worker cannot
+/// starve this worker's own queues.
+const HANDOFF_BUDGET: usize = 64;
+
+/// One row of `/v1/conntrack`.
+#[derive(Clone, Debug)]
+pub struct ConntrackRow {
+    pub worker: usize,
+    pub original: FlowKey,
+    pub reply: FlowKey,
+    pub nat: Nat,
+    pub frontend_id: u32,
+    pub generation: u64,
+    pub state: String,
+    pub expires_in_ms: u64,
+    pub packets_original: u64,
+    pub packets_reply: u64,
+}
+
+/// What the control side asks a running worker (answered between bursts).
+pub enum Request {
+    /// Up to `limit` entries, optionally only those of frontend ids in `frontends`.
+    DumpConntrack {
+        limit: usize,
+        frontends: Option<Vec<u32>>,
+        reply: SyncSender<Vec<ConntrackRow>>,
+    },
+    /// The entry a flow (either direction) hits, if any.
+    Lookup {
+        flow: FlowKey,
+        reply: SyncSender<Option<(ConntrackRow, Direction)>>,
+    },
+}
+
+/// What a worker shares with the control side and the other workers.
+pub struct WorkerShared {
+    pub stats: StatsCell,
+    pub requests: ArrayQueue<Request>,
+    /// Frames of flows this worker owns, received by another worker.
+    pub handoff: ArrayQueue<Mbuf>,
+    /// Neighbors another worker learned.
+    pub neighbors: ArrayQueue<(u16, Ipv4Addr, MacAddr)>,
+}
+
+impl WorkerShared {
+    pub fn new() -> WorkerShared {
+        WorkerShared {
+            stats: StatsCell::default(),
+            requests: ArrayQueue::new(64),
+            handoff: ArrayQueue::new(4096),
+            neighbors: ArrayQueue::new(1024),
+        }
+    }
+}
+
+impl Default for WorkerShared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How a worker treats frames.
+pub enum Mode {
+    /// The gateway pipeline.
+    Gateway(Box<Pipeline>),
+    /// Port-to-port forwarding like testpmd's io mode: `peer[in]` is the egress port.
+    /// The I/O ceiling the benchmarks compare against.
+    Io { peer: Vec<u16> },
+}
+
+/// Everything one worker runs with.
+pub struct Worker {
+    pub index: usize,
+    pub rx_queues: Vec<(PortId, QueueId)>,
+    /// This worker's tx queue, the same index on every port.
+    pub tx_queue: QueueId,
+    pub port_count: usize,
+    pub mode: Mode,
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub stop: Arc<AtomicBool>,
+    pub pool: Arc<Mempool>,
+    /// Every worker's shared part, indexed by worker.
+    pub peers: Arc<[WorkerShared]>,
+    /// Sleep this long after a run of empty polls (0: pure busy polling).
+    pub idle_sleep_us: u64,
+}
+
+struct Held {
+    mbuf: Mbuf,
+    port: u16,
+    next_hop: Ipv4Addr,
+    deadline: Tick,
+}
+
+impl Worker {
+    /// Polls until the stop flag is set, then frees what it holds and publishes its final
+    /// counters.
+    pub fn run(mut self) {
+        let hz = dpdk::tsc_hz().max(1);
+        let mut stats = WorkerStats::default();
+        let mut tx: Vec<TxBuffer> = (0..self.port_count).map(|_| TxBuffer::default()).collect();
+        let mut held: Vec<Held> = Vec::with_capacity(HOLD_CAPACITY);
+        let mut burst = RxBurst::default();
+        let mut next_publish = 0u64;
+        let mut next_housekeeping = 0u64;
+        let mut empty_polls = 0u32;
+        let start_tsc = dpdk::tsc();
+        let mut last_tsc = start_tsc;
+
+        while !self.stop.load(Ordering::Relaxed) {
+            let loop_start = dpdk::tsc();
+            let now: Tick = (u128::from(loop_start - start_tsc) * 1000 / u128::from(hz)) as Tick;
+            let snapshot = self.snapshot.load();
+            if stats.generation != snapshot.generation {
+                stats.generation = snapshot.generation;
+                let frontends = snapshot.frontend_count as usize;
+                if stats.frontend_packets.len() < frontends {
+                    stats.frontend_packets.resize(frontends, 0);
+                }
+            }
+            let mut received = 0usize;
+
+            let mut taken = 0;
+            while taken < HANDOFF_BUDGET {
+                let Some(mut mbuf) = self.peers[self.index].handoff.pop() else {
+                    break;
+                };
+                taken += 1;
+                stats.handoffs_in += 1;
+                let in_port = mbuf.port();
+                self.handle(&mut mbuf, in_port, &snapshot, now, &mut stats)
+                    .map(|verdict| {
+                        self.dispatch(mbuf, verdict, now, &mut tx, &mut held, &mut stats)
+                    });
+            }
+            received += taken;
+
+            for q in 0..self.rx_queues.len() {
+                let (port, queue) = self.rx_queues[q];
+                let n = dpdk::rx_burst(port, queue, &mut burst);
+                received += n;
+                while let Some(mut mbuf) = burst.pop() {
+                    let in_port = port.0;
+                    let p = usize::from(in_port) % MAX_PORTS;
+                    stats.rx_packets[p] += 1;
+                    stats.rx_bytes[p] += mbuf.len() as u64;
+                    if let Some(verdict) =
+                        self.handle(&mut mbuf, in_port, &snapshot, now, &mut stats)
+                    {
+                        self.dispatch(mbuf, verdict, now, &mut tx, &mut held, &mut stats);
+                    }
+                }
+            }
+
+            for (port, buffer) in tx.iter_mut().enumerate() {
+                if !buffer.is_empty() {
+                    flush(port as u16, self.tx_queue, buffer, &mut stats);
+                }
+            }
+
+            let loop_end = dpdk::tsc();
+            stats.total_cycles += loop_end - last_tsc;
+            last_tsc = loop_end;
+            if received > 0 {
+                empty_polls = 0;
+                stats.bursts += 1;
+                let cycles = loop_end - loop_start;
+                stats.busy_cycles += cycles;
+                let ns = (u128::from(cycles) * 1_000_000_000 / u128::from(hz)) as u64;
+                let _ = stats.burst_latency_ns.record(ns.max(1));
+            } else {
+                empty_polls = empty_polls.saturating_add(1);
+            }
+
+            if loop_end >= next_housekeeping {
+                next_housekeeping = loop_end + hz / 1000;
+                self.housekeeping(now, &mut tx, &mut held, &mut stats);
+                self.answer_requests(now);
+            }
+            if loop_end >= next_publish {
+                next_publish = loop_end + hz / 100;
+                self.publish(&mut stats);
+            }
+            if self.idle_sleep_us > 0 && empty_polls > 64 {
+                std::thread::sleep(std::time::Duration::from_micros(self.idle_sleep_us));
+            }
+        }
+
+        for buffer in tx.iter_mut() {
+            buffer.discard();
+        }
+        for h in held.drain(..) {
+            stats.drop(DropReason::NoNeighbor);
+            drop(h.mbuf);
+        }
+        while let Some(mbuf) = self.peers[self.index].handoff.pop() {
+            stats.drop(DropReason::HandoffFull);
+            drop(mbuf);
+        }
+        self.publish(&mut stats);
+    }
+
+    /// Runs the frame through this worker's mode, or hands it to its owner. `None` when
+    /// the frame was handed over.
+    #[inline]
+    fn handle(
+        &mut self,
+        mbuf: &mut Mbuf,
+        in_port: u16,
+        snapshot: &Snapshot,
+        now: Tick,
+        stats: &mut WorkerStats,
+    ) -> Option<Verdict> {
+        match &mut self.mode {
+            Mode::Io { peer } => Some(Verdict::Transmit {
+                port: peer.get(usize::from(in_port)).copied().unwrap_or(in_port),
+            }),
+            Mode::Gateway(pipeline) => {
+                if self.peers.len() > 1 {
+                    let owner = pipeline.owner(&*mbuf, in_port, snapshot);
+                    if owner != self.index && owner < self.peers.len() {
+                        return Some(Verdict::Handoff { worker: owner });
+                    }
+                }
+                Some(pipeline.process(mbuf, in_port, snapshot, now, stats))
+            }
+        }
+    }
+
+    #[inline]
+    fn dispatch(
+        &self,
+        mbuf: Mbuf,
+        verdict: Verdict,
+        now: Tick,
+        tx: &mut [TxBuffer],
+        held: &mut Vec<Held>,
+        stats: &mut WorkerStats,
+    ) {
+        match verdict {
+            Verdict::Transmit { port } => queue_tx(mbuf, port, self.tx_queue, tx, stats),
+            Verdict::ToException { port } => {
+                stats.to_exception += 1;
+                queue_tx(mbuf, port, self.tx_queue, tx, stats);
+            }
+            Verdict::Drop(_) => drop(mbuf),
+            Verdict::HoldForNeighbor { port, next_hop } => {
+                if held.len() < HOLD_CAPACITY {
+                    held.push(Held {
+                        mbuf,
+                        port,
+                        next_hop,
+                        deadline: now + HOLD_TIMEOUT_MS,
+                    });
+                } else {
+                    stats.drop(DropReason::NoNeighbor);
+                }
+            }
+            Verdict::Handoff { worker } => {
+                if let Err(mbuf) = self.peers[worker].handoff.push(mbuf) {
+                    stats.drop(DropReason::HandoffFull);
+                    drop(mbuf);
+                } else {
+                    stats.handoffs_out += 1;
+                }
+            }
+        }
+    }
+
+    fn housekeeping(
+        &mut self,
+        now: Tick,
+        tx: &mut [TxBuffer],
+        held: &mut Vec<Held>,
+        stats: &mut WorkerStats,
+    ) {
+        let Mode::Gateway(pipeline) = &mut self.mode else {
+            return;
+        };
+        while let Some((port, addr, mac)) = self.peers[self.index].neighbors.pop() {
+            pipeline.learn_neighbor(port, addr, mac, now);
+        }
+        for (port, addr, mac) in pipeline.take_learned() {
+            for (i, peer) in self.peers.iter().enumerate() {
+                if i != self.index {
+                    let _ = peer.neighbors.push((port, addr, mac));
+                }
+            }
+        }
+        let pool = &self.pool;
+        let tx_queue = self.tx_queue;
+        pipeline.housekeeping(
+            now,
+            &mut |port, bytes| match Mbuf::from_bytes(pool, bytes) {
+                Some(mbuf) => queue_tx(mbuf, port, tx_queue, tx, stats),
+                None => stats.drop(DropReason::NoMbuf),
+            },
+        );
+        let mut i = 0;
+        while i < held.len() {
+            let h = &held[i];
+            if let Some(mac) = pipeline.neighbor(h.port, h.next_hop) {
+                let mut h = held.swap_remove(i);
+                if h.mbuf.len() >= 6 {
+                    h.mbuf.data_mut()[..6].copy_from_slice(mac.as_bytes());
+                }
+                queue_tx(h.mbuf, h.port, self.tx_queue, tx, stats);
+            } else if h.deadline <= now {
+                let h = held.swap_remove(i);
+                stats.drop(DropReason::NoNeighbor);
+                drop(h.mbuf);
+            } else {
+                i += 1;
+            }
+        }
+        let ct = pipeline.conntrack().stats();
+        stats.conntrack = ConntrackCounters {
+            entries: ct.entries,
+            inserts: ct.inserts,
+            evictions: ct.evictions,
+            expirations: ct.expirations,
+            full: ct.full,
+        };
+    }
+
+    fn answer_requests(&mut self, now: Tick) {
+        let Mode::Gateway(pipeline) = &self.mode else {
+            while let Some(request) = self.peers[self.index].requests.pop() {
+                match request {
+                    Request::DumpConntrack { reply, .. } => {
+                        let _ = reply.try_send(Vec::new());
+                    }
+                    Request::Lookup { reply, .. } => {
+                        let _ = reply.try_send(None);
+                    }
+                }
+            }
+            return;
+        };
+        let conntrack = pipeline.conntrack();
+        let row = |entry: &crate::conntrack::Entry| ConntrackRow {
+            worker: self.index,
+            original: *entry.original(),
+            reply: *entry.reply(),
+            nat: *entry.nat(),
+            frontend_id: entry.frontend_id(),
+            generation: entry.generation,
+            state: entry.state().describe(entry.assured()).to_string(),
+            expires_in_ms: entry.expires_at().saturating_sub(now),
+            packets_original: entry.packets(Direction::Original),
+            packets_reply: entry.packets(Direction::Reply),
+        };
+        while let Some(request) = self.peers[self.index].requests.pop() {
+            match request {
+                Request::DumpConntrack {
+                    limit,
+                    frontends,
+                    reply,
+                } => {
+                    let rows: Vec<ConntrackRow> = conntrack
+                        .iter()
+                        .filter(|(_, e)| e.expires_at() > now)
+                        .filter(|(_, e)| {
+                            frontends
+                                .as_ref()
+                                .is_none_or(|ids| ids.contains(&e.frontend_id()))
+                        })
+                        .take(limit)
+                        .map(|(_, e)| row(e))
+                        .collect();
+                    let _ = reply.try_send(rows);
+                }
+                Request::Lookup { flow, reply } => {
+                    let found = conntrack
+                        .peek(&flow, now)
+                        .map(|(id, dir)| (row(conntrack.entry(id)), dir));
+                    let _ = reply.try_send(found);
+                }
+            }
+        }
+    }
+
+    fn publish(&self, stats: &mut WorkerStats) {
+        let mut shared = self.peers[self.index].stats.lock();
+        shared.publish_from(stats);
+    }
+}
+
+#[inline]
+fn queue_tx(mbuf: Mbuf, port: u16, queue: QueueId, tx: &mut [TxBuffer], stats: &mut WorkerStats) {
+    let Some(buffer) = tx.get_mut(usize::from(port)) else {
+        stats.drop(DropReason::NoRoute);
+        return;
+    };
+    if buffer.is_full() {
+        flush(port, queue, buffer, stats);
+    }
+    let p = usize::from(port) % MAX_PORTS;
+    stats.tx_packets[p] += 1;
+    stats.tx_bytes[p] += mbuf.len() as u64;
+    if let Err(mbuf) = buffer.push(mbuf) {
+        stats.drop(DropReason::TxFull);
+        drop(mbuf);
+    }
+}
+
+#[inline]
+fn flush(port: u16, queue: QueueId, buffer: &mut TxBuffer, stats: &mut WorkerStats) {
+    let (_, refused) = dpdk::tx_flush(PortId(port), queue, buffer);
+    if refused > 0 {
+        let p = usize::from(port) % MAX_PORTS;
+        // tx counters count what the NIC accepted.
+        stats.tx_packets[p] -= refused as u64;
+        stats.drops[DropReason::TxFull as usize] += refused as u64;
+    }
+}
