@@ -2,4 +2,6 @@
 //! to a dataplane snapshot, publishing, the admin API, and the `servicegate` binary.
 #![forbid(unsafe_code)]
 
+pub mod app;
+pub mod config;
 pub mod model;

@@ -1,1 +1,122 @@
-fn main() {}
+//! `servicegate`: run the gateway, check a config, replay captures, talk to a running
+//! gateway. See ../shared/interface.md for the promises these commands make.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use control::config::Config;
+
+#[derive(Parser)]
+#[command(name = "servicegate", about = "DPDK service gateway for Kubernetes", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start EAL, ports, workers and the control thread; run until SIGINT/SIGTERM.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate the config (and the manifests of the files source); print what it serves.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the real pipeline over pcap files: every port becomes a net_pcap port.
+    Replay {
+        #[arg(long)]
+        config: PathBuf,
+        /// PORT=FILE.pcap: frames entering on the port named PORT.
+        #[arg(long = "in", value_name = "PORT=IN.pcap", required = true)]
+        inputs: Vec<String>,
+        /// Where PORT.pcap files of transmitted frames are written.
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// Talk to a running gateway's admin API.
+    Ctl {
+        /// Admin API address.
+        #[arg(long, default_value = "127.0.0.1:9900", env = "SERVICEGATE_ADMIN")]
+        admin: String,
+        /// Print the raw JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        what: CtlWhat,
+    },
+    /// Version, DPDK version, git revision.
+    Version,
+}
+
+#[derive(Subcommand)]
+enum CtlWhat {
+    /// Every served frontend with its backends.
+    Services,
+    /// Connection tracking entries.
+    Conntrack {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Only flows of this service (namespace/name).
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Explain what the gateway does with a flow: `tcp 10.0.0.5:41000 -> 10.96.0.10:80`.
+    Trace {
+        #[arg(num_args = 1.., required = true)]
+        flow: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => load(&config).and_then(|c| control::app::run(c)),
+        Command::Check { config } => load(&config).and_then(|c| control::app::check(&c)),
+        Command::Replay {
+            config,
+            inputs,
+            out_dir,
+        } => load(&config).and_then(|c| control::app::replay(c, &inputs, &out_dir)),
+        Command::Ctl { admin, json, what } => {
+            let command = match what {
+                CtlWhat::Services => control::ctl::CtlCommand::Services,
+                CtlWhat::Conntrack { limit, service } => {
+                    control::ctl::CtlCommand::Conntrack { limit, service }
+                }
+                CtlWhat::Trace { flow } => control::ctl::CtlCommand::Trace {
+                    flow: flow.join(" "),
+                },
+            };
+            control::ctl::run(&admin, command, json)
+        }
+        Command::Version => {
+            println!("servicegate {}", env!("CARGO_PKG_VERSION"));
+            println!("{}", dataplane::dpdk::version());
+            println!("git {}", env!("SERVICEGATE_GIT_REVISION"));
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("servicegate: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}

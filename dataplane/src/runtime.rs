@@ -178,6 +178,17 @@ impl Runtime {
                 panicked_workers += 1;
             }
         }
+        // A worker may hand a frame to a peer that already left its loop: free those here.
+        for worker in self.workers.iter() {
+            let mut orphans = 0;
+            while let Some(mbuf) = worker.handoff.pop() {
+                drop(mbuf);
+                orphans += 1;
+            }
+            if orphans > 0 {
+                worker.stats.lock().drops[crate::stats::DropReason::Shutdown as usize] += orphans;
+            }
+        }
         let ports = self.port_stats();
         for port in self.ports.iter_mut() {
             port.stop();

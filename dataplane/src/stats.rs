@@ -58,6 +58,7 @@ drop_reasons! {
     HandoffFull => "handoff_full": "hand-off ring to the owning worker was full",
     TxFull => "tx_full": "the NIC refused the frame",
     NoMbuf => "no_mbuf": "mempool empty when a frame had to be built",
+    Shutdown => "shutdown": "in flight (held or handed over) when the workers stopped",
 }
 
 /// Counters of one worker since start.

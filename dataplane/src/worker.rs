@@ -216,12 +216,8 @@ impl Worker {
             buffer.discard();
         }
         for h in held.drain(..) {
-            stats.drop(DropReason::NoNeighbor);
+            stats.drop(DropReason::Shutdown);
             drop(h.mbuf);
-        }
-        while let Some(mbuf) = self.peers[self.index].handoff.pop() {
-            stats.drop(DropReason::HandoffFull);
-            drop(mbuf);
         }
         self.publish(&mut stats);
     }
@@ -421,9 +417,7 @@ fn queue_tx(mbuf: Mbuf, port: u16, queue: QueueId, tx: &mut [TxBuffer], stats: &
     if buffer.is_full() {
         flush(port, queue, buffer, stats);
     }
-    let p = usize::from(port) % MAX_PORTS;
-    stats.tx_packets[p] += 1;
-    stats.tx_bytes[p] += mbuf.len() as u64;
+    stats.tx_bytes[usize::from(port) % MAX_PORTS] += mbuf.len() as u64;
     if let Err(mbuf) = buffer.push(mbuf) {
         stats.drop(DropReason::TxFull);
         drop(mbuf);
@@ -432,11 +426,8 @@ fn queue_tx(mbuf: Mbuf, port: u16, queue: QueueId, tx: &mut [TxBuffer], stats: &
 
 #[inline]
 fn flush(port: u16, queue: QueueId, buffer: &mut TxBuffer, stats: &mut WorkerStats) {
-    let (_, refused) = dpdk::tx_flush(PortId(port), queue, buffer);
-    if refused > 0 {
-        let p = usize::from(port) % MAX_PORTS;
-        // tx counters count what the NIC accepted.
-        stats.tx_packets[p] -= refused as u64;
-        stats.drops[DropReason::TxFull as usize] += refused as u64;
-    }
+    // Packets count what the NIC accepted; bytes were counted when queued.
+    let (sent, refused) = dpdk::tx_flush(PortId(port), queue, buffer);
+    stats.tx_packets[usize::from(port) % MAX_PORTS] += sent as u64;
+    stats.drops[DropReason::TxFull as usize] += refused as u64;
 }

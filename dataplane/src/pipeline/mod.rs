@@ -12,7 +12,12 @@ pub enum Verdict {
     HoldForNeighbor { port: u16, next_hop: Ipv4Addr },
     Handoff { worker: usize },
 }
-pub struct PipelineConfig;
+use ipnet::Ipv4Net; use std::ops::RangeInclusive; use crate::conntrack::ConntrackConfig;
+#[derive(Clone, Copy, Debug, PartialEq, Eq)] pub enum PortRole { Uplink, Cluster }
+#[derive(Clone, Debug)] pub struct PortConfig { pub id: u16, pub mac: MacAddr, pub addresses: Vec<Ipv4Net>, pub role: PortRole, pub mtu: u16, pub exception_port: Option<u16> }
+#[derive(Clone, Debug)] pub struct RouteConfig { pub prefix: Ipv4Net, pub via: Option<Ipv4Addr>, pub port: u16 }
+#[derive(Clone, Debug)] pub struct VxlanConfig { pub udp_port: u16, pub vni: u32, pub local_vtep: Ipv4Addr }
+#[derive(Clone, Debug)] pub struct PipelineConfig { pub ports: Vec<PortConfig>, pub routes: Vec<RouteConfig>, pub static_neighbors: Vec<(u16, Ipv4Addr, MacAddr)>, pub vxlan: Option<VxlanConfig>, pub snat_addresses: Vec<Ipv4Addr>, pub snat_port_range: RangeInclusive<u16>, pub conntrack: ConntrackConfig, pub affinity_capacity: usize, pub icmp_errors_per_second: u32, pub worker_index: usize, pub workers: usize, pub neighbor_timeout_ms: u64 }
 pub struct Pipeline;
 impl Pipeline {
     pub fn new(_c: PipelineConfig) -> Result<Pipeline, String> {
@@ -43,3 +48,4 @@ impl Pipeline {
         unimplemented!()
     }
 }
+pub fn flow_hash(_k: &crate::conntrack::FlowKey) -> u64 { 0 }

@@ -1,0 +1,27 @@
+# The README's two commands: `make lab` (the main job) and `make test` (everything CI runs).
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: build lab lab-virtio test bench fuzz-build deps
+
+deps:
+	bash .ci/install-deps
+
+build:
+	$(CARGO) build --release
+
+lab: deps build
+	bash tests/lab/run.sh
+
+lab-virtio: deps build
+	bash tests/lab/run.sh --virtio
+
+test: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+	$(CARGO) build --release
+	$(CARGO) test --release --workspace --exclude tests
+	$(CARGO) test --release -p tests -- --test-threads=1
+
+bench: deps build
+	$(CARGO) run --release -p perf -- --suite quick

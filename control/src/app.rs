@@ -1,0 +1,597 @@
+//! The commands behind the `servicegate` binary: `run`, `check`, `replay`. Everything here is
+//! glue between the config, the dataplane runtime, the service sources, the compiler, the
+//! publisher and the admin API.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use dataplane::conntrack::{ConntrackConfig, Timeouts, SECOND};
+use dataplane::dpdk::PortSetup;
+use dataplane::pipeline::{self, Pipeline, PipelineConfig};
+use dataplane::runtime::{PortSpec, Runtime, RuntimeSpec, WorkerSpec};
+use dataplane::snapshot::{PodCidrRoute, Snapshot};
+use dataplane::wire::MacAddr;
+use dataplane::worker::Mode;
+use tokio::sync::watch;
+
+use crate::compiler::{CompileOptions, Compiler};
+use crate::config::{parse_mac, Config, ForwardingMode, PortRole, SourceKind};
+use crate::model::Model;
+
+/// `servicegate check`: the config, then every manifest of the files source, compiled.
+pub fn check(config: &Config) -> anyhow::Result<()> {
+    println!(
+        "config ok: {} port(s), {} worker(s), source {:?}",
+        config.ports.len(),
+        config.cores.workers.len(),
+        config.services.source
+    );
+    if config.services.source != SourceKind::Files {
+        println!("services come from the Kubernetes API; nothing more to check offline");
+        return Ok(());
+    }
+    let path = config.services.path.as_ref().expect("validated");
+    let loaded = crate::manifests::load(path)?;
+    for line in &loaded.skipped {
+        println!("note: {line}");
+    }
+    let compiled = Compiler::new(compile_options(config)).compile(&loaded.model);
+    for warning in &compiled.warnings {
+        println!("warning: {warning}");
+    }
+    print_snapshot(&compiled.snapshot);
+    println!(
+        "{} service(s), {} frontend(s), {} backend(s)",
+        compiled.stats.services, compiled.stats.frontends, compiled.stats.backends
+    );
+    Ok(())
+}
+
+fn print_snapshot(snapshot: &Snapshot) {
+    for frontend in snapshot.all_frontends() {
+        let address = match frontend.kind {
+            dataplane::snapshot::FrontendKind::NodePort => format!("*:{}", frontend.port),
+            _ => format!("{}:{}", frontend.addr, frontend.port),
+        };
+        let backends: Vec<String> = frontend
+            .backends
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}({})", b.addr, b.port, b.state.as_str()))
+            .collect();
+        println!(
+            "{:<40} {:<12} {:<22} {:<5} -> {}",
+            frontend.service.to_string(),
+            frontend.kind.as_str(),
+            address,
+            frontend.protocol,
+            if backends.is_empty() { "(no endpoints)".to_string() } else { backends.join(", ") }
+        );
+    }
+}
+
+/// Compiler options derived from the config.
+pub fn compile_options(config: &Config) -> CompileOptions {
+    CompileOptions {
+        node_port_addresses: config.node_port_addresses(),
+        maglev_table_size: config.maglev.table_size,
+        service_cidr: config.services.service_cidr,
+        pod_routes: pod_routes(config),
+        masquerade_cluster_ip: config.services.masquerade_cluster_ip,
+    }
+}
+
+fn pod_routes(config: &Config) -> Vec<PodCidrRoute> {
+    let Some(vxlan) = &config.vxlan else {
+        return Vec::new();
+    };
+    vxlan
+        .pod_cidrs
+        .iter()
+        .map(|p| PodCidrRoute {
+            cidr: p.cidr,
+            vtep: p.vtep,
+            vni: vxlan.vni,
+            node: p.node.as_deref().map(Arc::from),
+        })
+        .collect()
+}
+
+/// Where each configured port's device comes from.
+enum Devices<'a> {
+    /// The config's own devices.
+    Configured,
+    /// `replay`: every port (and exception port) becomes a net_pcap port.
+    Pcap { inputs: &'a [(usize, PathBuf)], out_dir: &'a Path, empty: &'a Path },
+}
+
+/// The EAL arguments and runtime layout for `config`.
+fn runtime_spec(config: &Config, devices: Devices<'_>, file_prefix: &str) -> anyhow::Result<RuntimeSpec> {
+    let workers = config.cores.workers.len();
+    let mut eal_args = Vec::new();
+    let mut lcores = vec![format!("0@{}", config.cores.control)];
+    for (i, core) in config.cores.workers.iter().enumerate() {
+        lcores.push(format!("{}@{}", i + 1, core));
+    }
+    eal_args.push(format!("--lcores={}", lcores.join(",")));
+    eal_args.push(format!("--file-prefix={file_prefix}"));
+    match devices {
+        Devices::Configured => {
+            if config.eal.no_pci {
+                eal_args.push("--no-pci".into());
+            }
+            eal_args.extend(config.eal.args.iter().cloned());
+        }
+        Devices::Pcap { .. } => {
+            eal_args.extend(["--no-huge", "-m", "1024", "--no-pci", "--log-level=*:warning"].map(String::from));
+        }
+    }
+    let mut ports = Vec::new();
+    let mut worker_specs = vec![WorkerSpec::default(); workers];
+    let mut add_port = |name: String, device: String, queues: u16, port: &crate::config::PortConfig, eal_args: &mut Vec<String>| {
+        let device_name = device.split(',').next().unwrap_or_default().to_string();
+        if looks_like_pci(&device_name) {
+            eal_args.push("-a".into());
+            eal_args.push(device.clone());
+        } else {
+            eal_args.push(format!("--vdev={device}"));
+        }
+        let index = ports.len();
+        for queue in 0..queues {
+            worker_specs[usize::from(queue) % workers].rx.push((index, queue));
+        }
+        ports.push(PortSpec {
+            device_name,
+            name,
+            setup: PortSetup {
+                rx_queues: queues,
+                tx_queues: workers as u16,
+                rx_descriptors: port.rx_descriptors,
+                tx_descriptors: port.tx_descriptors,
+                mtu: Some(port.mtu),
+                promiscuous: port.promiscuous,
+                rss: true,
+            },
+        });
+    };
+    for (i, port) in config.ports.iter().enumerate() {
+        let device = match &devices {
+            Devices::Configured => port.device.clone(),
+            Devices::Pcap { inputs, out_dir, empty } => {
+                let rx = inputs.iter().find(|(p, _)| *p == i).map(|(_, f)| f.as_path()).unwrap_or(empty);
+                format!("net_pcap{i},rx_pcap={},tx_pcap={}", rx.display(), out_dir.join(format!("{}.pcap", port.name)).display())
+            }
+        };
+        let queues = if matches!(devices, Devices::Pcap { .. }) { 1 } else { port.queues };
+        add_port(port.name.clone(), device, queues, port, &mut eal_args);
+    }
+    for (i, port) in config.ports.iter().enumerate() {
+        if let Some(exception) = &port.exception {
+            let device = match &devices {
+                Devices::Configured => exception.clone(),
+                Devices::Pcap { out_dir, empty, .. } => format!(
+                    "net_pcap{},rx_pcap={},tx_pcap={}",
+                    config.ports.len() + i,
+                    empty.display(),
+                    out_dir.join(format!("{}-exception.pcap", port.name)).display()
+                ),
+            };
+            add_port(format!("{}-exception", port.name), device, 1, port, &mut eal_args);
+        }
+    }
+    Ok(RuntimeSpec {
+        eal_args,
+        mbufs: config.mempool.mbufs,
+        mbuf_cache: config.mempool.cache,
+        ports,
+        workers: worker_specs,
+        idle_sleep_us: config.cores.idle_sleep_us,
+    })
+}
+
+fn looks_like_pci(name: &str) -> bool {
+    name.contains(':') && name.split(':').count() >= 2 && !name.starts_with("net_")
+}
+
+/// The pipeline config of worker `index`: DPDK port ids are only known once EAL probed.
+fn pipeline_config(config: &Config, runtime: &Runtime, index: usize) -> anyhow::Result<PipelineConfig> {
+    let ids = runtime.port_ids();
+    let macs = runtime.port_macs();
+    let mut exception_ids = Vec::new();
+    let mut next_exception = config.ports.len();
+    for port in &config.ports {
+        if port.exception.is_some() {
+            exception_ids.push(Some(ids[next_exception]));
+            next_exception += 1;
+        } else {
+            exception_ids.push(None);
+        }
+    }
+    let ports = config
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| pipeline::PortConfig {
+            id: ids[i],
+            mac: MacAddr(macs[i]),
+            addresses: port.addresses.clone(),
+            role: match port.role {
+                PortRole::Uplink => pipeline::PortRole::Uplink,
+                PortRole::Cluster => pipeline::PortRole::Cluster,
+            },
+            mtu: port.mtu,
+            exception_port: exception_ids[i],
+        })
+        .collect();
+    let port_id = |name: &str| -> anyhow::Result<u16> {
+        config.port_index(name).map(|i| ids[i]).ok_or_else(|| anyhow!("unknown port {name}"))
+    };
+    let routes = config
+        .routes
+        .iter()
+        .map(|r| Ok(pipeline::RouteConfig { prefix: r.prefix, via: r.via, port: port_id(&r.port)? }))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let static_neighbors = config
+        .neighbors
+        .iter()
+        .map(|n| Ok((port_id(&n.port)?, n.address, MacAddr(parse_mac(&n.mac).expect("validated")))))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let t = &config.conntrack.timeouts;
+    let defaults = Timeouts::default();
+    let secs = |v: Option<u64>, d: u64| v.map(|s| s * SECOND).unwrap_or(d);
+    let timeouts = Timeouts {
+        tcp_syn_sent: secs(t.tcp_syn_sent, defaults.tcp_syn_sent),
+        tcp_syn_recv: secs(t.tcp_syn_recv, defaults.tcp_syn_recv),
+        tcp_established: secs(t.tcp_established, defaults.tcp_established),
+        tcp_fin_wait: secs(t.tcp_fin_wait, defaults.tcp_fin_wait),
+        tcp_close_wait: secs(t.tcp_close_wait, defaults.tcp_close_wait),
+        tcp_last_ack: secs(t.tcp_last_ack, defaults.tcp_last_ack),
+        tcp_time_wait: secs(t.tcp_time_wait, defaults.tcp_time_wait),
+        tcp_close: secs(t.tcp_close, defaults.tcp_close),
+        udp: secs(t.udp, defaults.udp),
+        udp_stream: secs(t.udp_stream, defaults.udp_stream),
+        icmp: secs(t.icmp, defaults.icmp),
+        ..defaults
+    };
+    Ok(PipelineConfig {
+        ports,
+        routes,
+        static_neighbors,
+        vxlan: config.vxlan.as_ref().map(|v| pipeline::VxlanConfig {
+            udp_port: v.udp_port,
+            vni: v.vni,
+            local_vtep: v.local_vtep,
+        }),
+        snat_addresses: config.snat_addresses(),
+        snat_port_range: config.snat.port_min..=config.snat.port_max,
+        conntrack: ConntrackConfig { capacity: config.conntrack.capacity, timeouts },
+        affinity_capacity: config.conntrack.affinity_capacity,
+        icmp_errors_per_second: config.icmp_errors_per_second,
+        worker_index: index,
+        workers: config.cores.workers.len(),
+        neighbor_timeout_ms: 300_000,
+    })
+}
+
+fn mode_for(config: &Config, runtime: &Runtime, index: usize) -> Result<Mode, String> {
+    match config.mode {
+        ForwardingMode::Io => {
+            let ids = runtime.port_ids();
+            let mut peer = vec![0u16; usize::from(ids.iter().copied().max().unwrap_or(0)) + 1];
+            for pair in ids.chunks(2) {
+                let (a, b) = (pair[0], *pair.get(1).unwrap_or(&pair[0]));
+                peer[usize::from(a)] = b;
+                peer[usize::from(b)] = a;
+            }
+            Ok(Mode::Io { peer })
+        }
+        ForwardingMode::Gateway => {
+            let pipeline_config = pipeline_config(config, runtime, index).map_err(|e| e.to_string())?;
+            Pipeline::new(pipeline_config).map(|p| Mode::Gateway(Box::new(p)))
+        }
+    }
+}
+
+/// Compiles each model the source publishes and swaps it in; marks `ready` after the first.
+pub struct Publisher {
+    compiler: Compiler,
+    generation: u64,
+    pub snapshot: Arc<arc_swap::ArcSwap<Snapshot>>,
+    pub ready: Arc<AtomicBool>,
+    pub sync: Arc<parking_lot::Mutex<crate::admin::SyncInfo>>,
+}
+
+impl Publisher {
+    pub fn new(config: &Config, snapshot: Arc<arc_swap::ArcSwap<Snapshot>>) -> Publisher {
+        Publisher {
+            compiler: Compiler::new(compile_options(config)),
+            generation: 0,
+            snapshot,
+            ready: Arc::new(AtomicBool::new(false)),
+            sync: Arc::new(parking_lot::Mutex::new(crate::admin::SyncInfo {
+                source: format!("{:?}", config.services.source).to_lowercase(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// Compiles and installs `model`. The previous snapshot is freed here, on the control
+    /// thread, once the last worker's guard of it is gone (arc-swap's read guards are
+    /// released at the end of each burst).
+    pub fn publish(&mut self, model: &Model) {
+        let started = Instant::now();
+        let mut compiled = self.compiler.compile(model);
+        self.generation += 1;
+        compiled.snapshot.generation = self.generation;
+        let services = compiled.stats.services;
+        let frontends = compiled.stats.frontends;
+        let old = self.snapshot.swap(Arc::new(compiled.snapshot));
+        drop(old);
+        let elapsed = started.elapsed();
+        for warning in &compiled.warnings {
+            tracing::warn!("{warning}");
+        }
+        tracing::info!(generation = self.generation, services, frontends, ms = elapsed.as_secs_f64() * 1000.0, "snapshot installed");
+        let mut sync = self.sync.lock();
+        sync.last_sync_seconds = elapsed.as_secs_f64();
+        sync.warnings = compiled.warnings;
+        sync.services = services;
+        drop(sync);
+        self.ready.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Debounce: a burst of updates within this window is compiled once.
+const COALESCE: Duration = Duration::from_millis(20);
+
+/// Feeds every model the source sends to the publisher, coalescing bursts.
+async fn publish_loop(mut publisher: Publisher, mut updates: watch::Receiver<Option<Arc<Model>>>) {
+    loop {
+        if updates.changed().await.is_err() {
+            return;
+        }
+        // A lone change is compiled at once; a burst is coalesced into its last state.
+        let model = updates.borrow_and_update().clone();
+        if let Some(model) = model {
+            publisher.publish(&model);
+        }
+        tokio::time::sleep(COALESCE).await;
+    }
+}
+
+fn spawn_source(config: &Config, tx: watch::Sender<Option<Arc<Model>>>) {
+    match config.services.source {
+        SourceKind::Files => {
+            let path = config.services.path.clone().expect("validated");
+            let poll = Duration::from_millis(config.services.poll_ms);
+            tokio::spawn(crate::manifests::watch_files(path, poll, tx));
+        }
+        SourceKind::Kubernetes => {
+            let source = crate::kube_source::KubeSourceConfig {
+                kubeconfig: config.services.kubeconfig.clone(),
+                label_selector: config.services.label_selector.clone(),
+                namespace: config.services.namespace.clone(),
+            };
+            tokio::spawn(async move {
+                if let Err(err) = crate::kube_source::run(source, tx).await {
+                    tracing::error!("kubernetes source stopped: {err:#}");
+                }
+            });
+        }
+    }
+}
+
+/// Builds every worker's mode up front, so a bad pipeline config fails before any launch.
+fn worker_modes(config: &Config, runtime: &Runtime, workers: usize) -> anyhow::Result<Vec<Option<Mode>>> {
+    (0..workers)
+        .map(|i| mode_for(config, runtime, i).map(Some).map_err(|e| anyhow!(e)))
+        .collect()
+}
+
+/// `servicegate run`.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let spec = runtime_spec(&config, Devices::Configured, &config.eal.file_prefix)?;
+    let mut runtime = Runtime::init(&spec).map_err(|e| anyhow!(e))?;
+    let result = (|| -> anyhow::Result<()> {
+        let mut modes = worker_modes(&config, &runtime, spec.workers.len())?;
+        runtime
+            .launch(&spec, |i| modes[i].take().ok_or_else(|| "worker launched twice".to_string()))
+            .map_err(|e| anyhow!(e))?;
+        let control = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        control.block_on(serve_control(&config, &spec, &runtime))
+    })();
+    tracing::info!("stopping workers and ports");
+    let report = runtime.stop();
+    print_report(&report, &config);
+    result?;
+    if report.panicked_workers > 0 {
+        bail!("{} worker(s) panicked", report.panicked_workers);
+    }
+    Ok(())
+}
+
+/// The control thread: service source, publisher, admin API; returns on SIGINT/SIGTERM.
+async fn serve_control(config: &Config, spec: &RuntimeSpec, runtime: &Runtime) -> anyhow::Result<()> {
+    let (tx, rx) = watch::channel(None);
+    let publisher = Publisher::new(config, runtime.snapshot.clone());
+    let ports: Vec<crate::admin::PortInfo> = spec
+        .ports
+        .iter()
+        .zip(runtime.port_ids())
+        .map(|(p, id)| crate::admin::PortInfo {
+            name: p.name.clone(),
+            id,
+            role: config
+                .ports
+                .iter()
+                .find(|c| c.name == p.name)
+                .map(|c| format!("{:?}", c.role).to_lowercase())
+                .unwrap_or_else(|| "exception".into()),
+            queues: p.setup.rx_queues,
+        })
+        .collect();
+    let stats_ports: Vec<(String, u16)> = ports.iter().map(|p| (p.name.clone(), p.id)).collect();
+    let state = Arc::new(crate::admin::AdminState {
+        snapshot: runtime.snapshot.clone(),
+        workers: runtime.workers.clone(),
+        ports,
+        port_stats: Box::new(move || {
+            stats_ports
+                .iter()
+                .map(|(name, id)| (name.clone(), dataplane::dpdk::port_stats(dataplane::dpdk::PortId(*id))))
+                .collect()
+        }),
+        ready: publisher.ready.clone(),
+        sync: publisher.sync.clone(),
+        flow_hash: dataplane::pipeline::flow_hash,
+        tsc_hz: dataplane::dpdk::tsc_hz(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("admin.listen {}: cannot bind", config.admin.listen))?;
+    tracing::info!("admin API on http://{}", config.admin.listen);
+    spawn_source(config, tx);
+    tokio::spawn(publish_loop(publisher, rx));
+    tokio::spawn(async move {
+        if let Err(err) = crate::admin::serve(listener, state).await {
+            tracing::error!("admin API stopped: {err:#}");
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+        _ = term.recv() => tracing::info!("SIGTERM"),
+    }
+    Ok(())
+}
+
+/// Counts the frames of a pcap file (classic libpcap format, either byte order).
+pub fn pcap_frame_count(path: &Path) -> anyhow::Result<u64> {
+    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    if bytes.len() < 24 {
+        bail!("{}: not a pcap file (too short)", path.display());
+    }
+    let magic = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes"));
+    let little = match magic {
+        0xa1b2c3d4 | 0xa1b23c4d => true,
+        0xd4c3b2a1 | 0x4d3cb2a1 => false,
+        _ => bail!("{}: not a pcap file (magic {magic:#x}; pcapng is not supported)", path.display()),
+    };
+    let mut offset = 24usize;
+    let mut frames = 0;
+    while offset + 16 <= bytes.len() {
+        let field: [u8; 4] = bytes[offset + 8..offset + 12].try_into().expect("4 bytes");
+        let caplen = if little { u32::from_le_bytes(field) } else { u32::from_be_bytes(field) } as usize;
+        offset += 16 + caplen;
+        if offset > bytes.len() {
+            bail!("{}: truncated record {}", path.display(), frames + 1);
+        }
+        frames += 1;
+    }
+    Ok(frames)
+}
+
+/// `servicegate replay`.
+pub fn replay(config: Config, inputs: &[String], out_dir: &Path) -> anyhow::Result<()> {
+    let mut parsed = Vec::new();
+    for input in inputs {
+        let (port, file) = input
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--in {input:?}: expected PORT=FILE.pcap"))?;
+        let index = config
+            .port_index(port)
+            .ok_or_else(|| anyhow!("--in {input:?}: no port named {port:?} in the config"))?;
+        let file = PathBuf::from(file);
+        let frames = pcap_frame_count(&file)?;
+        parsed.push((index, std::fs::canonicalize(&file)?, frames));
+    }
+    std::fs::create_dir_all(out_dir).with_context(|| format!("create {}", out_dir.display()))?;
+    let out_dir = std::fs::canonicalize(out_dir)?;
+    let empty = out_dir.join(".empty-input.pcap");
+    write_empty_pcap(&empty)?;
+
+    let model = match config.services.source {
+        SourceKind::Files => crate::manifests::load_path(config.services.path.as_ref().expect("validated"))?,
+        SourceKind::Kubernetes => Model::default(),
+    };
+    let inputs: Vec<(usize, PathBuf)> = parsed.iter().map(|(i, f, _)| (*i, f.clone())).collect();
+    let prefix = format!("sg-replay-{}", std::process::id());
+    let spec = runtime_spec(&config, Devices::Pcap { inputs: &inputs, out_dir: &out_dir, empty: &empty }, &prefix)?;
+    let mut runtime = Runtime::init(&spec).map_err(|e| anyhow!(e))?;
+    let mut publisher = Publisher::new(&config, runtime.snapshot.clone());
+    publisher.publish(&model);
+    let result = (|| -> anyhow::Result<()> {
+        let mut modes = worker_modes(&config, &runtime, spec.workers.len())?;
+        runtime.launch(&spec, |i| modes[i].take().ok_or_else(|| "worker launched twice".to_string())).map_err(|e| anyhow!(e))?;
+        // Wait until every input frame entered the gateway, then until output settles.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let stats = runtime.port_stats();
+            let all_in = parsed.iter().all(|(i, _, frames)| stats[*i].1.rx_packets >= *frames);
+            if all_in {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("replay: inputs not consumed within 600 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut last = (u64::MAX, u64::MAX);
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let total = runtime.total_stats();
+            let now = (total.tx_packets.iter().sum::<u64>(), total.total_drops());
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        Ok(())
+    })();
+    let report = runtime.stop();
+    let _ = std::fs::remove_file(&empty);
+    result?;
+    print_report(&report, &config);
+    if report.mbufs_in_use != 0 {
+        bail!("{} mbufs still in use after stop (a leak)", report.mbufs_in_use);
+    }
+    Ok(())
+}
+
+fn print_report(report: &dataplane::runtime::StopReport, config: &Config) {
+    let mut total = dataplane::stats::WorkerStats::default();
+    for worker in &report.workers {
+        total.merge(worker);
+    }
+    for (name, stats) in &report.ports {
+        println!("port {name}: rx {} tx {} rx_missed {} tx_errors {}", stats.rx_packets, stats.tx_packets, stats.rx_missed, stats.tx_errors);
+    }
+    println!("workers: {} bursts: {} handoffs: {}", report.workers.len(), total.bursts, total.handoffs_out);
+    for reason in dataplane::stats::DropReason::ALL {
+        let n = total.drops_of(*reason);
+        if n > 0 {
+            println!("drop {}: {n}", reason.as_str());
+        }
+    }
+    println!("drops total: {}", total.total_drops());
+    println!("mbufs in use after stop: {}", report.mbufs_in_use);
+    let _ = config;
+}
+
+fn write_empty_pcap(path: &Path) -> anyhow::Result<()> {
+    let mut header = Vec::with_capacity(24);
+    header.extend_from_slice(&0xa1b2c3d4u32.to_le_bytes());
+    header.extend_from_slice(&2u16.to_le_bytes());
+    header.extend_from_slice(&4u16.to_le_bytes());
+    header.extend_from_slice(&0i32.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    header.extend_from_slice(&65535u32.to_le_bytes());
+    header.extend_from_slice(&1u32.to_le_bytes());
+    std::fs::write(path, header).with_context(|| format!("write {}", path.display()))
+}

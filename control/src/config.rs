@@ -1,0 +1,568 @@
+//! The gateway config: one YAML file (../shared/interface.md). Unknown keys are errors;
+//! every error names the file, the key path and what was expected.
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub eal: EalConfig,
+    #[serde(default)]
+    pub cores: CoresConfig,
+    #[serde(default)]
+    pub mempool: MempoolConfig,
+    pub ports: Vec<PortConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub neighbors: Vec<NeighborConfig>,
+    #[serde(default)]
+    pub vxlan: Option<VxlanConfig>,
+    pub services: ServicesConfig,
+    #[serde(default)]
+    pub snat: SnatConfig,
+    #[serde(default)]
+    pub conntrack: ConntrackSection,
+    #[serde(default)]
+    pub maglev: MaglevConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Forwarding mode: `gateway` (the service pipeline) or `io` (port-to-port like
+    /// testpmd's io mode: ports are paired in order; the benchmark ceiling).
+    #[serde(default)]
+    pub mode: ForwardingMode,
+    /// ICMP errors (unreachable, time exceeded) a worker may send per second.
+    #[serde(default = "default_icmp_rate")]
+    pub icmp_errors_per_second: u32,
+}
+
+fn default_icmp_rate() -> u32 {
+    1000
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingMode {
+    #[default]
+    Gateway,
+    Io,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EalConfig {
+    /// Extra EAL arguments, e.g. `["--no-huge", "-m", "1024"]`.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// `--file-prefix`: distinct per process when several DPDK processes run at once.
+    #[serde(default = "default_file_prefix")]
+    pub file_prefix: String,
+    /// Skip PCI probing (`--no-pci`): set for vdev-only setups (lab, benchmarks).
+    #[serde(default)]
+    pub no_pci: bool,
+}
+
+fn default_file_prefix() -> String {
+    "servicegate".into()
+}
+
+impl Default for EalConfig {
+    fn default() -> Self {
+        EalConfig {
+            args: Vec::new(),
+            file_prefix: default_file_prefix(),
+            no_pci: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoresConfig {
+    /// CPU of the control thread (EAL main lcore).
+    #[serde(default)]
+    pub control: usize,
+    /// CPUs of the polling workers, one worker each.
+    #[serde(default = "default_workers")]
+    pub workers: Vec<usize>,
+    /// Sleep after a run of empty polls, in µs (0 = pure busy polling). Useful on shared
+    /// machines (lab, CI); production gateways keep 0.
+    #[serde(default)]
+    pub idle_sleep_us: u64,
+}
+
+fn default_workers() -> Vec<usize> {
+    vec![1]
+}
+
+impl Default for CoresConfig {
+    fn default() -> Self {
+        CoresConfig {
+            control: 0,
+            workers: default_workers(),
+            idle_sleep_us: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MempoolConfig {
+    #[serde(default = "default_mbufs")]
+    pub mbufs: u32,
+    #[serde(default = "default_cache")]
+    pub cache: u32,
+}
+
+fn default_mbufs() -> u32 {
+    16383
+}
+fn default_cache() -> u32 {
+    256
+}
+
+impl Default for MempoolConfig {
+    fn default() -> Self {
+        MempoolConfig {
+            mbufs: default_mbufs(),
+            cache: default_cache(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PortRole {
+    /// Faces clients outside the cluster: NodePort, LB and externalIP traffic arrives here.
+    Uplink,
+    /// Faces the cluster's underlay: nodes, VTEPs, pods.
+    Cluster,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// A name used by routes and counters (`uplink`).
+    pub name: String,
+    /// A DPDK device: a vdev spec (`net_tap0,iface=sg-up`) or a PCI address
+    /// (`0000:03:00.0`).
+    pub device: String,
+    pub role: PortRole,
+    /// Addresses the gateway owns on this port, with their subnet (`192.0.2.1/24`).
+    #[serde(default)]
+    pub addresses: Vec<Ipv4Net>,
+    #[serde(default = "default_queues")]
+    pub queues: u16,
+    #[serde(default = "default_descriptors")]
+    pub rx_descriptors: u16,
+    #[serde(default = "default_descriptors")]
+    pub tx_descriptors: u16,
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    #[serde(default = "default_true")]
+    pub promiscuous: bool,
+    /// A vdev toward the kernel (`net_tap2,iface=sg-up-k`) for traffic to the gateway
+    /// itself that no Service claims (SSH, BGP, ping).
+    #[serde(default)]
+    pub exception: Option<String>,
+}
+
+fn default_queues() -> u16 {
+    1
+}
+fn default_descriptors() -> u16 {
+    1024
+}
+fn default_mtu() -> u16 {
+    1500
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub prefix: Ipv4Net,
+    /// Next hop; omitted for a directly connected prefix.
+    #[serde(default)]
+    pub via: Option<Ipv4Addr>,
+    /// The port name the route leaves through.
+    pub port: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NeighborConfig {
+    pub address: Ipv4Addr,
+    pub mac: String,
+    pub port: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VxlanConfig {
+    /// UDP port: 4789 (IANA), 8472 for flannel.
+    #[serde(default = "default_vxlan_port")]
+    pub udp_port: u16,
+    pub vni: u32,
+    /// The gateway's VTEP address (an address of a cluster port).
+    pub local_vtep: Ipv4Addr,
+    /// Remote pod CIDRs behind node VTEPs.
+    #[serde(default)]
+    pub pod_cidrs: Vec<PodCidrConfig>,
+}
+
+fn default_vxlan_port() -> u16 {
+    4789
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodCidrConfig {
+    pub cidr: Ipv4Net,
+    pub vtep: Ipv4Addr,
+    /// Kubernetes node name (enables internalTrafficPolicy: Local).
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicesConfig {
+    pub source: SourceKind,
+    /// For `files`: a manifest file or a directory of them (relative to the config file).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// For `kubernetes`: kubeconfig path (default: in-cluster, then ~/.kube/config).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    pub label_selector: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Packets to an unallocated address inside this CIDR are dropped.
+    #[serde(default)]
+    pub service_cidr: Option<Ipv4Net>,
+    /// Where NodePorts answer (default: the first address of each uplink port).
+    #[serde(default)]
+    pub node_port_addresses: Option<Vec<Ipv4Addr>>,
+    /// SNAT pod-originated ClusterIP traffic (kube-semantics item 19).
+    #[serde(default = "default_true")]
+    pub masquerade_cluster_ip: bool,
+    /// Poll interval of the files source, in milliseconds.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+}
+
+fn default_poll_ms() -> u64 {
+    100
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Files,
+    Kubernetes,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnatConfig {
+    /// Masquerade addresses (default: the first address of each cluster port).
+    #[serde(default)]
+    pub addresses: Option<Vec<Ipv4Addr>>,
+    #[serde(default = "default_snat_first")]
+    pub port_min: u16,
+    #[serde(default = "default_snat_last")]
+    pub port_max: u16,
+}
+
+fn default_snat_first() -> u16 {
+    32768
+}
+fn default_snat_last() -> u16 {
+    60999
+}
+
+impl Default for SnatConfig {
+    fn default() -> Self {
+        SnatConfig {
+            addresses: None,
+            port_min: default_snat_first(),
+            port_max: default_snat_last(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConntrackSection {
+    /// Entries per worker.
+    #[serde(default = "default_ct_capacity")]
+    pub capacity: usize,
+    #[serde(default = "default_affinity_capacity")]
+    pub affinity_capacity: usize,
+    /// Per-state timeouts in seconds; omitted ones keep Linux nf_conntrack's defaults.
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+}
+
+fn default_ct_capacity() -> usize {
+    262_144
+}
+fn default_affinity_capacity() -> usize {
+    65_536
+}
+
+impl Default for ConntrackSection {
+    fn default() -> Self {
+        ConntrackSection {
+            capacity: default_ct_capacity(),
+            affinity_capacity: default_affinity_capacity(),
+            timeouts: TimeoutsConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    pub tcp_syn_sent: Option<u64>,
+    pub tcp_syn_recv: Option<u64>,
+    pub tcp_established: Option<u64>,
+    pub tcp_fin_wait: Option<u64>,
+    pub tcp_close_wait: Option<u64>,
+    pub tcp_last_ack: Option<u64>,
+    pub tcp_time_wait: Option<u64>,
+    pub tcp_close: Option<u64>,
+    pub udp: Option<u64>,
+    pub udp_stream: Option<u64>,
+    pub icmp: Option<u64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaglevConfig {
+    /// Slots per Maglev table: a prime, ideally ≥ 100 × the largest backend count.
+    #[serde(default = "default_table_size")]
+    pub table_size: u32,
+}
+
+fn default_table_size() -> u32 {
+    dataplane::maglev::DEFAULT_TABLE_SIZE
+}
+
+impl Default for MaglevConfig {
+    fn default() -> Self {
+        MaglevConfig {
+            table_size: default_table_size(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin HTTP listener; loopback unless you mean it.
+    #[serde(default = "default_admin")]
+    pub listen: SocketAddr,
+}
+
+fn default_admin() -> SocketAddr {
+    "127.0.0.1:9900".parse().expect("static address")
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin(),
+        }
+    }
+}
+
+/// A config error, already phrased for the user: `FILE: KEY: what is wrong`.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let mut config = Config::parse(&text, &file)?;
+        if let Some(services_path) = &config.services.path {
+            if services_path.is_relative() {
+                let base = path.parent().unwrap_or(Path::new("."));
+                config.services.path = Some(base.join(services_path));
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let deserializer = serde_yaml::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let mut message = inner.to_string();
+            // serde_yaml appends " at line L column C": keep it, it helps.
+            if message.is_empty() {
+                message = "invalid value".into();
+            }
+            ConfigError {
+                file: file.to_string(),
+                key: if key == "." { "(top level)".into() } else { key },
+                message,
+            }
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let err = |key: String, message: String| ConfigError {
+            file: file.to_string(),
+            key,
+            message,
+        };
+        if self.ports.is_empty() {
+            return Err(err("ports".into(), "at least one port is required".into()));
+        }
+        let mut names = HashSet::new();
+        for (i, port) in self.ports.iter().enumerate() {
+            if !names.insert(port.name.as_str()) {
+                return Err(err(format!("ports[{i}].name"), format!("duplicate port name {:?}", port.name)));
+            }
+            if port.device.trim().is_empty() {
+                return Err(err(format!("ports[{i}].device"), "empty device".into()));
+            }
+            if port.queues == 0 {
+                return Err(err(format!("ports[{i}].queues"), "must be at least 1".into()));
+            }
+            if port.mtu < 576 || port.mtu > 9000 {
+                return Err(err(format!("ports[{i}].mtu"), format!("{} is outside 576..=9000", port.mtu)));
+            }
+        }
+        let known = |name: &str| self.ports.iter().any(|p| p.name == name);
+        for (i, route) in self.routes.iter().enumerate() {
+            if !known(&route.port) {
+                return Err(err(format!("routes[{i}].port"), format!("unknown port name {:?} (ports are: {})", route.port, self.port_names())));
+            }
+        }
+        for (i, neighbor) in self.neighbors.iter().enumerate() {
+            if !known(&neighbor.port) {
+                return Err(err(format!("neighbors[{i}].port"), format!("unknown port name {:?} (ports are: {})", neighbor.port, self.port_names())));
+            }
+            if parse_mac(&neighbor.mac).is_none() {
+                return Err(err(format!("neighbors[{i}].mac"), format!("{:?} is not a MAC address like 02:00:00:00:00:01", neighbor.mac)));
+            }
+        }
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        if self.cores.workers.is_empty() {
+            return Err(err("cores.workers".into(), "at least one worker core is required".into()));
+        }
+        let mut seen = HashSet::new();
+        for (i, &core) in self.cores.workers.iter().enumerate() {
+            if core >= cpus {
+                return Err(err(format!("cores.workers[{i}]"), format!("core {core} does not exist (this machine has cores 0..{})", cpus - 1)));
+            }
+            if !seen.insert(core) {
+                return Err(err(format!("cores.workers[{i}]"), format!("core {core} listed twice")));
+            }
+        }
+        if self.cores.control >= cpus {
+            return Err(err("cores.control".into(), format!("core {} does not exist (this machine has cores 0..{})", self.cores.control, cpus - 1)));
+        }
+        if let Some(vxlan) = &self.vxlan {
+            if vxlan.vni >= 1 << 24 {
+                return Err(err("vxlan.vni".into(), format!("{} does not fit in 24 bits", vxlan.vni)));
+            }
+            let owned = self.ports.iter().filter(|p| p.role == PortRole::Cluster).flat_map(|p| p.addresses.iter()).any(|a| a.addr() == vxlan.local_vtep);
+            if !owned {
+                return Err(err("vxlan.local_vtep".into(), format!("{} is not an address of a cluster port", vxlan.local_vtep)));
+            }
+        }
+        match self.services.source {
+            SourceKind::Files if self.services.path.is_none() => {
+                return Err(err("services.path".into(), "the files source needs a path (a manifest file or directory)".into()));
+            }
+            _ => {}
+        }
+        if !dataplane::maglev::is_prime(self.maglev.table_size) {
+            return Err(err("maglev.table_size".into(), format!("{} is not a prime (try 16381 or 65537)", self.maglev.table_size)));
+        }
+        if self.snat.port_min > self.snat.port_max || self.snat.port_min < 1024 {
+            return Err(err("snat.port_min".into(), format!("range {}..={} must be within 1024..=65535 and not empty", self.snat.port_min, self.snat.port_max)));
+        }
+        if self.conntrack.capacity == 0 {
+            return Err(err("conntrack.capacity".into(), "must be at least 1".into()));
+        }
+        if self.mode == ForwardingMode::Io && self.ports.len() % 2 == 1 && self.ports.len() > 1 {
+            return Err(err("mode".into(), "io mode pairs ports in order: configure 1 or an even number of ports".into()));
+        }
+        Ok(())
+    }
+
+    fn port_names(&self) -> String {
+        self.ports.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Index of the port called `name`.
+    pub fn port_index(&self, name: &str) -> Option<usize> {
+        self.ports.iter().position(|p| p.name == name)
+    }
+
+    /// Addresses NodePorts answer on.
+    pub fn node_port_addresses(&self) -> Vec<Ipv4Addr> {
+        match &self.services.node_port_addresses {
+            Some(addresses) => addresses.clone(),
+            None => self
+                .ports
+                .iter()
+                .filter(|p| p.role == PortRole::Uplink)
+                .filter_map(|p| p.addresses.first().map(|a| a.addr()))
+                .collect(),
+        }
+    }
+
+    /// Masquerade addresses.
+    pub fn snat_addresses(&self) -> Vec<Ipv4Addr> {
+        match &self.snat.addresses {
+            Some(addresses) => addresses.clone(),
+            None => self
+                .ports
+                .iter()
+                .filter(|p| p.role == PortRole::Cluster)
+                .filter_map(|p| p.addresses.first().map(|a| a.addr()))
+                .collect(),
+        }
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff` → bytes.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in mac.iter_mut() {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
