@@ -8,6 +8,7 @@
 pub mod conntrack;
 pub mod frame;
 pub mod maglev;
+pub mod pipeline;
 pub mod snapshot;
 pub mod stats;
 pub mod wire;
