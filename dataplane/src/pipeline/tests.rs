@@ -1154,3 +1154,670 @@ fn config_errors() {
 fn unused(_: HashMap<u8, u8>) -> Tick {
     SECOND
 }
+
+// ----- Services ----------------------------------------------------------------------------
+
+pub(super) const CIP: &str = "10.96.0.10";
+pub(super) const LB: &str = "198.51.100.10";
+pub(super) const EIP: &str = "198.51.100.20";
+
+pub(super) fn web() -> Arc<BackendSet> {
+    set_of(&[
+        ready("10.244.1.5", 8080),
+        ready("10.244.1.6", 8080),
+        ready("10.244.1.7", 8080),
+    ])
+}
+
+/// id 0 ClusterIP TCP, 1 NodePort TCP 30080 (SNAT), 2 LB TCP 443 (SNAT, source range
+/// 203.0.113.0/24), 3 externalIP TCP 80 (ETP Local: no SNAT), 4 ClusterIP UDP 53,
+/// 5 ClusterIP SCTP, 6 ClusterIP without endpoints, 7 ClusterIP with only terminating
+/// endpoints, 8 ClusterIP with ClientIP affinity, 9 ClusterIP whose only backend is
+/// 10.244.1.5, 10 ClusterIP with internalTrafficPolicy Local.
+pub(super) fn services(generation: u64, web: &Arc<BackendSet>, dns: &Arc<BackendSet>) -> Snapshot {
+    let mut lb = fe(FrontendKind::LoadBalancer, LB, Protocol::Tcp, 443, web);
+    lb.source_ranges = vec![net("203.0.113.0/24")];
+    let mut eip = fe(FrontendKind::ExternalIp, EIP, Protocol::Tcp, 80, web);
+    eip.masquerade = false;
+    let mut aff = fe(
+        FrontendKind::ClusterIp,
+        "10.96.0.90",
+        Protocol::Tcp,
+        80,
+        web,
+    );
+    aff.affinity = Some(60);
+    let local_set = set_of(&[("10.245.2.9", 8080, EndpointState::Ready, Some("node-2"))]);
+    let mut itp = fe(
+        FrontendKind::ClusterIp,
+        "10.96.0.110",
+        Protocol::Tcp,
+        80,
+        &set_of(&[
+            ("10.245.2.9", 8080, EndpointState::Ready, Some("node-2")),
+            ("10.244.1.5", 8080, EndpointState::Ready, Some("node-9")),
+        ]),
+    );
+    itp.internal = InternalPolicy::Local {
+        by_node: [(Arc::from("node-2"), local_set)].into_iter().collect(),
+    };
+    snapshot(
+        generation,
+        vec![
+            fe(FrontendKind::ClusterIp, CIP, Protocol::Tcp, 80, web),
+            fe(FrontendKind::NodePort, "0.0.0.0", Protocol::Tcp, 30080, web),
+            lb,
+            eip,
+            fe(
+                FrontendKind::ClusterIp,
+                "10.96.0.53",
+                Protocol::Udp,
+                53,
+                dns,
+            ),
+            fe(
+                FrontendKind::ClusterIp,
+                "10.96.0.60",
+                Protocol::Sctp,
+                9999,
+                &set_of(&[ready("10.244.3.1", 9999)]),
+            ),
+            fe(
+                FrontendKind::ClusterIp,
+                "10.96.0.70",
+                Protocol::Tcp,
+                80,
+                &set_of(&[]),
+            ),
+            fe(
+                FrontendKind::ClusterIp,
+                "10.96.0.80",
+                Protocol::Tcp,
+                80,
+                &set_of(&[
+                    ("10.244.4.1", 8080, EndpointState::ServingTerminating, None),
+                    ("10.244.4.2", 8080, EndpointState::NotServing, None),
+                ]),
+            ),
+            aff,
+            fe(
+                FrontendKind::ClusterIp,
+                "10.96.0.100",
+                Protocol::Tcp,
+                80,
+                &set_of(&[ready("10.244.1.5", 8080)]),
+            ),
+            itp,
+        ],
+    )
+}
+
+pub(super) fn dns() -> Arc<BackendSet> {
+    set_of(&[ready("10.244.2.1", 53), ready("10.244.2.2", 53)])
+}
+
+pub(super) fn svc_snapshot() -> Snapshot {
+    services(1, &web(), &dns())
+}
+
+/// The backend Maglev picks for this flow in `set`.
+pub(super) fn maglev(set: &BackendSet, proto: u8, src: &str, dst: &str) -> SocketAddrV4 {
+    let (s, d) = (sa(src), sa(dst));
+    let h = rewrite::flow_hash(proto, *s.ip(), s.port(), *d.ip(), d.port());
+    let b = set.pick(h).unwrap();
+    SocketAddrV4::new(b.addr, b.port)
+}
+
+fn sock(o: &Out) -> (SocketAddrV4, SocketAddrV4) {
+    (
+        SocketAddrV4::new(o.src, o.sport),
+        SocketAddrV4::new(o.dst, o.dport),
+    )
+}
+
+#[test]
+fn clusterip_tcp_syn_dnat_and_reply() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let client = "10.244.9.9:41000";
+    let vip = "10.96.0.10:80";
+    let backend = maglev(&web(), ipv4::PROTO_TCP, client, vip);
+    let syn = from_cluster().tcp_v4(sa(client), sa(vip), TcpFlags::SYN, b"");
+    let r = run(&mut p, &snap, CLUSTER, &syn, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    let o = parse(&r.out);
+    assert_eq!(sock(&o), (sa(client), backend), "DNAT to the Maglev pick");
+    assert_eq!(
+        (o.eth_src, o.eth_dst, o.ttl),
+        (CLUSTER_MAC, CROUTER_MAC, 63)
+    );
+    assert_eq!(o.tcp_flags, TcpFlags::SYN.bits());
+    let synack = from_cluster().tcp_v4(backend, sa(client), TcpFlags::SYN | TcpFlags::ACK, b"");
+    let r = run(&mut p, &snap, CLUSTER, &synack, 1, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    let o = parse(&r.out);
+    assert_eq!(sock(&o), (sa(vip), sa(client)), "reply from the VIP");
+    let key = FlowKey::new(ipv4::PROTO_TCP, ip("10.244.9.9"), 41000, ip(CIP), 80);
+    let (id, _) = p.conntrack().peek(&key, 1).unwrap();
+    let e = p.conntrack().entry(id);
+    assert!(e.seen_reply());
+    assert_eq!(
+        e.nat().snat,
+        None,
+        "ClusterIP from a routed pod: no masquerade"
+    );
+    assert_eq!(stats.frontend_packets[0], 2);
+    assert_eq!(stats.total_drops(), 0);
+}
+
+#[test]
+fn nodeport_with_snat_and_reply() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let client = "203.0.113.5:40000";
+    let np = "192.0.2.1:30080";
+    let backend = maglev(&web(), ipv4::PROTO_TCP, client, np);
+    let syn = from_router().tcp_v4(sa(client), sa(np), TcpFlags::SYN, b"");
+    let r = run(&mut p, &snap, UPLINK, &syn, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    let o = parse(&r.out);
+    assert_eq!(o.src, ip("10.0.0.1"), "SNAT to the cluster port's address");
+    assert!((32768..=60999).contains(&o.sport));
+    assert_eq!(SocketAddrV4::new(o.dst, o.dport), backend);
+    let snat = SocketAddrV4::new(o.src, o.sport);
+    let synack = from_cluster().tcp_v4(backend, snat, TcpFlags::SYN | TcpFlags::ACK, b"");
+    let r = run(&mut p, &snap, CLUSTER, &synack, 1, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: UPLINK });
+    let o = parse(&r.out);
+    assert_eq!(sock(&o), (sa(np), sa(client)));
+    assert_eq!((o.eth_src, o.eth_dst), (UPLINK_MAC, ROUTER_MAC));
+    // A NodePort on the cluster address is not a NodePort (only node-port addresses).
+    let wrong = from_cluster().tcp_v4(sa("10.244.9.9:1"), sa("10.0.0.1:30080"), TcpFlags::SYN, b"");
+    let r = run(&mut p, &snap, CLUSTER, &wrong, 2, &mut stats);
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::NoException));
+}
+
+#[test]
+fn load_balancer_source_ranges() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let vip = "198.51.100.10:443";
+    let allowed = from_router().tcp_v4(sa("203.0.113.9:1234"), sa(vip), TcpFlags::SYN, b"");
+    let r = run(&mut p, &snap, UPLINK, &allowed, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    let o = parse(&r.out);
+    assert_eq!(
+        SocketAddrV4::new(o.dst, o.dport),
+        maglev(&web(), ipv4::PROTO_TCP, "203.0.113.9:1234", vip)
+    );
+    assert_eq!(o.src, ip("10.0.0.1"));
+    let blocked = from_router().tcp_v4(sa("198.18.0.1:1234"), sa(vip), TcpFlags::SYN, b"");
+    let r = run(&mut p, &snap, UPLINK, &blocked, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::SourceRange));
+    assert_drop(&stats, DropReason::SourceRange, 1);
+    assert_eq!(p.conntrack().len(), 1);
+}
+
+#[test]
+fn external_ip_keeps_the_client_address() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let (client, vip) = ("203.0.113.5:40001", "198.51.100.20:80");
+    let backend = maglev(&web(), ipv4::PROTO_TCP, client, vip);
+    let syn = from_router().tcp_v4(sa(client), sa(vip), TcpFlags::SYN, b"");
+    let r = run(&mut p, &snap, UPLINK, &syn, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    assert_eq!(sock(&parse(&r.out)), (sa(client), backend));
+    let reply = from_cluster().tcp_v4(backend, sa(client), TcpFlags::SYN | TcpFlags::ACK, b"");
+    let r = run(&mut p, &snap, CLUSTER, &reply, 1, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: UPLINK });
+    assert_eq!(sock(&parse(&r.out)), (sa(vip), sa(client)));
+}
+
+#[test]
+fn udp_and_sctp_services() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let (client, vip) = ("10.244.9.9:5353", "10.96.0.53:53");
+    let backend = maglev(&dns(), ipv4::PROTO_UDP, client, vip);
+    let q = from_cluster().udp_v4(sa(client), sa(vip), b"query");
+    let r = run(&mut p, &snap, CLUSTER, &q, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    let o = parse(&r.out);
+    assert_eq!(sock(&o), (sa(client), backend));
+    assert_eq!(o.payload, b"query");
+    let a = from_cluster().udp_v4(backend, sa(client), b"answer");
+    let r = run(&mut p, &snap, CLUSTER, &a, 1, &mut stats);
+    assert_eq!(sock(&parse(&r.out)), (sa(vip), sa(client)));
+    // A datagram without checksum keeps "no checksum".
+    let mut nosum = from_cluster().udp_v4(sa("10.244.9.9:5354"), sa(vip), b"q");
+    nosum[14 + 20 + 6..14 + 20 + 8].fill(0);
+    let r = run(&mut p, &snap, CLUSTER, &nosum, 2, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    assert_eq!(&r.out[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
+    // SCTP: ports rewritten and the CRC32c recomputed.
+    let (sclient, svip) = ("10.244.9.9:7000", "10.96.0.60:9999");
+    let init = from_cluster().sctp_v4(sa(sclient), sa(svip), 0, &build::sctp_init_chunk(42));
+    let r = run(&mut p, &snap, CLUSTER, &init, 3, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    assert_eq!(sock(&parse(&r.out)), (sa(sclient), sa("10.244.3.1:9999")));
+    let ack = from_cluster().sctp_v4(sa("10.244.3.1:9999"), sa(sclient), 42, &[2, 0, 0, 4]);
+    let r = run(&mut p, &snap, CLUSTER, &ack, 4, &mut stats);
+    assert_eq!(sock(&parse(&r.out)), (sa(svip), sa(sclient)));
+}
+
+#[test]
+fn rejections_with_port_unreachable() {
+    let snap = svc_snapshot();
+    struct Case {
+        desc: &'static str,
+        port: u16,
+        input: Vec<u8>,
+        counted: DropReason,
+        from: &'static str,
+    }
+    let cases = vec![
+        Case {
+            desc: "unknown port on a ClusterIP",
+            port: CLUSTER,
+            input: from_cluster().tcp_v4(
+                sa("10.244.9.9:1"),
+                sa("10.96.0.10:81"),
+                TcpFlags::SYN,
+                b"",
+            ),
+            counted: DropReason::NoService,
+            from: "10.96.0.10",
+        },
+        Case {
+            desc: "unknown port on an LB VIP, UDP",
+            port: UPLINK,
+            input: from_router().udp_v4(sa("203.0.113.5:1"), sa("198.51.100.10:53"), b"q"),
+            counted: DropReason::NoService,
+            from: "198.51.100.10",
+        },
+        Case {
+            desc: "service without endpoints",
+            port: CLUSTER,
+            input: from_cluster().tcp_v4(
+                sa("10.244.9.9:1"),
+                sa("10.96.0.70:80"),
+                TcpFlags::SYN,
+                b"",
+            ),
+            counted: DropReason::NoEndpoints,
+            from: "10.96.0.70",
+        },
+    ];
+    for c in cases {
+        let mut p = pipeline();
+        let mut stats = WorkerStats::default();
+        let r = run(&mut p, &snap, c.port, &c.input, 0, &mut stats);
+        assert_eq!(r.verdict, Verdict::Transmit { port: c.port }, "{}", c.desc);
+        let o = parse(&r.out);
+        let src = EthernetFrame::new_checked(&c.input[..]).unwrap().src_addr();
+        assert_eq!(o.eth_dst, src, "{}: back to the previous hop", c.desc);
+        assert_eq!(o.src, ip(c.from), "{}", c.desc);
+        assert_eq!(
+            o.dst,
+            Ipv4Packet::new_checked(&c.input[14..]).unwrap().src()
+        );
+        assert_eq!(
+            o.icmp,
+            Some((icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_PORT_UNREACHABLE, 0)),
+            "{}",
+            c.desc
+        );
+        assert_eq!(o.quoted, c.input[14..14 + 28].to_vec(), "{}", c.desc);
+        assert_drop(&stats, c.counted, 1);
+        assert_eq!(p.conntrack().len(), 0);
+    }
+}
+
+#[test]
+fn only_terminating_endpoints_are_used() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    for port in 1000..1010 {
+        let c = format!("10.244.9.9:{port}");
+        let syn = from_cluster().tcp_v4(sa(&c), sa("10.96.0.80:80"), TcpFlags::SYN, b"");
+        let r = run(&mut p, &snap, CLUSTER, &syn, 0, &mut stats);
+        assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+        assert_eq!(
+            sock(&parse(&r.out)).1,
+            sa("10.244.4.1:8080"),
+            "never the not-serving one"
+        );
+    }
+}
+
+#[test]
+fn affinity_pins_a_client() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut plain = std::collections::HashSet::new();
+    for port in 2000..2020u16 {
+        let c = format!("10.244.9.9:{port}");
+        let syn = from_cluster().tcp_v4(sa(&c), sa("10.96.0.90:80"), TcpFlags::SYN, b"");
+        let r = run(&mut p, &snap, CLUSTER, &syn, u64::from(port), &mut stats);
+        seen.insert(sock(&parse(&r.out)).1);
+        plain.insert(maglev(&web(), ipv4::PROTO_TCP, &c, "10.96.0.90:80"));
+    }
+    assert_eq!(seen.len(), 1, "one backend for the client: {seen:?}");
+    assert!(plain.len() > 1, "without affinity Maglev spreads the ports");
+    // Another client is not pinned to the first one's backend by necessity, and after
+    // the timeout the first client is re-balanced.
+    let later = 2020 + 61 * SECOND;
+    let mut after = std::collections::HashSet::new();
+    for port in 3000..3020u16 {
+        let c = format!("10.244.9.9:{port}");
+        let syn = from_cluster().tcp_v4(sa(&c), sa("10.96.0.90:80"), TcpFlags::SYN, b"");
+        let r = run(
+            &mut p,
+            &snap,
+            CLUSTER,
+            &syn,
+            later + u64::from(port),
+            &mut stats,
+        );
+        after.insert(sock(&parse(&r.out)).1);
+    }
+    assert_eq!(after.len(), 1);
+}
+
+#[test]
+fn hairpin_is_masqueraded() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let (me, vip) = ("10.244.1.5:5555", "10.96.0.100:80");
+    let syn = from_cluster().tcp_v4(sa(me), sa(vip), TcpFlags::SYN, b"");
+    let r = run(&mut p, &snap, CLUSTER, &syn, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    let o = parse(&r.out);
+    assert_eq!(o.src, ip("10.0.0.1"), "hairpin: SNAT");
+    assert_eq!(SocketAddrV4::new(o.dst, o.dport), sa("10.244.1.5:8080"));
+    let snat = SocketAddrV4::new(o.src, o.sport);
+    let reply = from_cluster().tcp_v4(
+        sa("10.244.1.5:8080"),
+        snat,
+        TcpFlags::SYN | TcpFlags::ACK,
+        b"",
+    );
+    let r = run(&mut p, &snap, CLUSTER, &reply, 1, &mut stats);
+    assert_eq!(sock(&parse(&r.out)), (sa(vip), sa(me)));
+}
+
+#[test]
+fn icmp_frag_needed_for_a_tracked_flow_reaches_the_client() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let (client, np) = ("203.0.113.5:40000", "192.0.2.1:30080");
+    let syn = from_router().tcp_v4(sa(client), sa(np), TcpFlags::SYN, b"");
+    let r = run(&mut p, &snap, UPLINK, &syn, 0, &mut stats);
+    let sent = parse(&r.out);
+    // A router toward the backend cannot forward it: frag-needed to the SNAT address.
+    let err = from_cluster().icmp_error_v4(
+        ip("10.0.0.254"),
+        sent.src,
+        (icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_FRAG_NEEDED),
+        1400,
+        &r.out[14..],
+    );
+    let r = run(&mut p, &snap, CLUSTER, &err, 1, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: UPLINK });
+    let o = parse(&r.out);
+    assert_eq!((o.src, o.dst), (ip("10.0.0.254"), ip("203.0.113.5")));
+    assert_eq!(
+        o.icmp,
+        Some((icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_FRAG_NEEDED, 1400))
+    );
+    let (qs, qd, qsp, qdp) = quoted_tuple(&o.quoted);
+    assert_eq!(
+        (SocketAddrV4::new(qs, qsp), SocketAddrV4::new(qd, qdp)),
+        (sa(client), sa(np)),
+        "the quoted packet is the client's as it sent it"
+    );
+    assert_eq!(o.quoted.len(), 28);
+    for (i, (q, orig)) in o.quoted.iter().zip(&syn[14..]).enumerate() {
+        if !matches!(i, 8 | 10 | 11) {
+            assert_eq!(
+                q, orig,
+                "quoted byte {i}: only TTL and header checksum differ"
+            );
+        }
+    }
+    assert_eq!((o.eth_src, o.eth_dst), (UPLINK_MAC, ROUTER_MAC));
+}
+
+#[test]
+fn backend_removed_udp_repicked_tcp_dropped() {
+    let web0 = web();
+    let dns0 = dns();
+    let snap1 = services(1, &web0, &dns0);
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let (uc, uvip) = ("10.244.9.9:5353", "10.96.0.53:53");
+    let (tc, tvip) = ("10.244.9.9:41000", "10.96.0.10:80");
+    let ub = maglev(&dns0, ipv4::PROTO_UDP, uc, uvip);
+    let tb = maglev(&web0, ipv4::PROTO_TCP, tc, tvip);
+    let q = from_cluster().udp_v4(sa(uc), sa(uvip), b"q");
+    assert_eq!(
+        sock(&parse(&run(&mut p, &snap1, CLUSTER, &q, 0, &mut stats).out)).1,
+        ub
+    );
+    let syn = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::SYN, b"");
+    assert_eq!(
+        sock(&parse(
+            &run(&mut p, &snap1, CLUSTER, &syn, 0, &mut stats).out
+        ))
+        .1,
+        tb
+    );
+    // Both chosen backends leave their services.
+    let without = |set: &BackendSet, gone: SocketAddrV4| {
+        let rest: Vec<(String, u16)> = set
+            .backends
+            .iter()
+            .filter(|b| SocketAddrV4::new(b.addr, b.port) != gone)
+            .map(|b| (b.addr.to_string(), b.port))
+            .collect();
+        let rest: Vec<(&str, u16, EndpointState, Option<&str>)> = rest
+            .iter()
+            .map(|(a, p)| (a.as_str(), *p, EndpointState::Ready, None))
+            .collect();
+        set_of(&rest)
+    };
+    let snap2 = services(2, &without(&web0, tb), &without(&dns0, ub));
+    let r = run(&mut p, &snap2, CLUSTER, &q, 10, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    let nb = sock(&parse(&r.out)).1;
+    assert_ne!(nb, ub, "UDP re-picked");
+    let ack = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::ACK, b"data");
+    let r = run(&mut p, &snap2, CLUSTER, &ack, 10, &mut stats);
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::BackendGone));
+    assert_drop(&stats, DropReason::BackendGone, 1);
+    let key = FlowKey::new(ipv4::PROTO_TCP, ip("10.244.9.9"), 41000, ip(CIP), 80);
+    assert!(p.conntrack().peek(&key, 10).is_none(), "entry removed");
+}
+
+#[test]
+fn serving_terminating_backend_keeps_its_flow() {
+    let web0 = web();
+    let snap1 = services(1, &web0, &dns());
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let (tc, tvip) = ("10.244.9.9:41000", "10.96.0.10:80");
+    let tb = maglev(&web0, ipv4::PROTO_TCP, tc, tvip);
+    let syn = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::SYN, b"");
+    run(&mut p, &snap1, CLUSTER, &syn, 0, &mut stats);
+    let states: Vec<(String, u16, EndpointState)> = web0
+        .backends
+        .iter()
+        .map(|b| {
+            let s = if SocketAddrV4::new(b.addr, b.port) == tb {
+                EndpointState::ServingTerminating
+            } else {
+                EndpointState::Ready
+            };
+            (b.addr.to_string(), b.port, s)
+        })
+        .collect();
+    let set2 = set_of(
+        &states
+            .iter()
+            .map(|(a, p, s)| (a.as_str(), *p, *s, None))
+            .collect::<Vec<_>>(),
+    );
+    let snap2 = services(2, &set2, &dns());
+    let ack = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::ACK, b"data");
+    let r = run(&mut p, &snap2, CLUSTER, &ack, 10, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    assert_eq!(sock(&parse(&r.out)).1, tb);
+    // New connections avoid it.
+    for port in 5000..5020 {
+        let c = format!("10.244.9.9:{port}");
+        let syn = from_cluster().tcp_v4(sa(&c), sa(tvip), TcpFlags::SYN, b"");
+        let r = run(&mut p, &snap2, CLUSTER, &syn, 11, &mut stats);
+        assert_ne!(sock(&parse(&r.out)).1, tb);
+    }
+}
+
+#[test]
+fn syn_flood_does_not_break_established_flows() {
+    let snap = svc_snapshot();
+    let mut cfg = config(0, 1);
+    cfg.conntrack.capacity = 64;
+    let mut p = Pipeline::new(cfg).unwrap();
+    let mut stats = WorkerStats::default();
+    let (client, np) = ("203.0.113.5:40000", "192.0.2.1:30080");
+    let syn = from_router().tcp_v4(sa(client), sa(np), TcpFlags::SYN, b"");
+    let out = parse(&run(&mut p, &snap, UPLINK, &syn, 0, &mut stats).out);
+    let (snat, backend) = sock(&out);
+    let synack = from_cluster().tcp_v4(backend, snat, TcpFlags::SYN | TcpFlags::ACK, b"");
+    run(&mut p, &snap, CLUSTER, &synack, 1, &mut stats);
+    let ack = from_router().tcp_v4(sa(client), sa(np), TcpFlags::ACK, b"");
+    run(&mut p, &snap, UPLINK, &ack, 2, &mut stats);
+    for i in 0..2000u32 {
+        let src = SocketAddrV4::new(Ipv4Addr::from(0xc612_0000 + i), 1024 + (i % 50000) as u16);
+        let f = from_router().tcp_v4(src, sa(np), TcpFlags::SYN, b"");
+        let r = run(&mut p, &snap, UPLINK, &f, 3, &mut stats);
+        assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    }
+    assert_drop(&stats, DropReason::CtFull, 0);
+    let data = from_router().tcp_v4(sa(client), sa(np), TcpFlags::ACK | TcpFlags::PSH, b"GET /");
+    let r = run(&mut p, &snap, UPLINK, &data, 4, &mut stats);
+    assert_eq!(sock(&parse(&r.out)), (snat, backend), "same translation");
+    let reply = from_cluster().tcp_v4(backend, snat, TcpFlags::ACK, b"200");
+    let r = run(&mut p, &snap, CLUSTER, &reply, 5, &mut stats);
+    assert_eq!(sock(&parse(&r.out)), (sa(np), sa(client)));
+}
+
+#[test]
+fn fragments_and_echo_to_service_addresses() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let mut frag = from_cluster().udp_v4(sa("10.244.9.9:5353"), sa("10.96.0.53:53"), b"q");
+    {
+        let mut ipp = Ipv4Packet::new_unchecked(&mut frag[14..]);
+        ipp.set_more_frags(true);
+        ipp.fill_checksum();
+    }
+    let r = run(&mut p, &snap, CLUSTER, &frag, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::Fragment));
+    let ping = from_cluster().icmp_echo_v4(ip("10.244.9.9"), ip(CIP), true, 9, 1, b"hi");
+    let r = run(&mut p, &snap, CLUSTER, &ping, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    let o = parse(&r.out);
+    assert_eq!((o.src, o.dst), (ip(CIP), ip("10.244.9.9")));
+    assert_eq!(o.icmp, Some((icmp::TYPE_ECHO_REPLY, 0, 1)));
+}
+
+/// A frame from a pod behind node-3 (VTEP 10.0.0.3).
+fn from_node3(inner: &[u8]) -> Vec<u8> {
+    FrameBuilder::new(NODE2_MAC, CLUSTER_MAC).vxlan_encap(
+        ip("10.0.0.3"),
+        ip("10.0.0.1"),
+        51000,
+        VNI,
+        inner,
+    )
+}
+
+#[test]
+fn internal_traffic_policy_local() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let vip = "10.96.0.110:80";
+    for port in 6000..6010 {
+        let c = format!("10.245.2.7:{port}");
+        let inner = pod_inner().tcp_v4(sa(&c), sa(vip), TcpFlags::SYN, b"");
+        let r = run(&mut p, &snap, CLUSTER, &from_node2(&inner), 0, &mut stats);
+        assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+        let outer = parse(&r.out);
+        assert_eq!(outer.dst, ip("10.0.0.2"), "back to node-2 over VXLAN");
+        let inner_out = parse(&r.out[50..]);
+        assert_eq!(
+            sock(&inner_out).1,
+            sa("10.245.2.9:8080"),
+            "node-2's endpoint only"
+        );
+    }
+    let inner = pod_inner().tcp_v4(sa("10.245.3.7:6000"), sa(vip), TcpFlags::SYN, b"");
+    let r = run(&mut p, &snap, CLUSTER, &from_node3(&inner), 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::NoLocalEndpoint));
+    // Not from a pod (no VXLAN): Cluster semantics.
+    let syn = from_cluster().tcp_v4(sa("10.244.9.9:6000"), sa(vip), TcpFlags::SYN, b"");
+    let r = run(&mut p, &snap, CLUSTER, &syn, 0, &mut stats);
+    assert!(matches!(r.verdict, Verdict::Transmit { .. }));
+}
+
+#[test]
+fn two_workers_agree_on_owners() {
+    let snap = svc_snapshot();
+    let mut ps = [
+        Pipeline::new(config(0, 2)).unwrap(),
+        Pipeline::new(config(1, 2)).unwrap(),
+    ];
+    let mut stats = WorkerStats::default();
+    let mut owners_seen = std::collections::HashSet::new();
+    for port in 40000..40016u16 {
+        for (dst, snat) in [("192.0.2.1:30080", true), ("198.51.100.20:80", false)] {
+            let client = format!("203.0.113.5:{port}");
+            let syn = from_router().tcp_v4(sa(&client), sa(dst), TcpFlags::SYN, b"");
+            let frame = VecFrame::new(&syn);
+            let o = ps[0].owner(&frame, UPLINK, &snap);
+            assert_eq!(o, ps[1].owner(&frame, UPLINK, &snap));
+            owners_seen.insert(o);
+            let other = 1 - o;
+            let r = run(&mut ps[other], &snap, UPLINK, &syn, 0, &mut stats);
+            assert_eq!(r.verdict, Verdict::Handoff { worker: o });
+            let r = run(&mut ps[o], &snap, UPLINK, &syn, 0, &mut stats);
+            assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+            let (s, b) = sock(&parse(&r.out));
+            assert_eq!(s.ip() == &ip("10.0.0.1"), snat);
+            let reply = from_cluster().tcp_v4(b, s, TcpFlags::SYN | TcpFlags::ACK, b"");
+            let rf = VecFrame::new(&reply);
+            assert_eq!(
+                ps[0].owner(&rf, CLUSTER, &snap),
+                o,
+                "reply owner of {client} -> {dst}"
+            );
+            assert_eq!(ps[1].owner(&rf, CLUSTER, &snap), o);
+            let r = run(&mut ps[o], &snap, CLUSTER, &reply, 1, &mut stats);
+            assert_eq!(sock(&parse(&r.out)), (sa(dst), sa(&client)));
+        }
+    }
+    assert_eq!(owners_seen.len(), 2, "both workers own some flows");
+}
