@@ -25,7 +25,10 @@
 //!    the configured one (`vxlan_unknown_vni`), truncation is `malformed`. The outer headers
 //!    are stripped; the outer source (the sending node's VTEP) is kept for
 //!    internalTrafficPolicy Local, and the inner source MAC is remembered as that VTEP's
-//!    MAC for re-encapsulation toward it.
+//!    MAC for re-encapsulation toward it (`PodCidrRoute` carries no VTEP MAC; until a
+//!    frame from that VTEP has been seen, the inner destination MAC is broadcast).
+//!    Decapsulated traffic for the gateway's own addresses is not handed to the kernel
+//!    (only echo requests are answered).
 //! 4. **Services** (see `kube-semantics.md`): conntrack hit → stored translation; a snapshot
 //!    change re-validates the backend lazily (gone → entry removed; UDP re-picked as a new
 //!    flow, TCP/SCTP dropped with `backend_gone` — the client's retransmissions keep being
@@ -643,7 +646,7 @@ impl Pipeline {
                 (is, ip.src())
             };
             if is_vxlan {
-                if let Err(reason) = self.decap(frame, l2, outer_src) {
+                if let Err(reason) = self.decap(frame, l2) {
                     return Verdict::Drop(reason);
                 }
                 let (l2, ethertype, src_mac) = match EthernetFrame::new_checked(frame.data()) {
@@ -666,12 +669,7 @@ impl Pipeline {
     }
 
     /// Strips outer Ethernet/IPv4/UDP/VXLAN (validated up to UDP by the caller).
-    fn decap<F: Frame>(
-        &self,
-        frame: &mut F,
-        l2: usize,
-        _outer_src: Ipv4Addr,
-    ) -> Result<(), DropReason> {
+    fn decap<F: Frame>(&self, frame: &mut F, l2: usize) -> Result<(), DropReason> {
         let Some(vx) = &self.vxlan else {
             return Err(DropReason::Malformed);
         };
@@ -800,7 +798,7 @@ impl Pipeline {
             let first = ip.frag_offset() == 0;
             let l4 = match rewrite::parse_l4(ip.protocol(), first, ip.payload()) {
                 Ok(l4) => l4,
-                Err(()) => return Verdict::Drop(DropReason::Malformed),
+                Err(_) => return Verdict::Drop(DropReason::Malformed),
             };
             (ip.src(), ip.dst(), ip.protocol(), ip.is_fragment(), l4)
         };
@@ -824,9 +822,10 @@ impl Pipeline {
         {
             let key = FlowKey::new(protocol, src, sport, dst, dport);
             if let Some((id, dir)) = self.ct.lookup(&key, now) {
-                match self.established(frame, ctx, snap, now, stats, id, dir, tcp_flags) {
-                    Some(v) => return v,
-                    None => {} // UDP to a gone backend: a new flow below.
+                // `None`: UDP to a gone backend, handled as a new flow below.
+                if let Some(v) = self.established(frame, ctx, snap, now, stats, id, dir, tcp_flags)
+                {
+                    return v;
                 }
             }
             if let Some(p) = Protocol::from_ip_proto(protocol) {

@@ -31,15 +31,15 @@ pub enum L4 {
     Other,
 }
 
-/// Parses the transport header of an IPv4 packet's payload. `Err(())` when a TCP, UDP,
+/// Parses the transport header of an IPv4 packet's payload. An error when a TCP, UDP,
 /// SCTP or ICMP header is truncated in a first (or unfragmented) packet.
-pub fn parse_l4(protocol: u8, first_fragment: bool, payload: &[u8]) -> Result<L4, ()> {
+pub fn parse_l4(protocol: u8, first_fragment: bool, payload: &[u8]) -> crate::wire::Result<L4> {
     if !first_fragment {
         return Ok(L4::Other);
     }
     Ok(match protocol {
         ipv4::PROTO_TCP => {
-            let t = TcpPacket::new_checked(payload).map_err(|_| ())?;
+            let t = TcpPacket::new_checked(payload)?;
             L4::Ports {
                 sport: t.src_port(),
                 dport: t.dst_port(),
@@ -47,7 +47,7 @@ pub fn parse_l4(protocol: u8, first_fragment: bool, payload: &[u8]) -> Result<L4
             }
         }
         ipv4::PROTO_UDP => {
-            let u = UdpPacket::new_checked(payload).map_err(|_| ())?;
+            let u = UdpPacket::new_checked(payload)?;
             L4::Ports {
                 sport: u.src_port(),
                 dport: u.dst_port(),
@@ -55,7 +55,7 @@ pub fn parse_l4(protocol: u8, first_fragment: bool, payload: &[u8]) -> Result<L4
             }
         }
         ipv4::PROTO_SCTP => {
-            let s = SctpPacket::new_checked(payload).map_err(|_| ())?;
+            let s = SctpPacket::new_checked(payload)?;
             L4::Ports {
                 sport: s.src_port(),
                 dport: s.dst_port(),
@@ -63,7 +63,7 @@ pub fn parse_l4(protocol: u8, first_fragment: bool, payload: &[u8]) -> Result<L4
             }
         }
         ipv4::PROTO_ICMP => {
-            let m = IcmpPacket::new_checked(payload).map_err(|_| ())?;
+            let m = IcmpPacket::new_checked(payload)?;
             match m.msg_type() {
                 icmp::TYPE_ECHO_REQUEST | icmp::TYPE_ECHO_REPLY => L4::Echo {
                     ident: m.echo_ident(),
