@@ -1903,3 +1903,131 @@ mod robustness {
         }
     }
 }
+
+/// Writes valid frames (first byte = port selector of the fuzz target) as a seed corpus
+/// into `$FUZZ_SEEDS`: `FUZZ_SEEDS=fuzz/corpus/receive_path cargo test ... -- --ignored`.
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let Ok(dir) = std::env::var("FUZZ_SEEDS") else {
+        return;
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    let inner = pod_inner().tcp_v4(
+        sa("10.245.2.7:6000"),
+        sa("10.96.0.10:80"),
+        TcpFlags::SYN,
+        b"",
+    );
+    let inner_udp = pod_inner().udp_v4(sa("10.245.2.7:6000"), sa("10.96.0.10:53"), b"q");
+    // Selector: bits 0-1 port (0 uplink, 1 cluster, 2 exception), bit 2 feed back.
+    let seeds: Vec<(u8, Vec<u8>)> = vec![
+        (
+            4,
+            from_router().tcp_v4(
+                sa("203.0.113.5:40000"),
+                sa("192.0.2.1:30080"),
+                TcpFlags::SYN,
+                b"x",
+            ),
+        ),
+        (
+            4,
+            from_router().tcp_v4(
+                sa("203.0.113.5:40000"),
+                sa("198.51.100.10:443"),
+                TcpFlags::SYN,
+                b"",
+            ),
+        ),
+        (
+            0,
+            from_router().tcp_v4(
+                sa("198.18.0.1:40000"),
+                sa("198.51.100.10:443"),
+                TcpFlags::SYN,
+                b"",
+            ),
+        ),
+        (
+            4,
+            from_router().sctp_v4(
+                sa("203.0.113.5:7000"),
+                sa("198.51.100.10:9"),
+                0,
+                &build::sctp_init_chunk(1),
+            ),
+        ),
+        (
+            5,
+            from_cluster().udp_v4(sa("10.244.9.9:5353"), sa("10.96.0.10:53"), b"q"),
+        ),
+        (
+            5,
+            from_cluster().tcp_v4(
+                sa("10.244.9.9:5353"),
+                sa("10.96.0.10:80"),
+                TcpFlags::SYN,
+                b"",
+            ),
+        ),
+        (5, from_node2(&inner)),
+        (1, from_node2(&inner_udp)),
+        (
+            0,
+            from_router().ttl(1).ip_options(&[1, 1, 1, 1]).udp_v4(
+                sa("203.0.113.5:1"),
+                sa("10.244.1.5:2"),
+                b"",
+            ),
+        ),
+        (
+            0,
+            from_router().dont_frag(true).udp_v4(
+                sa("203.0.113.5:1"),
+                sa("10.245.2.9:2"),
+                &[7; 1480],
+            ),
+        ),
+        (
+            1,
+            from_cluster().icmp_error_v4(
+                ip("10.0.0.254"),
+                ip("10.0.0.1"),
+                (icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_FRAG_NEEDED),
+                1400,
+                &from_cluster().tcp_v4(
+                    sa("10.0.0.1:32768"),
+                    sa("10.244.1.5:8080"),
+                    TcpFlags::SYN,
+                    b"",
+                )[14..],
+            ),
+        ),
+        (
+            1,
+            from_cluster().icmp_echo_v4(ip("10.244.9.9"), ip("10.96.0.10"), true, 1, 1, b"hi"),
+        ),
+        (
+            0,
+            build::arp_request(CLIENT_MAC, ip("192.0.2.7"), ip("198.51.100.10")),
+        ),
+        (
+            0,
+            build::arp_reply(CLIENT_MAC, ip("192.0.2.7"), UPLINK_MAC, ip("192.0.2.1")),
+        ),
+        (
+            2,
+            FrameBuilder::new(UPLINK_MAC, ROUTER_MAC).vlan(5).udp_v4(
+                sa("192.0.2.1:1"),
+                sa("8.8.8.8:53"),
+                b"",
+            ),
+        ),
+    ];
+    for (i, (sel, f)) in seeds.into_iter().enumerate() {
+        let mut bytes = vec![sel];
+        bytes.extend_from_slice(&f);
+        std::fs::write(format!("{dir}/seed-{i:02}"), bytes).unwrap();
+    }
+}
