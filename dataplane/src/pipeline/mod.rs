@@ -71,6 +71,9 @@
 
 mod neighbor;
 pub mod rewrite;
+mod trace;
+
+pub use trace::Trace;
 
 #[cfg(test)]
 mod tests;

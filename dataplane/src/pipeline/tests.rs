@@ -2031,3 +2031,50 @@ fn write_fuzz_seeds() {
         std::fs::write(format!("{dir}/seed-{i:02}"), bytes).unwrap();
     }
 }
+
+#[test]
+fn trace_names_the_decisions() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let key = FlowKey::new(
+        ipv4::PROTO_TCP,
+        ip("203.0.113.5"),
+        40000,
+        ip("192.0.2.1"),
+        30080,
+    );
+    let t = p.trace(&key, &snap, 0);
+    let text = t.to_string();
+    assert!(text.contains("NodePort"), "{text}");
+    assert!(text.contains("Maglev"), "{text}");
+    assert!(text.contains("SNAT: masquerade"), "{text}");
+    let backend = maglev(
+        &web(),
+        ipv4::PROTO_TCP,
+        "203.0.113.5:40000",
+        "192.0.2.1:30080",
+    );
+    assert_eq!(
+        t.translated.map(|k| (k.dst, k.dst_port)),
+        Some((*backend.ip(), backend.port()))
+    );
+    assert_eq!(t.egress, Some((CLUSTER, ip("10.0.0.254"))));
+    // Once the flow exists, trace reports the conntrack entry.
+    let mut stats = WorkerStats::default();
+    let syn = from_router().tcp_v4(
+        sa("203.0.113.5:40000"),
+        sa("192.0.2.1:30080"),
+        TcpFlags::SYN,
+        b"",
+    );
+    run(&mut p, &snap, UPLINK, &syn, 0, &mut stats);
+    let t = p.trace(&key, &snap, 1);
+    assert!(t.steps[0].starts_with("conntrack"), "{t}");
+    let blocked = FlowKey::new(ipv4::PROTO_TCP, ip("198.18.0.1"), 1, ip(LB), 443);
+    assert!(p
+        .trace(&blocked, &snap, 0)
+        .to_string()
+        .contains("loadBalancerSourceRanges"));
+    let eip = FlowKey::new(ipv4::PROTO_TCP, ip("203.0.113.5"), 1, ip(EIP), 80);
+    assert!(p.trace(&eip, &snap, 0).to_string().contains("no SNAT"));
+}
