@@ -569,7 +569,10 @@ impl Pipeline {
     }
 
     /// Takes a received frame on `in_port` and decides its fate, rewriting it in place.
-    /// A `Drop` verdict is counted into `stats` here.
+    /// A `Drop` verdict is counted into `stats` here, as are the causes of ICMP errors the
+    /// pipeline sends (see the module docs) and per-frontend packets; rx/tx, hand-offs and
+    /// exception traffic are the worker's to count. With several workers, a frame whose
+    /// flow another worker owns comes back as `Handoff` untouched.
     pub fn process<F: Frame>(
         &mut self,
         frame: &mut F,
@@ -579,11 +582,8 @@ impl Pipeline {
         stats: &mut WorkerStats,
     ) -> Verdict {
         let verdict = self.process_inner(frame, in_port, snapshot, now, stats);
-        match verdict {
-            Verdict::Drop(reason) => stats.drop(reason),
-            Verdict::ToException { .. } => stats.to_exception += 1,
-            Verdict::Handoff { .. } => stats.handoffs_out += 1,
-            _ => {}
+        if let Verdict::Drop(reason) = verdict {
+            stats.drop(reason);
         }
         verdict
     }
@@ -597,7 +597,6 @@ impl Pipeline {
         stats: &mut WorkerStats,
     ) -> Verdict {
         if let Some(&(_, real)) = self.exception_of.iter().find(|(e, _)| *e == in_port) {
-            stats.from_exception += 1;
             return Verdict::Transmit {
                 port: self.ports[real].id,
             };

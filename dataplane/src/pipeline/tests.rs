@@ -840,7 +840,6 @@ fn l3_table() {
             Verdict::Drop(reason) => assert_drop(&stats, reason, 1),
             Verdict::ToException { .. } => {
                 assert_eq!(r.out, c.input, "{}: unchanged", c.desc);
-                assert_eq!(stats.to_exception, 1);
             }
             _ => {}
         }
@@ -861,7 +860,6 @@ fn exception_port_traffic_goes_out_unchanged() {
     let r = run(&mut p, &snap, UPLINK_EXC, &input, 0, &mut stats);
     assert_eq!(r.verdict, Verdict::Transmit { port: UPLINK });
     assert_eq!(r.out, input);
-    assert_eq!(stats.from_exception, 1);
     let r = run(&mut p, &snap, 99, &input, 0, &mut stats);
     assert_eq!(r.verdict, Verdict::Drop(DropReason::NotForUs));
 }
