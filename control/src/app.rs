@@ -449,7 +449,7 @@ async fn serve_control(config: &Config, spec: &RuntimeSpec, runtime: &Runtime) -
         }),
         ready: publisher.ready.clone(),
         sync: publisher.sync.clone(),
-        flow_hash: dataplane::pipeline::flow_hash,
+        flow_hash: |k| dataplane::pipeline::rewrite::flow_hash(k.protocol, k.src, k.src_port, k.dst, k.dst_port),
         tsc_hz: dataplane::dpdk::tsc_hz(),
     });
     let listener = tokio::net::TcpListener::bind(config.admin.listen)

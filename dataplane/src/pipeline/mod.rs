@@ -1,51 +1,1531 @@
-// PLACEHOLDER (not committed): replaced by the pipe branch.
-use crate::conntrack::Tick;
-use crate::frame::Frame;
-use crate::snapshot::Snapshot;
-use crate::stats::{DropReason, WorkerStats};
-use crate::wire::MacAddr;
+//! The per-worker packet pipeline: one [`Pipeline`] per worker takes a received frame,
+//! decides its fate ([`Verdict`]) and rewrites it in place. No allocation, lock or atomic
+//! on the per-packet path: every table is allocated by [`Pipeline::new`] (neighbors,
+//! conntrack, affinity, routes), or rebuilt when a new [`Snapshot`] generation is first
+//! seen (the pod-CIDR LPM and a few per-snapshot indexes).
+//!
+//! # The path of one frame
+//!
+//! 1. **Ethernet** (one 802.1Q tag allowed, kept on egress: only MACs are rewritten).
+//!    Unicast frames for another MAC: `not_for_us`. ARP → [`Pipeline`] answers requests for
+//!    the in-port's own addresses and, on uplinks, for LoadBalancer/externalIP service
+//!    addresses (in place, `Transmit{in_port}`); learns senders of replies and of requests
+//!    aimed at us (only senders inside a subnet of the in-port). ARP replies are handed to
+//!    the kernel when the port has an exception port (it needs them for its own
+//!    neighbors), else consumed as `arp_ignored`. Non-IPv4, non-ARP → exception port or
+//!    `not_ipv4`.
+//! 2. **IPv4**: `new_checked` (`malformed`), header checksum (`bad_checksum`); Ethernet
+//!    padding is trimmed. L4 checksums are not verified (a bad one stays bad through the
+//!    incremental updates). *Options* are allowed and forwarded untouched (L4 is found
+//!    through the IHL; source-route options are not acted upon). *Fragments*: never
+//!    reassembled nor translated; a fragment addressed to a service address, into the
+//!    service CIDR or to a SNAT address is dropped (`fragment`) because its flow cannot be
+//!    tracked without reassembly; any other fragment is routed as it is.
+//! 3. **VXLAN** to `local_vtep:udp_port`: I flag required (`vxlan_bad_flags`), VNI must be
+//!    the configured one (`vxlan_unknown_vni`), truncation is `malformed`. The outer headers
+//!    are stripped; the outer source (the sending node's VTEP) is kept for
+//!    internalTrafficPolicy Local, and the inner source MAC is remembered as that VTEP's
+//!    MAC for re-encapsulation toward it (`PodCidrRoute` carries no VTEP MAC; until a
+//!    frame from that VTEP has been seen, the inner destination MAC is broadcast).
+//!    Decapsulated traffic for the gateway's own addresses is not handed to the kernel
+//!    (only echo requests are answered).
+//! 4. **Services** (see `kube-semantics.md`): conntrack hit → stored translation; a snapshot
+//!    change re-validates the backend lazily (gone → entry removed; UDP re-picked as a new
+//!    flow, TCP/SCTP dropped with `backend_gone` — the client's retransmissions keep being
+//!    dropped until it times out or the entry-less packets are re-balanced: a SYN makes a
+//!    new flow). Miss → frontend match, source ranges, ITP Local, affinity, Maglev, SNAT,
+//!    insert, rewrite. No usable endpoint or an unknown port on a service address → ICMP
+//!    port-unreachable (rate-limited). ICMP errors quoting a tracked flow are translated.
+//!    ICMP echo requests to a service address are answered by the gateway (like IPVS).
+//! 5. **Local**: traffic for an owned address (or broadcast/multicast) → the in-port's
+//!    exception port; without one, echo requests are answered, the rest `no_exception_port`.
+//!    Frames from an exception port go out of its real port unchanged.
+//! 6. **Route**: pod CIDRs of the snapshot (VXLAN encap toward the node's VTEP) first, then
+//!    configured and connected routes by longest prefix (a connected route wins over a
+//!    static one of the same prefix). TTL ≤ 1 → ICMP time-exceeded (`ttl_exceeded`). *MTU*:
+//!    a frame whose (outer) IP length exceeds the egress MTU is never fragmented: with DF
+//!    an ICMP frag-needed goes back (next-hop MTU = port MTU, minus 50 when encapsulating),
+//!    both cases count `mtu_exceeded`.
+//! 7. **L2**: egress MAC as source, next hop's MAC as destination → `Transmit`, or
+//!    `HoldForNeighbor` (the next hop is then ARPed by [`Pipeline::housekeeping`]).
+//!
+//! ICMP errors the gateway generates quote the packet as received (before translation) and
+//! are counted with their cause (`no_endpoints`, `no_service`, `ttl_exceeded`,
+//! `mtu_exceeded`) even when sent; when the token bucket is empty the verdict is
+//! `Drop(icmp_rate_limited)`. No error is sent about an ICMP error, a non-first fragment
+//! or a non-unicast source.
+//!
+//! # Flow ownership ([`Pipeline::owner`])
+//!
+//! Both directions of a tracked flow must reach the worker holding its conntrack entry:
+//! * destination is a SNAT address → `SnatPorts::owner_of(dst_port)` (SNAT ports are
+//!   partitioned per worker, so the reply finds the worker that allocated the port);
+//! * destination is a service address or a node-port address → hash(src ip, src port);
+//! * otherwise → hash(dst ip, dst port): the reply of a non-SNAT flow goes back to the
+//!   client, so this matches the request's hash(src ip, src port).
+//!
+//! VXLAN frames are judged on their inner headers; ICMP errors on the reversed tuple of
+//! the packet they quote; ICMP echo by its identifier; anything else (ARP, other
+//! protocols, unparsable) belongs to worker 0. SNAT addresses must not also be node-port
+//! or service addresses.
+
+mod neighbor;
+pub mod rewrite;
+mod trace;
+
+pub use trace::Trace;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
-pub enum Verdict {
-    Transmit { port: u16 },
-    Drop(DropReason),
-    ToException { port: u16 },
-    HoldForNeighbor { port: u16, next_hop: Ipv4Addr },
-    Handoff { worker: usize },
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use prefix_trie::PrefixMap;
+
+use crate::conntrack::{
+    Affinity, Conntrack, ConntrackConfig, Direction, EntryId, FlowKey, InsertError, Nat, SnatPorts,
+    Tick,
+};
+use crate::frame::Frame;
+use crate::maglev::fmix64;
+use crate::snapshot::{
+    Backend, BackendSet, Frontend, FrontendKind, InternalPolicy, Protocol, Snapshot,
+};
+use crate::stats::{DropReason, WorkerStats};
+use crate::wire::arp::{self, ArpPacket};
+use crate::wire::ethernet::{self, EthernetFrame, MacAddr};
+use crate::wire::icmp;
+use crate::wire::ipv4::{self, Ipv4Packet};
+use crate::wire::{checksum, UdpPacket, VxlanPacket};
+
+use neighbor::NeighborTable;
+use rewrite::{Encap, L4, VXLAN_OVERHEAD};
+
+/// Neighbors one worker remembers (all ports together).
+pub const NEIGHBOR_CAPACITY: usize = 4096;
+/// Learned neighbors buffered for [`Pipeline::take_learned`].
+pub const LEARNED_CAPACITY: usize = 256;
+/// Conntrack slots examined per [`Pipeline::housekeeping`] call.
+pub const CT_EXPIRE_BUDGET: usize = 256;
+/// Neighbor slots examined per [`Pipeline::housekeeping`] call.
+pub const NEIGHBOR_SWEEP_BUDGET: usize = 512;
+/// VTEP → inner MAC entries remembered for re-encapsulation.
+const VTEP_MACS: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortRole {
+    /// Toward clients (LB VIPs and externalIPs are ARPed here).
+    Uplink,
+    /// Toward the cluster (nodes, VTEPs, pods).
+    Cluster,
 }
-use ipnet::Ipv4Net; use std::ops::RangeInclusive; use crate::conntrack::ConntrackConfig;
-#[derive(Clone, Copy, Debug, PartialEq, Eq)] pub enum PortRole { Uplink, Cluster }
-#[derive(Clone, Debug)] pub struct PortConfig { pub id: u16, pub mac: MacAddr, pub addresses: Vec<Ipv4Net>, pub role: PortRole, pub mtu: u16, pub exception_port: Option<u16> }
-#[derive(Clone, Debug)] pub struct RouteConfig { pub prefix: Ipv4Net, pub via: Option<Ipv4Addr>, pub port: u16 }
-#[derive(Clone, Debug)] pub struct VxlanConfig { pub udp_port: u16, pub vni: u32, pub local_vtep: Ipv4Addr }
-#[derive(Clone, Debug)] pub struct PipelineConfig { pub ports: Vec<PortConfig>, pub routes: Vec<RouteConfig>, pub static_neighbors: Vec<(u16, Ipv4Addr, MacAddr)>, pub vxlan: Option<VxlanConfig>, pub snat_addresses: Vec<Ipv4Addr>, pub snat_port_range: RangeInclusive<u16>, pub conntrack: ConntrackConfig, pub affinity_capacity: usize, pub icmp_errors_per_second: u32, pub worker_index: usize, pub workers: usize, pub neighbor_timeout_ms: u64 }
-pub struct Pipeline;
-impl Pipeline {
-    pub fn new(_c: PipelineConfig) -> Result<Pipeline, String> {
-        Ok(Pipeline)
+
+#[derive(Clone, Debug)]
+pub struct PortConfig {
+    /// DPDK port id.
+    pub id: u16,
+    pub mac: MacAddr,
+    /// Owned addresses with their subnets; the first is the primary.
+    pub addresses: Vec<Ipv4Net>,
+    pub role: PortRole,
+    /// IP MTU (largest IPv4 total length transmitted).
+    pub mtu: u16,
+    /// DPDK port id of a tap toward the kernel for this port.
+    pub exception_port: Option<u16>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    pub prefix: Ipv4Net,
+    /// Next hop; `None` = directly connected.
+    pub via: Option<Ipv4Addr>,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug)]
+pub struct VxlanConfig {
+    /// 4789.
+    pub udp_port: u16,
+    pub vni: u32,
+    /// An owned address on a cluster port.
+    pub local_vtep: Ipv4Addr,
+}
+
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    pub ports: Vec<PortConfig>,
+    /// Static routes; connected routes are derived from port addresses.
+    pub routes: Vec<RouteConfig>,
+    pub static_neighbors: Vec<(u16, Ipv4Addr, MacAddr)>,
+    pub vxlan: Option<VxlanConfig>,
+    /// Empty: the primary address of each cluster port.
+    pub snat_addresses: Vec<Ipv4Addr>,
+    pub snat_port_range: RangeInclusive<u16>,
+    pub conntrack: ConntrackConfig,
+    pub affinity_capacity: usize,
+    pub icmp_errors_per_second: u32,
+    pub worker_index: usize,
+    pub workers: usize,
+    pub neighbor_timeout_ms: u64,
+}
+
+/// What the worker does with the frame after [`Pipeline::process`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Transmit {
+        port: u16,
+    },
+    Drop(DropReason),
+    ToException {
+        port: u16,
+    },
+    /// The frame is fully rewritten except its destination MAC; hold it until
+    /// [`Pipeline::neighbor`] knows `next_hop`, then set the MAC and transmit on `port`.
+    HoldForNeighbor {
+        port: u16,
+        next_hop: Ipv4Addr,
+    },
+    /// The flow belongs to another worker: hand the frame over unchanged.
+    Handoff {
+        worker: usize,
+    },
+}
+
+#[derive(Debug)]
+struct Port {
+    id: u16,
+    mac: MacAddr,
+    addresses: Vec<Ipv4Net>,
+    role: PortRole,
+    mtu: u16,
+    exception_port: Option<u16>,
+}
+
+impl Port {
+    fn primary(&self) -> Option<Ipv4Addr> {
+        self.addresses.first().map(|n| n.addr())
     }
+
+    fn owns(&self, addr: Ipv4Addr) -> bool {
+        self.addresses.iter().any(|n| n.addr() == addr)
+    }
+
+    fn on_link(&self, addr: Ipv4Addr) -> bool {
+        self.addresses.iter().any(|n| n.contains(&addr))
+    }
+
+    fn source_for(&self, dst: Ipv4Addr) -> Ipv4Addr {
+        self.addresses
+            .iter()
+            .find(|n| n.contains(&dst))
+            .or(self.addresses.first())
+            .map_or(Ipv4Addr::UNSPECIFIED, |n| n.addr())
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RouteEntry {
+    port: usize,
+    via: Option<Ipv4Addr>,
+}
+
+/// Where a packet to some destination leaves.
+#[derive(Clone, Copy, Debug)]
+struct Hop {
+    /// Index into `ports`.
+    port: usize,
+    next_hop: Ipv4Addr,
+    /// Encapsulate in VXLAN toward this VTEP.
+    vtep: Option<Ipv4Addr>,
+}
+
+/// A frontend as identified in a conntrack entry, per id of the current snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FrontendIdent {
+    node_port: bool,
+    addr: Ipv4Addr,
+    protocol: Protocol,
+    port: u16,
+}
+
+/// Indexes derived from the snapshot, rebuilt when its generation changes.
+#[derive(Default)]
+struct SnapCache {
+    generation: Option<u64>,
+    pod_routes: PrefixMap<Ipv4Net, Ipv4Addr>,
+    vtep_nodes: HashMap<Ipv4Addr, Arc<str>>,
+    by_id: Vec<Option<FrontendIdent>>,
+}
+
+/// Per-packet context through the stages.
+#[derive(Clone, Copy, Debug)]
+struct Ctx {
+    /// Index of the in-port.
+    in_port: usize,
+    /// Offset of the IPv4 header (the Ethernet header length of the current frame).
+    l2: usize,
+    /// Source MAC of the frame as received (the previous hop).
+    prev_mac: MacAddr,
+    /// Outer source of a decapsulated VXLAN frame.
+    outer_src: Option<Ipv4Addr>,
+}
+
+/// Token bucket in thousandths of a token.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: u64,
+    milli: u64,
+    last: Tick,
+}
+
+impl TokenBucket {
+    fn new(per_second: u32) -> TokenBucket {
+        TokenBucket {
+            rate: u64::from(per_second),
+            milli: u64::from(per_second) * 1000,
+            last: 0,
+        }
+    }
+
+    fn take(&mut self, now: Tick) -> bool {
+        let elapsed = now.saturating_sub(self.last);
+        self.last = self.last.max(now);
+        let cap = self.rate * 1000;
+        self.milli = (self.milli + elapsed.saturating_mul(self.rate)).min(cap);
+        if self.milli >= 1000 {
+            self.milli -= 1000;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A rewrite of source and/or destination address:port.
+#[derive(Clone, Copy, Debug, Default)]
+struct Rewrite {
+    src: Option<(Ipv4Addr, u16)>,
+    dst: Option<(Ipv4Addr, u16)>,
+}
+
+pub struct Pipeline {
+    ports: Vec<Port>,
+    /// (exception port id, index of its real port).
+    exception_of: Vec<(u16, usize)>,
+    routes: PrefixMap<Ipv4Net, RouteEntry>,
+    vxlan: Option<VxlanConfig>,
+    /// One allocator per SNAT address, so the address can be chosen by egress port.
+    snat: Vec<(Ipv4Addr, SnatPorts)>,
+    ct: Conntrack,
+    affinity: Affinity,
+    icmp_bucket: TokenBucket,
+    neighbors: NeighborTable,
+    neighbor_timeout: Tick,
+    learned: Vec<(u16, Ipv4Addr, MacAddr)>,
+    vtep_macs: [(Ipv4Addr, MacAddr); VTEP_MACS],
+    vtep_mac_next: usize,
+    worker_index: usize,
+    workers: usize,
+    snap: SnapCache,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("worker_index", &self.worker_index)
+            .field("workers", &self.workers)
+            .field("ports", &self.ports)
+            .field("conntrack", &self.ct)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_unicast(a: Ipv4Addr) -> bool {
+    !(a.is_unspecified() || a.is_broadcast() || a.is_multicast())
+}
+
+fn hash_ip_port(addr: Ipv4Addr, port: u16, workers: usize) -> usize {
+    let k = (u64::from(u32::from(addr)) << 16) | u64::from(port);
+    (fmix64(k ^ 0x6f77_6e65_7273_6869) % workers as u64) as usize
+}
+
+fn is_usable(set: &BackendSet, addr: Ipv4Addr, port: u16) -> bool {
+    set.backends
+        .binary_search_by(|b| (b.addr, b.port).cmp(&(addr, port)))
+        .is_ok_and(|i| set.usable.contains(&(i as u32)))
+}
+
+impl Pipeline {
+    pub fn new(config: PipelineConfig) -> Result<Pipeline, String> {
+        if config.workers == 0 || config.worker_index >= config.workers {
+            return Err(format!(
+                "worker index {} out of range for {} workers",
+                config.worker_index, config.workers
+            ));
+        }
+        let mut ports: Vec<Port> = Vec::with_capacity(config.ports.len());
+        for p in &config.ports {
+            if ports.iter().any(|q| q.id == p.id) {
+                return Err(format!("port {} configured twice", p.id));
+            }
+            ports.push(Port {
+                id: p.id,
+                mac: p.mac,
+                addresses: p.addresses.clone(),
+                role: p.role,
+                mtu: p.mtu,
+                exception_port: p.exception_port,
+            });
+        }
+        let mut exception_of = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            if let Some(e) = p.exception_port {
+                if ports.iter().any(|q| q.id == e) || exception_of.iter().any(|(x, _)| *x == e) {
+                    return Err(format!(
+                        "exception port {e} of port {} is already in use",
+                        p.id
+                    ));
+                }
+                exception_of.push((e, i));
+            }
+        }
+        let index_of = |id: u16| ports.iter().position(|p| p.id == id);
+        let mut routes = PrefixMap::new();
+        for r in &config.routes {
+            let port = index_of(r.port)
+                .ok_or_else(|| format!("route {} names unknown port {}", r.prefix, r.port))?;
+            routes.insert(r.prefix.trunc(), RouteEntry { port, via: r.via });
+        }
+        for (i, p) in ports.iter().enumerate() {
+            for net in &p.addresses {
+                routes.insert(net.trunc(), RouteEntry { port: i, via: None });
+            }
+        }
+        if let Some(vx) = &config.vxlan {
+            if vx.vni >= 1 << 24 {
+                return Err(format!("VXLAN VNI {} does not fit in 24 bits", vx.vni));
+            }
+            let on_cluster = ports
+                .iter()
+                .any(|p| p.role == PortRole::Cluster && p.owns(vx.local_vtep));
+            if !on_cluster {
+                return Err(format!(
+                    "VXLAN local VTEP {} is not an address of a cluster port",
+                    vx.local_vtep
+                ));
+            }
+        }
+        let mut snat_addrs = config.snat_addresses.clone();
+        if snat_addrs.is_empty() {
+            snat_addrs = ports
+                .iter()
+                .filter(|p| p.role == PortRole::Cluster)
+                .filter_map(Port::primary)
+                .collect();
+        }
+        let mut snat = Vec::with_capacity(snat_addrs.len());
+        for a in snat_addrs {
+            let s = SnatPorts::new(
+                &[a],
+                config.snat_port_range.clone(),
+                config.worker_index,
+                config.workers,
+            )
+            .map_err(|e| format!("SNAT address {a}: {e}"))?;
+            snat.push((a, s));
+        }
+        let mut neighbors = NeighborTable::new(NEIGHBOR_CAPACITY);
+        for &(port, addr, mac) in &config.static_neighbors {
+            if index_of(port).is_none() {
+                return Err(format!("static neighbor {addr} names unknown port {port}"));
+            }
+            if !neighbors.add_static(port, addr, mac) {
+                return Err(format!("too many static neighbors (at {addr})"));
+            }
+        }
+        Ok(Pipeline {
+            ports,
+            exception_of,
+            routes,
+            vxlan: config.vxlan,
+            snat,
+            ct: Conntrack::new(config.conntrack),
+            affinity: Affinity::new(config.affinity_capacity.max(1)),
+            icmp_bucket: TokenBucket::new(config.icmp_errors_per_second),
+            neighbors,
+            neighbor_timeout: config.neighbor_timeout_ms.max(1),
+            learned: Vec::with_capacity(LEARNED_CAPACITY),
+            vtep_macs: [(Ipv4Addr::UNSPECIFIED, MacAddr::ZERO); VTEP_MACS],
+            vtep_mac_next: 0,
+            worker_index: config.worker_index,
+            workers: config.workers,
+            snap: SnapCache::default(),
+        })
+    }
+
+    pub fn conntrack(&self) -> &Conntrack {
+        &self.ct
+    }
+
+    pub fn worker_index(&self) -> usize {
+        self.worker_index
+    }
+
+    /// The MAC of `addr` on `port`, if resolved (for frames held for ARP).
+    pub fn neighbor(&self, port: u16, addr: Ipv4Addr) -> Option<MacAddr> {
+        self.neighbors.get(port, addr)
+    }
+
+    /// A mapping another worker learned.
+    pub fn learn_neighbor(&mut self, port: u16, addr: Ipv4Addr, mac: MacAddr, now: Tick) {
+        self.neighbors.learn(port, addr, mac, now, true);
+    }
+
+    /// What this worker learned from ARP since the last call (at most `LEARNED_CAPACITY`
+    /// per period; later ones are learned by the other workers on their own).
+    pub fn take_learned(&mut self) -> impl Iterator<Item = (u16, Ipv4Addr, MacAddr)> + '_ {
+        self.learned.drain(..)
+    }
+
+    /// Bounded periodic work: conntrack expiry, neighbor ageing, and ARP requests for
+    /// wanted or ageing next hops (each at most once per second), emitted as complete
+    /// frames through `emit(port, frame)`.
+    pub fn housekeeping(&mut self, now: Tick, emit: &mut dyn FnMut(u16, &[u8])) {
+        self.ct.expire(now, CT_EXPIRE_BUDGET);
+        let ports = &self.ports;
+        let mut request = |port: u16, target: Ipv4Addr| {
+            let Some(p) = ports.iter().find(|p| p.id == port) else {
+                return;
+            };
+            let mut buf = [0u8; 60];
+            {
+                let mut e = EthernetFrame::new_unchecked(&mut buf[..]);
+                e.set_dst_addr(MacAddr::BROADCAST);
+                e.set_src_addr(p.mac);
+                e.set_ethertype(ethernet::ETHERTYPE_ARP);
+            }
+            let mut a = ArpPacket::new_unchecked(&mut buf[ethernet::HEADER_LEN..]);
+            a.init_ethernet_ipv4();
+            a.set_operation(arp::OP_REQUEST);
+            a.set_sender_hw(p.mac);
+            a.set_sender_ip(p.source_for(target));
+            a.set_target_hw(MacAddr::ZERO);
+            a.set_target_ip(target);
+            emit(port, &buf);
+        };
+        self.neighbors.sweep(
+            now,
+            NEIGHBOR_SWEEP_BUDGET,
+            self.neighbor_timeout,
+            &mut request,
+        );
+    }
+
+    fn port_index(&self, id: u16) -> Option<usize> {
+        self.ports.iter().position(|p| p.id == id)
+    }
+
+    fn is_owned(&self, addr: Ipv4Addr) -> bool {
+        self.ports.iter().any(|p| p.owns(addr))
+    }
+
+    fn is_snat_addr(&self, addr: Ipv4Addr) -> bool {
+        self.snat.iter().any(|(a, _)| *a == addr)
+    }
+
+    fn sync_snapshot(&mut self, snap: &Snapshot) {
+        if self.snap.generation == Some(snap.generation) {
+            return;
+        }
+        let mut pod_routes = PrefixMap::new();
+        let mut vtep_nodes = HashMap::new();
+        for r in &snap.pod_routes {
+            pod_routes.insert(r.cidr.trunc(), r.vtep);
+            if let Some(node) = &r.node {
+                vtep_nodes.insert(r.vtep, node.clone());
+            }
+        }
+        let mut by_id = vec![None; snap.frontend_count as usize];
+        for f in snap.frontends.values().chain(snap.node_ports.values()) {
+            if let Some(slot) = by_id.get_mut(f.id as usize) {
+                *slot = Some(FrontendIdent {
+                    node_port: f.kind == FrontendKind::NodePort,
+                    addr: f.addr,
+                    protocol: f.protocol,
+                    port: f.port,
+                });
+            }
+        }
+        self.snap = SnapCache {
+            generation: Some(snap.generation),
+            pod_routes,
+            vtep_nodes,
+            by_id,
+        };
+    }
+
+    /// Takes a received frame on `in_port` and decides its fate, rewriting it in place.
+    /// A `Drop` verdict is counted into `stats` here, as are the causes of ICMP errors the
+    /// pipeline sends (see the module docs) and per-frontend packets; rx/tx, hand-offs and
+    /// exception traffic are the worker's to count. With several workers, a frame whose
+    /// flow another worker owns comes back as `Handoff` untouched.
     pub fn process<F: Frame>(
         &mut self,
-        _frame: &mut F,
-        _in_port: u16,
-        _snapshot: &Snapshot,
-        _now: Tick,
-        _stats: &mut WorkerStats,
+        frame: &mut F,
+        in_port: u16,
+        snapshot: &Snapshot,
+        now: Tick,
+        stats: &mut WorkerStats,
     ) -> Verdict {
-        Verdict::Drop(DropReason::NoRoute)
+        let verdict = self.process_inner(frame, in_port, snapshot, now, stats);
+        if let Verdict::Drop(reason) = verdict {
+            stats.drop(reason);
+        }
+        verdict
     }
-    pub fn owner<F: Frame>(&self, _frame: &F, _in_port: u16, _snapshot: &Snapshot) -> usize {
-        0
+
+    fn process_inner<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        in_port: u16,
+        snap: &Snapshot,
+        now: Tick,
+        stats: &mut WorkerStats,
+    ) -> Verdict {
+        if let Some(&(_, real)) = self.exception_of.iter().find(|(e, _)| *e == in_port) {
+            return Verdict::Transmit {
+                port: self.ports[real].id,
+            };
+        }
+        let Some(pidx) = self.port_index(in_port) else {
+            return Verdict::Drop(DropReason::NotForUs);
+        };
+        self.sync_snapshot(snap);
+        if stats.frontend_packets.len() < snap.frontend_count as usize {
+            stats
+                .frontend_packets
+                .resize(snap.frontend_count as usize, 0);
+        }
+        if self.workers > 1 {
+            let owner = self.owner(frame, in_port, snap);
+            if owner != self.worker_index {
+                return Verdict::Handoff { worker: owner };
+            }
+        }
+        let (l2, ethertype, dst_mac, src_mac) = match EthernetFrame::new_checked(frame.data()) {
+            Ok(e) => (e.header_len(), e.ethertype(), e.dst_addr(), e.src_addr()),
+            Err(_) => return Verdict::Drop(DropReason::Malformed),
+        };
+        if dst_mac.is_unicast() && dst_mac != self.ports[pidx].mac {
+            return Verdict::Drop(DropReason::NotForUs);
+        }
+        match ethertype {
+            ethernet::ETHERTYPE_ARP => return self.arp(frame, l2, pidx, snap, now),
+            ethernet::ETHERTYPE_IPV4 => {}
+            _ => return self.exception_or(pidx, DropReason::NotIpv4),
+        }
+        let mut ctx = Ctx {
+            in_port: pidx,
+            l2,
+            prev_mac: src_mac,
+            outer_src: None,
+        };
+        if let Err(reason) = check_ipv4(frame, l2) {
+            return Verdict::Drop(reason);
+        }
+        if let Some(vx) = &self.vxlan {
+            let (is_vxlan, outer_src) = {
+                let ip = Ipv4Packet::new_unchecked(&frame.data()[l2..]);
+                let is = ip.dst() == vx.local_vtep
+                    && ip.protocol() == ipv4::PROTO_UDP
+                    && !ip.is_fragment()
+                    && UdpPacket::new_checked(ip.payload())
+                        .is_ok_and(|u| u.dst_port() == vx.udp_port);
+                (is, ip.src())
+            };
+            if is_vxlan {
+                if let Err(reason) = self.decap(frame, l2) {
+                    return Verdict::Drop(reason);
+                }
+                let (l2, ethertype, src_mac) = match EthernetFrame::new_checked(frame.data()) {
+                    Ok(e) => (e.header_len(), e.ethertype(), e.src_addr()),
+                    Err(_) => return Verdict::Drop(DropReason::Malformed),
+                };
+                if ethertype != ethernet::ETHERTYPE_IPV4 {
+                    return Verdict::Drop(DropReason::NotIpv4);
+                }
+                if let Err(reason) = check_ipv4(frame, l2) {
+                    return Verdict::Drop(reason);
+                }
+                self.remember_vtep_mac(outer_src, src_mac);
+                ctx.l2 = l2;
+                ctx.prev_mac = src_mac;
+                ctx.outer_src = Some(outer_src);
+            }
+        }
+        self.ip_stage(frame, ctx, snap, now, stats)
     }
-    pub fn neighbor(&self, _port: u16, _addr: Ipv4Addr) -> Option<MacAddr> {
-        None
+
+    /// Strips outer Ethernet/IPv4/UDP/VXLAN (validated up to UDP by the caller).
+    fn decap<F: Frame>(&self, frame: &mut F, l2: usize) -> Result<(), DropReason> {
+        let Some(vx) = &self.vxlan else {
+            return Err(DropReason::Malformed);
+        };
+        let strip = {
+            let ip = Ipv4Packet::new_unchecked(&frame.data()[l2..]);
+            let ihl = ip.header_len();
+            let udp = UdpPacket::new_checked(ip.payload()).map_err(|_| DropReason::Malformed)?;
+            // `new_checked` refuses a header without the I flag as `Malformed`.
+            let v = VxlanPacket::new_checked(udp.payload()).map_err(|e| match e {
+                crate::wire::Error::Malformed => DropReason::VxlanBadFlags,
+                crate::wire::Error::Truncated => DropReason::Malformed,
+            })?;
+            if v.vni() != vx.vni {
+                return Err(DropReason::VxlanUnknownVni);
+            }
+            let inner_len = v.payload().len();
+            let strip = l2 + ihl + 8 + 8;
+            // Drop whatever follows the UDP datagram (padding) with the outer headers.
+            let keep_end = strip + inner_len;
+            (strip, keep_end)
+        };
+        let (strip, keep_end) = strip;
+        let extra = frame.len() - keep_end;
+        if !frame.trim(extra) || !frame.adj(strip) {
+            return Err(DropReason::Malformed);
+        }
+        Ok(())
     }
-    pub fn learn_neighbor(&mut self, _port: u16, _addr: Ipv4Addr, _mac: MacAddr, _now: Tick) {}
-    pub fn take_learned(&mut self) -> impl Iterator<Item = (u16, Ipv4Addr, MacAddr)> {
-        std::iter::empty()
+
+    fn remember_vtep_mac(&mut self, vtep: Ipv4Addr, mac: MacAddr) {
+        if let Some(slot) = self.vtep_macs.iter_mut().find(|(a, _)| *a == vtep) {
+            slot.1 = mac;
+            return;
+        }
+        self.vtep_macs[self.vtep_mac_next] = (vtep, mac);
+        self.vtep_mac_next = (self.vtep_mac_next + 1) % VTEP_MACS;
     }
-    pub fn housekeeping(&mut self, _now: Tick, _emit: &mut dyn FnMut(u16, &[u8])) {}
-    pub fn conntrack(&self) -> &crate::conntrack::Conntrack {
-        unimplemented!()
+
+    fn vtep_mac(&self, vtep: Ipv4Addr) -> MacAddr {
+        self.vtep_macs
+            .iter()
+            .find(|(a, _)| *a == vtep)
+            .map_or(MacAddr::BROADCAST, |(_, m)| *m)
+    }
+
+    fn exception_or(&self, pidx: usize, reason: DropReason) -> Verdict {
+        match self.ports[pidx].exception_port {
+            Some(port) => Verdict::ToException { port },
+            None => Verdict::Drop(reason),
+        }
+    }
+
+    // ----- ARP -------------------------------------------------------------------------
+
+    fn arp<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        l2: usize,
+        pidx: usize,
+        snap: &Snapshot,
+        now: Tick,
+    ) -> Verdict {
+        let (op, sha, spa, tpa) = match ArpPacket::new_checked(&frame.data()[l2..]) {
+            Ok(a) => (a.operation(), a.sender_hw(), a.sender_ip(), a.target_ip()),
+            Err(_) => return Verdict::Drop(DropReason::Malformed),
+        };
+        let port = &self.ports[pidx];
+        let port_id = port.id;
+        let answerable = port.owns(tpa)
+            || (port.role == PortRole::Uplink
+                && matches!(
+                    snap.service_addresses.get(&tpa),
+                    Some(FrontendKind::LoadBalancer | FrontendKind::ExternalIp)
+                ));
+        let learnable = is_unicast(spa) && sha.is_unicast() && port.on_link(spa) && spa != tpa;
+        if learnable {
+            let create = op == arp::OP_REPLY || (op == arp::OP_REQUEST && answerable);
+            if self.neighbors.learn(port_id, spa, sha, now, create)
+                && self.learned.len() < LEARNED_CAPACITY
+            {
+                self.learned.push((port_id, spa, sha));
+            }
+        } else if is_unicast(spa) && sha.is_unicast() && port.on_link(spa) {
+            // Gratuitous ARP: refresh an entry we already have.
+            if self.neighbors.learn(port_id, spa, sha, now, false)
+                && self.learned.len() < LEARNED_CAPACITY
+            {
+                self.learned.push((port_id, spa, sha));
+            }
+        }
+        let port = &self.ports[pidx];
+        if op == arp::OP_REQUEST && answerable && spa != tpa {
+            let mac = port.mac;
+            let data = frame.data_mut();
+            {
+                let mut e = EthernetFrame::new_unchecked(&mut data[..]);
+                e.set_dst_addr(sha);
+                e.set_src_addr(mac);
+            }
+            let mut a = ArpPacket::new_unchecked(&mut data[l2..]);
+            a.set_operation(arp::OP_REPLY);
+            a.set_target_hw(sha);
+            a.set_target_ip(spa);
+            a.set_sender_hw(mac);
+            a.set_sender_ip(tpa);
+            return Verdict::Transmit { port: port_id };
+        }
+        if op == arp::OP_REPLY {
+            return self.exception_or(pidx, DropReason::ArpIgnored);
+        }
+        Verdict::Drop(DropReason::ArpIgnored)
+    }
+
+    // ----- IPv4 ------------------------------------------------------------------------
+
+    fn ip_stage<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        ctx: Ctx,
+        snap: &Snapshot,
+        now: Tick,
+        stats: &mut WorkerStats,
+    ) -> Verdict {
+        let (src, dst, protocol, fragment, l4) = {
+            let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
+            let first = ip.frag_offset() == 0;
+            let l4 = match rewrite::parse_l4(ip.protocol(), first, ip.payload()) {
+                Ok(l4) => l4,
+                Err(_) => return Verdict::Drop(DropReason::Malformed),
+            };
+            (ip.src(), ip.dst(), ip.protocol(), ip.is_fragment(), l4)
+        };
+        if fragment
+            && (snap.service_addresses.contains_key(&dst)
+                || self.is_snat_addr(dst)
+                || snap.service_cidr.is_some_and(|c| c.contains(&dst)))
+        {
+            return Verdict::Drop(DropReason::Fragment);
+        }
+        if l4 == L4::IcmpError && !fragment {
+            if let Some(v) = self.icmp_error_tracked(frame, ctx, snap, now, stats) {
+                return v;
+            }
+        }
+        if let L4::Ports {
+            sport,
+            dport,
+            tcp_flags,
+        } = l4
+        {
+            let key = FlowKey::new(protocol, src, sport, dst, dport);
+            if let Some((id, dir)) = self.ct.lookup(&key, now) {
+                // `None`: UDP to a gone backend, handled as a new flow below.
+                if let Some(v) = self.established(frame, ctx, snap, now, stats, id, dir, tcp_flags)
+                {
+                    return v;
+                }
+            }
+            if let Some(p) = Protocol::from_ip_proto(protocol) {
+                if let Some(fe) = snap.match_frontend(dst, p, dport) {
+                    let fe = fe.clone();
+                    return self.new_flow(frame, ctx, snap, now, stats, &fe, key, tcp_flags);
+                }
+            }
+        }
+        if snap.service_addresses.contains_key(&dst) {
+            return match l4 {
+                L4::Ports { .. } => self.reject(
+                    frame,
+                    ctx,
+                    now,
+                    stats,
+                    (icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_PORT_UNREACHABLE),
+                    0,
+                    DropReason::NoService,
+                    Some(dst),
+                ),
+                L4::Echo { request: true, .. } if !fragment => self.answer_echo(frame, ctx, now),
+                _ => Verdict::Drop(DropReason::NoService),
+            };
+        }
+        if snap.service_cidr.is_some_and(|c| c.contains(&dst)) {
+            return Verdict::Drop(DropReason::NoService);
+        }
+        let local = self.is_owned(dst)
+            || dst.is_broadcast()
+            || dst.is_multicast()
+            || self.ports[ctx.in_port]
+                .addresses
+                .iter()
+                .any(|n| n.prefix_len() < 31 && n.broadcast() == dst);
+        if local {
+            if ctx.outer_src.is_none() {
+                if let Some(port) = self.ports[ctx.in_port].exception_port {
+                    return Verdict::ToException { port };
+                }
+            }
+            if let L4::Echo { request: true, .. } = l4 {
+                if !fragment && self.is_owned(dst) {
+                    return self.answer_echo(frame, ctx, now);
+                }
+            }
+            return Verdict::Drop(DropReason::NoException);
+        }
+        self.forward(frame, ctx, now, stats, Rewrite::default(), None)
+    }
+
+    /// A conntrack hit. `None`: the entry was removed because its UDP backend is gone and
+    /// the packet must be treated as a new flow.
+    #[allow(clippy::too_many_arguments)]
+    fn established<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        ctx: Ctx,
+        snap: &Snapshot,
+        now: Tick,
+        stats: &mut WorkerStats,
+        id: EntryId,
+        dir: Direction,
+        tcp_flags: Option<u8>,
+    ) -> Option<Verdict> {
+        let (nat, original, mut fid, generation) = {
+            let e = self.ct.entry(id);
+            (*e.nat(), *e.original(), e.frontend_id(), e.generation)
+        };
+        let protocol = Protocol::from_ip_proto(original.protocol);
+        let fe_ident = |fid: u32| self.snap.by_id.get(fid as usize).copied().flatten();
+        let matches_entry = |f: &FrontendIdent| {
+            Some(f.protocol) == protocol
+                && f.port == nat.frontend_port
+                && (f.node_port || f.addr == nat.frontend_addr)
+        };
+        if generation != snap.generation {
+            let fe =
+                protocol.and_then(|p| snap.match_frontend(nat.frontend_addr, p, nat.frontend_port));
+            let present = fe.and_then(|f| f.backends.state_of(nat.backend_addr, nat.backend_port));
+            match (fe, present) {
+                (Some(f), Some(_)) => {
+                    fid = f.id;
+                    self.ct.entry_mut(id).generation = snap.generation;
+                }
+                _ => {
+                    self.ct.remove(id);
+                    if original.protocol == ipv4::PROTO_UDP && dir == Direction::Original {
+                        return None;
+                    }
+                    return Some(Verdict::Drop(DropReason::BackendGone));
+                }
+            }
+        } else if !fe_ident(fid).is_some_and(|f| matches_entry(&f)) {
+            // The entry's frontend id is from an older snapshot (ids are per snapshot).
+            if let Some(f) =
+                protocol.and_then(|p| snap.match_frontend(nat.frontend_addr, p, nat.frontend_port))
+            {
+                fid = f.id;
+            }
+        }
+        let rw = match dir {
+            Direction::Original => Rewrite {
+                src: nat.snat,
+                dst: Some((nat.backend_addr, nat.backend_port)),
+            },
+            Direction::Reply => Rewrite {
+                src: Some((nat.frontend_addr, nat.frontend_port)),
+                dst: nat.snat.map(|_| (original.src, original.src_port)),
+            },
+        };
+        let len = frame.len().saturating_sub(ctx.l2) as u32;
+        // Packets the TCP state machine calls invalid are still forwarded (no window
+        // tracking here; the backend judges them).
+        self.ct.on_packet(id, dir, tcp_flags, len, now);
+        if let Some(c) = stats.frontend_packets.get_mut(fid as usize) {
+            *c += 1;
+        }
+        Some(self.forward(frame, ctx, now, stats, rw, None))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_flow<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        ctx: Ctx,
+        snap: &Snapshot,
+        now: Tick,
+        stats: &mut WorkerStats,
+        fe: &Arc<Frontend>,
+        key: FlowKey,
+        tcp_flags: Option<u8>,
+    ) -> Verdict {
+        if let Some(c) = stats.frontend_packets.get_mut(fe.id as usize) {
+            *c += 1;
+        }
+        if fe.kind == FrontendKind::LoadBalancer
+            && !fe.source_ranges.is_empty()
+            && !fe.source_ranges.iter().any(|r| r.contains(&key.src))
+        {
+            return Verdict::Drop(DropReason::SourceRange);
+        }
+        let set: &BackendSet = match (&fe.internal_policy, ctx.outer_src) {
+            (InternalPolicy::Local { by_node }, Some(vtep)) => {
+                match self.snap.vtep_nodes.get(&vtep) {
+                    Some(node) => match by_node.get(node) {
+                        Some(s) => s,
+                        None => return Verdict::Drop(DropReason::NoLocalEndpoint),
+                    },
+                    // The VTEP has no node name: treat the Service as Cluster.
+                    None => &fe.backends,
+                }
+            }
+            _ => &fe.backends,
+        };
+        if set.usable.is_empty() {
+            return self.reject(
+                frame,
+                ctx,
+                now,
+                stats,
+                (icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_PORT_UNREACHABLE),
+                0,
+                DropReason::NoEndpoints,
+                Some(key.dst),
+            );
+        }
+        let hash = rewrite::flow_hash(key.protocol, key.src, key.src_port, key.dst, key.dst_port);
+        let affine = fe.affinity_timeout_secs.and_then(|_| {
+            self.affinity
+                .get(fe.id, key.src, now)
+                .filter(|&(a, p)| is_usable(set, a, p))
+        });
+        let backend: (Ipv4Addr, u16) = match affine {
+            Some(b) => b,
+            None => match set.pick(hash) {
+                Some(Backend { addr, port, .. }) => (*addr, *port),
+                None => return Verdict::Drop(DropReason::NoEndpoints),
+            },
+        };
+        let Some(hop) = self.route(backend.0) else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        let mut snat = None;
+        if fe.masquerade || backend.0 == key.src {
+            snat = self.allocate_snat(hop.port, key.protocol, backend, hash, now);
+            if snat.is_none() {
+                return Verdict::Drop(DropReason::SnatExhausted);
+            }
+        }
+        let mut attempt = 0;
+        let id = loop {
+            let nat = Nat {
+                frontend_addr: key.dst,
+                frontend_port: key.dst_port,
+                backend_addr: backend.0,
+                backend_port: backend.1,
+                snat,
+            };
+            let (ra, rp) = snat.unwrap_or((key.src, key.src_port));
+            let reply = FlowKey::new(key.protocol, backend.0, backend.1, ra, rp);
+            match self.ct.insert(key, reply, nat, fe.id, snap.generation, now) {
+                Ok(id) => break id,
+                Err(InsertError::Full) => return Verdict::Drop(DropReason::CtFull),
+                Err(InsertError::Clash) => {
+                    attempt += 1;
+                    if attempt > 1 {
+                        return Verdict::Drop(DropReason::SnatExhausted);
+                    }
+                    let salt = hash ^ 0x636c_6173_6800_0000;
+                    snat = self.allocate_snat(hop.port, key.protocol, backend, salt, now);
+                    if snat.is_none() {
+                        return Verdict::Drop(DropReason::SnatExhausted);
+                    }
+                }
+            }
+        };
+        let len = frame.len().saturating_sub(ctx.l2) as u32;
+        if !self
+            .ct
+            .on_packet(id, Direction::Original, tcp_flags, len, now)
+        {
+            // Not a valid opener (e.g. a stray RST): forward it statelessly to the same
+            // backend, keep no entry.
+            self.ct.remove(id);
+        }
+        if let Some(t) = fe.affinity_timeout_secs {
+            self.affinity
+                .refresh(fe.id, key.src, backend, Tick::from(t) * 1000, now);
+        }
+        let rw = Rewrite {
+            src: snat,
+            dst: Some(backend),
+        };
+        self.forward(frame, ctx, now, stats, rw, Some(hop))
+    }
+
+    /// A SNAT (address, port) for a flow leaving through port `egress`: the egress port's
+    /// primary address when it is a SNAT address, else the first SNAT address.
+    fn allocate_snat(
+        &self,
+        egress: usize,
+        protocol: u8,
+        backend: (Ipv4Addr, u16),
+        hash: u64,
+        now: Tick,
+    ) -> Option<(Ipv4Addr, u16)> {
+        let primary = self.ports[egress].primary();
+        let (_, ports) = self
+            .snat
+            .iter()
+            .find(|(a, _)| Some(*a) == primary)
+            .or(self.snat.first())?;
+        ports.allocate(&self.ct, protocol, backend, hash, now)
+    }
+
+    /// An ICMP error quoting a tracked flow: translate the quoted packet and the outer
+    /// addresses as the flow's packets are translated, then forward. `None` when the quoted
+    /// packet belongs to no tracked flow.
+    fn icmp_error_tracked<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        ctx: Ctx,
+        snap: &Snapshot,
+        now: Tick,
+        stats: &mut WorkerStats,
+    ) -> Option<Verdict> {
+        let (key, ihl) = {
+            let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
+            let emb = ip.payload().get(icmp::HEADER_LEN..)?;
+            let (protocol, src, dst, sport, dport, _) = quoted_tuple(emb)?;
+            (
+                FlowKey::new(protocol, dst, dport, src, sport),
+                ip.header_len(),
+            )
+        };
+        let (id, dir) = self.ct.lookup(&key, now)?;
+        let (nat, original, fid) = {
+            let e = self.ct.entry(id);
+            (*e.nat(), *e.original(), e.frontend_id())
+        };
+        // The translated key K' of a packet with key `key` travelling in `dir`.
+        let (new_src, new_dst) = match dir {
+            Direction::Original => (
+                nat.snat.unwrap_or((key.src, key.src_port)),
+                (nat.backend_addr, nat.backend_port),
+            ),
+            Direction::Reply => (
+                (nat.frontend_addr, nat.frontend_port),
+                if nat.snat.is_some() {
+                    (original.src, original.src_port)
+                } else {
+                    (key.dst, key.dst_port)
+                },
+            ),
+        };
+        let data = &mut frame.data_mut()[ctx.l2..];
+        let total = {
+            let ip = Ipv4Packet::new_unchecked(&*data);
+            usize::from(ip.total_len())
+        };
+        {
+            let icmp_msg = &mut data[ihl..total];
+            let emb = &mut icmp_msg[icmp::HEADER_LEN..];
+            // The quoted packet travelled the other way: its source is K's destination.
+            translate_quoted(emb, new_dst, new_src);
+            let mut m = crate::wire::IcmpPacket::new_unchecked(icmp_msg);
+            m.fill_checksum();
+        }
+        let rw = {
+            let ip = Ipv4Packet::new_unchecked(&*data);
+            Rewrite {
+                src: (ip.src() == key.src).then_some((new_src.0, 0)),
+                dst: (ip.dst() == key.dst).then_some((new_dst.0, 0)),
+            }
+        };
+        // Addresses only: an ICMP error has no ports (`nat` leaves ICMP errors' bodies).
+        rewrite::nat(data, rw.src, rw.dst);
+        let _ = snap;
+        if let Some(c) = stats.frontend_packets.get_mut(fid as usize) {
+            *c += 1;
+        }
+        Some(self.forward(frame, ctx, now, stats, Rewrite::default(), None))
+    }
+
+    // ----- ICMP the gateway originates -------------------------------------------------
+
+    /// Counts `reason` and answers with an ICMP error (rate-limited) from `from` (default:
+    /// the in-port's address toward the sender).
+    #[allow(clippy::too_many_arguments)]
+    fn reject<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        ctx: Ctx,
+        now: Tick,
+        stats: &mut WorkerStats,
+        kind: (u8, u8),
+        mtu: u16,
+        reason: DropReason,
+        from: Option<Ipv4Addr>,
+    ) -> Verdict {
+        let (src, allowed) = {
+            let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
+            let quoting_error = ip.protocol() == ipv4::PROTO_ICMP
+                && ip.frag_offset() == 0
+                && crate::wire::IcmpPacket::new_checked(ip.payload()).is_ok_and(|m| {
+                    !matches!(
+                        m.msg_type(),
+                        icmp::TYPE_ECHO_REQUEST | icmp::TYPE_ECHO_REPLY
+                    )
+                });
+            (
+                ip.src(),
+                is_unicast(ip.src()) && ip.frag_offset() == 0 && !quoting_error,
+            )
+        };
+        if !allowed {
+            return Verdict::Drop(reason);
+        }
+        stats.drop(reason);
+        if !self.icmp_bucket.take(now) {
+            return Verdict::Drop(DropReason::IcmpRateLimited);
+        }
+        let from = from.unwrap_or_else(|| self.ports[ctx.in_port].source_for(src));
+        if !rewrite::build_icmp_error(frame, ctx.l2, from, kind, mtu) {
+            return Verdict::Drop(DropReason::NoMbuf);
+        }
+        self.output_local(frame, ctx, now, src)
+    }
+
+    fn answer_echo<F: Frame>(&mut self, frame: &mut F, ctx: Ctx, now: Tick) -> Verdict {
+        let src = {
+            let data = &mut frame.data_mut()[ctx.l2..];
+            let src = Ipv4Packet::new_unchecked(&*data).src();
+            rewrite::echo_reply(data);
+            src
+        };
+        if !is_unicast(src) {
+            return Verdict::Drop(DropReason::NoException);
+        }
+        self.output_local(frame, ctx, now, src)
+    }
+
+    /// Sends a packet the gateway built in place (ICMP) toward `dst`: back to the previous
+    /// hop's MAC when the route leaves through the in-port, else routed normally.
+    fn output_local<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        ctx: Ctx,
+        now: Tick,
+        dst: Ipv4Addr,
+    ) -> Verdict {
+        let Some(hop) = self.route(dst) else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        if hop.vtep.is_none() && hop.port == ctx.in_port && ctx.outer_src.is_none() {
+            let port = &self.ports[hop.port];
+            let mut e = EthernetFrame::new_unchecked(frame.data_mut());
+            e.set_dst_addr(ctx.prev_mac);
+            e.set_src_addr(port.mac);
+            return Verdict::Transmit { port: port.id };
+        }
+        self.egress(frame, ctx, now, hop)
+    }
+
+    // ----- Routing and egress ----------------------------------------------------------
+
+    fn route(&self, dst: Ipv4Addr) -> Option<Hop> {
+        let host = Ipv4Net::from(dst);
+        if self.vxlan.is_some() {
+            if let Some((_, &vtep)) = self.snap.pod_routes.get_lpm(&host) {
+                let outer = self.routes.get_lpm(&Ipv4Net::from(vtep))?.1;
+                return Some(Hop {
+                    port: outer.port,
+                    next_hop: outer.via.unwrap_or(vtep),
+                    vtep: Some(vtep),
+                });
+            }
+        }
+        let (_, r) = self.routes.get_lpm(&host)?;
+        Some(Hop {
+            port: r.port,
+            next_hop: r.via.unwrap_or(dst),
+            vtep: None,
+        })
+    }
+
+    /// Route (unless `hop` is given), TTL, MTU, translate, decrement TTL, encapsulate, L2.
+    fn forward<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        ctx: Ctx,
+        now: Tick,
+        stats: &mut WorkerStats,
+        rw: Rewrite,
+        hop: Option<Hop>,
+    ) -> Verdict {
+        let (dst, ttl, ip_len, df) = {
+            let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
+            (
+                ip.dst(),
+                ip.ttl(),
+                usize::from(ip.total_len()),
+                ip.dont_frag(),
+            )
+        };
+        let final_dst = rw.dst.map_or(dst, |(a, _)| a);
+        let Some(hop) = hop.or_else(|| self.route(final_dst)) else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        if ttl <= 1 {
+            return self.reject(
+                frame,
+                ctx,
+                now,
+                stats,
+                (icmp::TYPE_TIME_EXCEEDED, icmp::CODE_TTL_EXCEEDED),
+                0,
+                DropReason::TtlExceeded,
+                None,
+            );
+        }
+        let overhead = if hop.vtep.is_some() {
+            VXLAN_OVERHEAD
+        } else {
+            0
+        };
+        let mtu = usize::from(self.ports[hop.port].mtu);
+        if ip_len + overhead > mtu {
+            if df {
+                let next_mtu = mtu.saturating_sub(overhead) as u16;
+                return self.reject(
+                    frame,
+                    ctx,
+                    now,
+                    stats,
+                    (icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_FRAG_NEEDED),
+                    next_mtu,
+                    DropReason::MtuExceeded,
+                    None,
+                );
+            }
+            return Verdict::Drop(DropReason::MtuExceeded);
+        }
+        {
+            let ip = &mut frame.data_mut()[ctx.l2..];
+            if rw.src.is_some() || rw.dst.is_some() {
+                rewrite::nat(ip, rw.src, rw.dst);
+            }
+            rewrite::decrement_ttl(ip);
+        }
+        self.egress(frame, ctx, now, hop)
+    }
+
+    /// Encapsulates when the hop says so, then sets MACs.
+    fn egress<F: Frame>(&mut self, frame: &mut F, ctx: Ctx, now: Tick, hop: Hop) -> Verdict {
+        let port_mac = self.ports[hop.port].mac;
+        if let (Some(vtep), Some(vx)) = (hop.vtep, &self.vxlan) {
+            let entropy = {
+                let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
+                let (sport, dport) =
+                    match rewrite::parse_l4(ip.protocol(), ip.frag_offset() == 0, ip.payload()) {
+                        Ok(L4::Ports { sport, dport, .. }) => (sport, dport),
+                        Ok(L4::Echo { ident, .. }) => (ident, ident),
+                        _ => (0, 0),
+                    };
+                rewrite::flow_hash(ip.protocol(), ip.src(), sport, ip.dst(), dport)
+            };
+            {
+                let mut inner = EthernetFrame::new_unchecked(frame.data_mut());
+                inner.set_dst_addr(self.vtep_mac(vtep));
+                inner.set_src_addr(port_mac);
+            }
+            let e = Encap {
+                src_mac: port_mac,
+                local_vtep: vx.local_vtep,
+                remote_vtep: vtep,
+                udp_port: vx.udp_port,
+                vni: vx.vni,
+                entropy,
+            };
+            if !rewrite::vxlan_encap(frame, ctx.l2, &e) {
+                return Verdict::Drop(DropReason::NoMbuf);
+            }
+        }
+        let port_id = self.ports[hop.port].id;
+        let mac = self.neighbors.resolve(port_id, hop.next_hop, now);
+        let mut e = EthernetFrame::new_unchecked(frame.data_mut());
+        e.set_src_addr(port_mac);
+        match mac {
+            Some(mac) => {
+                e.set_dst_addr(mac);
+                Verdict::Transmit { port: port_id }
+            }
+            None => Verdict::HoldForNeighbor {
+                port: port_id,
+                next_hop: hop.next_hop,
+            },
+        }
+    }
+
+    // ----- Ownership -------------------------------------------------------------------
+
+    /// Which worker owns this frame's flow (see the module docs). Cheap: parses headers
+    /// only, touches no table but the snapshot's address sets.
+    pub fn owner<F: Frame>(&self, frame: &F, in_port: u16, snapshot: &Snapshot) -> usize {
+        let _ = in_port;
+        if self.workers <= 1 {
+            return 0;
+        }
+        let Some((_, _src, sport, dst, dport, src)) = self.flow_of(frame.data()) else {
+            return 0;
+        };
+        if self.is_snat_addr(dst) {
+            return SnatPorts::owner_of(dport, self.workers);
+        }
+        if snapshot.service_addresses.contains_key(&dst)
+            || snapshot.node_port_addresses.contains(&dst)
+        {
+            return hash_ip_port(src, sport, self.workers);
+        }
+        hash_ip_port(dst, dport, self.workers)
+    }
+
+    /// (protocol, src, sport, dst, dport, src) of the flow a frame belongs to, looking into
+    /// VXLAN and into the packet an ICMP error quotes (reversed).
+    #[allow(clippy::type_complexity)]
+    fn flow_of(&self, data: &[u8]) -> Option<(u8, Ipv4Addr, u16, Ipv4Addr, u16, Ipv4Addr)> {
+        let eth = EthernetFrame::new_checked(data).ok()?;
+        if eth.ethertype() != ethernet::ETHERTYPE_IPV4 {
+            return None;
+        }
+        let mut ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+        if let Some(vx) = &self.vxlan {
+            if ip.dst() == vx.local_vtep && ip.protocol() == ipv4::PROTO_UDP && !ip.is_fragment() {
+                let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+                if udp.dst_port() == vx.udp_port {
+                    let v = VxlanPacket::new_checked(udp.payload()).ok()?;
+                    let inner = EthernetFrame::new_checked(v.payload()).ok()?;
+                    if inner.ethertype() != ethernet::ETHERTYPE_IPV4 {
+                        return None;
+                    }
+                    // Re-borrow the inner packet from the original slice.
+                    let off = inner.payload().as_ptr() as usize - data.as_ptr() as usize;
+                    ip = Ipv4Packet::new_checked(&data[off..]).ok()?;
+                }
+            }
+        }
+        let (src, dst, protocol) = (ip.src(), ip.dst(), ip.protocol());
+        match rewrite::parse_l4(protocol, ip.frag_offset() == 0, ip.payload()).ok()? {
+            L4::Ports { sport, dport, .. } => Some((protocol, src, sport, dst, dport, src)),
+            L4::Echo { ident, .. } => Some((protocol, src, ident, dst, ident, src)),
+            L4::IcmpError => {
+                let emb = ip.payload().get(icmp::HEADER_LEN..)?;
+                let (p, es, ed, esp, edp, _) = quoted_tuple(emb)?;
+                Some((p, ed, edp, es, esp, ed))
+            }
+            L4::Other => None,
+        }
     }
 }
-pub fn flow_hash(_k: &crate::conntrack::FlowKey) -> u64 { 0 }
+
+/// Validates the IPv4 header at `l2` (length, version, IHL, checksum) and trims Ethernet
+/// padding after `total_len`.
+fn check_ipv4<F: Frame>(frame: &mut F, l2: usize) -> Result<(), DropReason> {
+    let total = {
+        let ip = Ipv4Packet::new_checked(&frame.data()[l2..]).map_err(|_| DropReason::Malformed)?;
+        if !ip.verify_checksum() {
+            return Err(DropReason::BadChecksum);
+        }
+        usize::from(ip.total_len())
+    };
+    let extra = frame.len() - (l2 + total);
+    if extra > 0 && !frame.trim(extra) {
+        return Err(DropReason::Malformed);
+    }
+    Ok(())
+}
+
+/// The tuple of a packet quoted by an ICMP error: (protocol, src, dst, sport, dport, ihl).
+/// ICMP echo quotes use the identifier as both ports.
+fn quoted_tuple(emb: &[u8]) -> Option<(u8, Ipv4Addr, Ipv4Addr, u16, u16, usize)> {
+    if emb.len() < ipv4::HEADER_LEN {
+        return None;
+    }
+    let ip = Ipv4Packet::new_unchecked(emb);
+    let ihl = ip.header_len();
+    if ip.version() != 4 || ihl < ipv4::HEADER_LEN || emb.len() < ihl + 8 {
+        return None;
+    }
+    let l4 = &emb[ihl..];
+    let (sport, dport) = match ip.protocol() {
+        ipv4::PROTO_TCP | ipv4::PROTO_UDP | ipv4::PROTO_SCTP => (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        ),
+        ipv4::PROTO_ICMP if matches!(l4[0], icmp::TYPE_ECHO_REQUEST | icmp::TYPE_ECHO_REPLY) => {
+            let ident = u16::from_be_bytes([l4[4], l4[5]]);
+            (ident, ident)
+        }
+        _ => return None,
+    };
+    Some((ip.protocol(), ip.src(), ip.dst(), sport, dport, ihl))
+}
+
+/// Rewrites a quoted packet (validated by `quoted_tuple`) to `src` → `dst`: addresses with
+/// the quoted IPv4 checksum patched, ports, and the quoted UDP/TCP checksum when it is
+/// within the quote.
+fn translate_quoted(emb: &mut [u8], src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) {
+    let mut ip = Ipv4Packet::new_unchecked(&mut *emb);
+    let ihl = ip.header_len();
+    let protocol = ip.protocol();
+    let (os, od) = (u32::from(ip.src()), u32::from(ip.dst()));
+    let (ns, nd) = (u32::from(src.0), u32::from(dst.0));
+    ip.set_src(src.0);
+    ip.set_dst(dst.0);
+    let c = checksum::update_u32(ip.checksum(), os, ns);
+    let c = checksum::update_u32(c, od, nd);
+    ip.set_checksum(c);
+    let l4 = &mut emb[ihl..];
+    let rd = |b: &[u8], at: usize| u16::from_be_bytes([b[at], b[at + 1]]);
+    match protocol {
+        ipv4::PROTO_TCP | ipv4::PROTO_UDP | ipv4::PROTO_SCTP => {
+            let (osp, odp) = (rd(l4, 0), rd(l4, 2));
+            l4[0..2].copy_from_slice(&src.1.to_be_bytes());
+            l4[2..4].copy_from_slice(&dst.1.to_be_bytes());
+            let at = match protocol {
+                ipv4::PROTO_UDP => Some(6),
+                ipv4::PROTO_TCP if l4.len() >= 18 => Some(16),
+                _ => None,
+            };
+            if let Some(at) = at {
+                let old = rd(l4, at);
+                let udp = protocol == ipv4::PROTO_UDP;
+                if !(udp && old == 0) {
+                    let mut c = checksum::update_u32(old, os, ns);
+                    c = checksum::update_u32(c, od, nd);
+                    c = checksum::update_u16(c, osp, src.1);
+                    c = checksum::update_u16(c, odp, dst.1);
+                    if udp {
+                        c = checksum::udp_nonzero(c);
+                    }
+                    l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+                }
+            }
+        }
+        ipv4::PROTO_ICMP => {
+            // Echo: the identifier of the quoted request/reply is its source "port".
+            let ident = if l4[0] == icmp::TYPE_ECHO_REQUEST {
+                src.1
+            } else {
+                dst.1
+            };
+            let old = rd(l4, 4);
+            let c = checksum::update_u16(rd(l4, 2), old, ident);
+            l4[4..6].copy_from_slice(&ident.to_be_bytes());
+            l4[2..4].copy_from_slice(&c.to_be_bytes());
+        }
+        _ => {}
+    }
+}

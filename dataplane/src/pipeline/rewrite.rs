@@ -1,0 +1,316 @@
+//! In-place header surgery: L4 tuple extraction, NAT rewrites with incremental checksums,
+//! ICMP errors and echo replies built over the received frame, VXLAN encapsulation.
+//! Every function takes byte slices already validated by the caller's `new_checked` views.
+
+use std::net::Ipv4Addr;
+
+use crate::maglev::fmix64;
+use crate::wire::checksum;
+use crate::wire::ethernet::{self, EthernetFrame, MacAddr};
+use crate::wire::icmp::{self, IcmpPacket};
+use crate::wire::ipv4::{self, Ipv4Packet};
+use crate::wire::{SctpPacket, TcpPacket, UdpPacket, VxlanPacket};
+
+/// Bytes VXLAN adds in front of the inner Ethernet frame: outer Ethernet, IPv4, UDP, VXLAN.
+pub const VXLAN_OVERHEAD: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + 8 + 8;
+
+/// What the pipeline needs from the transport header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    /// TCP, UDP or SCTP ports (and TCP flags).
+    Ports {
+        sport: u16,
+        dport: u16,
+        tcp_flags: Option<u8>,
+    },
+    /// ICMP echo request (`request`) or reply: the identifier serves as both ports.
+    Echo { ident: u16, request: bool },
+    /// ICMP dest-unreachable or time-exceeded (embeds an original packet).
+    IcmpError,
+    /// Anything else, or a non-first fragment: no transport header to look at.
+    Other,
+}
+
+/// Parses the transport header of an IPv4 packet's payload. An error when a TCP, UDP,
+/// SCTP or ICMP header is truncated in a first (or unfragmented) packet.
+pub fn parse_l4(protocol: u8, first_fragment: bool, payload: &[u8]) -> crate::wire::Result<L4> {
+    if !first_fragment {
+        return Ok(L4::Other);
+    }
+    Ok(match protocol {
+        ipv4::PROTO_TCP => {
+            let t = TcpPacket::new_checked(payload)?;
+            L4::Ports {
+                sport: t.src_port(),
+                dport: t.dst_port(),
+                tcp_flags: Some(t.flags().bits() as u8),
+            }
+        }
+        ipv4::PROTO_UDP => {
+            let u = UdpPacket::new_checked(payload)?;
+            L4::Ports {
+                sport: u.src_port(),
+                dport: u.dst_port(),
+                tcp_flags: None,
+            }
+        }
+        ipv4::PROTO_SCTP => {
+            let s = SctpPacket::new_checked(payload)?;
+            L4::Ports {
+                sport: s.src_port(),
+                dport: s.dst_port(),
+                tcp_flags: None,
+            }
+        }
+        ipv4::PROTO_ICMP => {
+            let m = IcmpPacket::new_checked(payload)?;
+            match m.msg_type() {
+                icmp::TYPE_ECHO_REQUEST | icmp::TYPE_ECHO_REPLY => L4::Echo {
+                    ident: m.echo_ident(),
+                    request: m.msg_type() == icmp::TYPE_ECHO_REQUEST,
+                },
+                _ if m.is_error() => L4::IcmpError,
+                _ => L4::Other,
+            }
+        }
+        _ => L4::Other,
+    })
+}
+
+/// The flow hash Maglev and the VXLAN entropy port use: two rounds of `fmix64` over the
+/// 5-tuple with a fixed salt, so every gateway computes the same value for the same flow.
+#[inline]
+pub fn flow_hash(protocol: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> u64 {
+    let addrs = (u64::from(u32::from(src)) << 32) | u64::from(u32::from(dst));
+    let rest = (u64::from(sport) << 32) | (u64::from(dport) << 16) | u64::from(protocol);
+    fmix64(addrs ^ fmix64(rest ^ 0x7365_7276_6761_7465))
+}
+
+/// Rewrites the source and/or destination address:port of the IPv4 packet in `ip` (which
+/// starts at the IPv4 header and was validated), patching the IPv4 checksum and the L4
+/// checksum incrementally (TCP, UDP honouring "no checksum"); SCTP's CRC32c is recomputed.
+/// ICMP echo: the "port" is the identifier. Other protocols: addresses only.
+pub fn nat(ip: &mut [u8], src: Option<(Ipv4Addr, u16)>, dst: Option<(Ipv4Addr, u16)>) {
+    let mut p = Ipv4Packet::new_unchecked(&mut *ip);
+    let protocol = p.protocol();
+    let (old_src, old_dst) = (u32::from(p.src()), u32::from(p.dst()));
+    let mut ip_sum = p.checksum();
+    let (mut new_src, mut new_dst) = (old_src, old_dst);
+    if let Some((a, _)) = src {
+        new_src = u32::from(a);
+        p.set_src(a);
+        ip_sum = checksum::update_u32(ip_sum, old_src, new_src);
+    }
+    if let Some((a, _)) = dst {
+        new_dst = u32::from(a);
+        p.set_dst(a);
+        ip_sum = checksum::update_u32(ip_sum, old_dst, new_dst);
+    }
+    p.set_checksum(ip_sum);
+    if p.is_fragment() && p.frag_offset() != 0 {
+        return;
+    }
+    let seg = p.payload_mut();
+    match protocol {
+        ipv4::PROTO_TCP => {
+            let Ok(mut t) = TcpPacket::new_checked(seg) else {
+                return;
+            };
+            let mut c = t.checksum();
+            c = checksum::update_u32(c, old_src, new_src);
+            c = checksum::update_u32(c, old_dst, new_dst);
+            if let Some((_, port)) = src {
+                c = checksum::update_u16(c, t.src_port(), port);
+                t.set_src_port(port);
+            }
+            if let Some((_, port)) = dst {
+                c = checksum::update_u16(c, t.dst_port(), port);
+                t.set_dst_port(port);
+            }
+            t.set_checksum(c);
+        }
+        ipv4::PROTO_UDP => {
+            let Ok(mut u) = UdpPacket::new_checked(seg) else {
+                return;
+            };
+            let mut c = u.checksum();
+            c = checksum::update_udp_u32(c, old_src, new_src);
+            c = checksum::update_udp_u32(c, old_dst, new_dst);
+            if let Some((_, port)) = src {
+                c = checksum::update_udp_u16(c, u.src_port(), port);
+                u.set_src_port(port);
+            }
+            if let Some((_, port)) = dst {
+                c = checksum::update_udp_u16(c, u.dst_port(), port);
+                u.set_dst_port(port);
+            }
+            u.set_checksum(c);
+        }
+        ipv4::PROTO_SCTP => {
+            let Ok(mut s) = SctpPacket::new_checked(seg) else {
+                return;
+            };
+            if let Some((_, port)) = src {
+                s.set_src_port(port);
+            }
+            if let Some((_, port)) = dst {
+                s.set_dst_port(port);
+            }
+            if src.is_some() || dst.is_some() {
+                s.fill_checksum();
+            }
+        }
+        ipv4::PROTO_ICMP => {
+            let Ok(mut m) = IcmpPacket::new_checked(seg) else {
+                return;
+            };
+            if matches!(
+                m.msg_type(),
+                icmp::TYPE_ECHO_REQUEST | icmp::TYPE_ECHO_REPLY
+            ) {
+                let new_ident = match (src, dst, m.msg_type()) {
+                    (Some((_, port)), _, icmp::TYPE_ECHO_REQUEST) => Some(port),
+                    (_, Some((_, port)), icmp::TYPE_ECHO_REPLY) => Some(port),
+                    _ => None,
+                };
+                if let Some(ident) = new_ident {
+                    let c = checksum::update_u16(m.checksum(), m.echo_ident(), ident);
+                    m.set_echo_ident(ident);
+                    m.set_checksum(c);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Decrements the TTL with an incremental header checksum update. The caller checked
+/// `ttl > 1`.
+pub fn decrement_ttl(ip: &mut [u8]) {
+    let mut p = Ipv4Packet::new_unchecked(ip);
+    let (ttl, proto) = (p.ttl(), p.protocol());
+    let old = u16::from_be_bytes([ttl, proto]);
+    let new = u16::from_be_bytes([ttl - 1, proto]);
+    p.set_ttl(ttl - 1);
+    let c = checksum::update_u16(p.checksum(), old, new);
+    p.set_checksum(c);
+}
+
+/// Turns the frame (Ethernet header of `l2` bytes, then the IPv4 packet that caused the
+/// error) into an ICMP error from `src` to the offender's source quoting its IP header and
+/// 8 bytes of payload (RFC 792 / 1812). The Ethernet header (and tag) stays; MACs are
+/// the caller's. Returns false when the frame cannot be resized.
+pub fn build_icmp_error(
+    frame: &mut impl crate::frame::Frame,
+    l2: usize,
+    src: Ipv4Addr,
+    (msg_type, code): (u8, u8),
+    mtu: u16,
+) -> bool {
+    let (dst, quoted) = {
+        let p = Ipv4Packet::new_unchecked(&frame.data()[l2..]);
+        let quoted = (p.header_len() + 8).min(usize::from(p.total_len()));
+        (p.src(), quoted)
+    };
+    const NEW: usize = ipv4::HEADER_LEN + icmp::HEADER_LEN;
+    let need = l2 + NEW + quoted;
+    if frame.len() < need && !frame.resize(need) {
+        return false;
+    }
+    let data = frame.data_mut();
+    data.copy_within(l2..l2 + quoted, l2 + NEW);
+    {
+        let mut e = EthernetFrame::new_unchecked(&mut data[..]);
+        e.set_ethertype(ethernet::ETHERTYPE_IPV4);
+    }
+    let mut p = Ipv4Packet::new_unchecked(&mut data[l2..need]);
+    p.set_version(4);
+    p.set_header_len(ipv4::HEADER_LEN);
+    p.set_dscp_ecn(0);
+    p.set_total_len((NEW + quoted) as u16);
+    p.set_ident(0);
+    p.clear_flags();
+    p.set_ttl(64);
+    p.set_protocol(ipv4::PROTO_ICMP);
+    p.set_src(src);
+    p.set_dst(dst);
+    p.fill_checksum();
+    let mut m = IcmpPacket::new_unchecked(p.payload_mut());
+    m.set_msg_type(msg_type);
+    m.set_msg_code(code);
+    m.clear_rest_of_header();
+    m.set_next_hop_mtu(mtu);
+    m.fill_checksum();
+    frame.resize(need)
+}
+
+/// Turns an ICMP echo request (validated) into the reply in place: addresses swapped,
+/// type 0, TTL 64, checksums patched.
+pub fn echo_reply(ip: &mut [u8]) {
+    let mut p = Ipv4Packet::new_unchecked(&mut *ip);
+    let (src, dst) = (p.src(), p.dst());
+    p.set_src(dst);
+    p.set_dst(src);
+    p.set_ttl(64);
+    p.fill_checksum();
+    let mut m = IcmpPacket::new_unchecked(p.payload_mut());
+    let old = u16::from_be_bytes([m.msg_type(), m.msg_code()]);
+    let new = u16::from_be_bytes([icmp::TYPE_ECHO_REPLY, m.msg_code()]);
+    m.set_msg_type(icmp::TYPE_ECHO_REPLY);
+    let c = checksum::update_u16(m.checksum(), old, new);
+    m.set_checksum(c);
+}
+
+/// Outer header fields of a VXLAN encapsulation.
+pub struct Encap {
+    pub src_mac: MacAddr,
+    pub local_vtep: Ipv4Addr,
+    pub remote_vtep: Ipv4Addr,
+    pub udp_port: u16,
+    pub vni: u32,
+    /// Inner flow hash: the outer UDP source port is 49152 + hash % 16384.
+    pub entropy: u64,
+}
+
+/// Prepends outer Ethernet + IPv4 + UDP + VXLAN in front of the frame (whose Ethernet
+/// header becomes the inner one). The outer destination MAC is left zero (set by the L2
+/// stage). DF is copied from the inner IPv4 header at `inner_ip`; DSCP/ECN too. Outer UDP
+/// checksum 0 (RFC 7348), ident 0, TTL 64. Returns false without headroom.
+pub fn vxlan_encap(frame: &mut impl crate::frame::Frame, inner_ip: usize, e: &Encap) -> bool {
+    let (df, tos) = {
+        let p = Ipv4Packet::new_unchecked(&frame.data()[inner_ip..]);
+        (p.dont_frag(), p.dscp_ecn())
+    };
+    let inner_len = frame.len();
+    if !frame.prepend(VXLAN_OVERHEAD) {
+        return false;
+    }
+    let data = frame.data_mut();
+    let mut eth = EthernetFrame::new_unchecked(&mut data[..ethernet::HEADER_LEN]);
+    eth.set_dst_addr(MacAddr::ZERO);
+    eth.set_src_addr(e.src_mac);
+    eth.set_ethertype(ethernet::ETHERTYPE_IPV4);
+    let ip_len = VXLAN_OVERHEAD - ethernet::HEADER_LEN + inner_len;
+    let mut p = Ipv4Packet::new_unchecked(&mut data[ethernet::HEADER_LEN..]);
+    p.set_version(4);
+    p.set_header_len(ipv4::HEADER_LEN);
+    p.set_dscp_ecn(tos);
+    p.set_total_len(ip_len as u16);
+    p.set_ident(0);
+    p.clear_flags();
+    p.set_dont_frag(df);
+    p.set_ttl(64);
+    p.set_protocol(ipv4::PROTO_UDP);
+    p.set_src(e.local_vtep);
+    p.set_dst(e.remote_vtep);
+    p.fill_checksum();
+    let udp_at = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
+    let mut u = UdpPacket::new_unchecked(&mut data[udp_at..udp_at + 8]);
+    u.set_src_port(49152 + (e.entropy % 16384) as u16);
+    u.set_dst_port(e.udp_port);
+    u.set_len((ip_len - ipv4::HEADER_LEN) as u16);
+    u.set_checksum(0);
+    let mut v = VxlanPacket::new_unchecked(&mut data[udp_at + 8..udp_at + 16]);
+    v.init(e.vni);
+    true
+}
