@@ -68,7 +68,11 @@ fn print_snapshot(snapshot: &Snapshot) {
             frontend.kind.as_str(),
             address,
             frontend.protocol,
-            if backends.is_empty() { "(no endpoints)".to_string() } else { backends.join(", ") }
+            if backends.is_empty() {
+                "(no endpoints)".to_string()
+            } else {
+                backends.join(", ")
+            }
         );
     }
 }
@@ -96,6 +100,7 @@ fn pod_routes(config: &Config) -> Vec<PodCidrRoute> {
             vtep: p.vtep,
             vni: vxlan.vni,
             node: p.node.as_deref().map(Arc::from),
+            vtep_mac: p.vtep_mac.as_deref().and_then(parse_mac).map(MacAddr),
         })
         .collect()
 }
@@ -105,11 +110,19 @@ enum Devices<'a> {
     /// The config's own devices.
     Configured,
     /// `replay`: every port (and exception port) becomes a net_pcap port.
-    Pcap { inputs: &'a [(usize, PathBuf)], out_dir: &'a Path, empty: &'a Path },
+    Pcap {
+        inputs: &'a [(usize, PathBuf)],
+        out_dir: &'a Path,
+        empty: &'a Path,
+    },
 }
 
 /// The EAL arguments and runtime layout for `config`.
-fn runtime_spec(config: &Config, devices: Devices<'_>, file_prefix: &str) -> anyhow::Result<RuntimeSpec> {
+fn runtime_spec(
+    config: &Config,
+    devices: Devices<'_>,
+    file_prefix: &str,
+) -> anyhow::Result<RuntimeSpec> {
     let workers = config.cores.workers.len();
     let mut eal_args = Vec::new();
     let mut lcores = vec![format!("0@{}", config.cores.control)];
@@ -126,12 +139,25 @@ fn runtime_spec(config: &Config, devices: Devices<'_>, file_prefix: &str) -> any
             eal_args.extend(config.eal.args.iter().cloned());
         }
         Devices::Pcap { .. } => {
-            eal_args.extend(["--no-huge", "-m", "1024", "--no-pci", "--log-level=*:warning"].map(String::from));
+            eal_args.extend(
+                [
+                    "--no-huge",
+                    "-m",
+                    "1024",
+                    "--no-pci",
+                    "--log-level=*:warning",
+                ]
+                .map(String::from),
+            );
         }
     }
     let mut ports = Vec::new();
     let mut worker_specs = vec![WorkerSpec::default(); workers];
-    let mut add_port = |name: String, device: String, queues: u16, port: &crate::config::PortConfig, eal_args: &mut Vec<String>| {
+    let mut add_port = |name: String,
+                        device: String,
+                        queues: u16,
+                        port: &crate::config::PortConfig,
+                        eal_args: &mut Vec<String>| {
         let device_name = device.split(',').next().unwrap_or_default().to_string();
         if looks_like_pci(&device_name) {
             eal_args.push("-a".into());
@@ -141,7 +167,9 @@ fn runtime_spec(config: &Config, devices: Devices<'_>, file_prefix: &str) -> any
         }
         let index = ports.len();
         for queue in 0..queues {
-            worker_specs[usize::from(queue) % workers].rx.push((index, queue));
+            worker_specs[usize::from(queue) % workers]
+                .rx
+                .push((index, queue));
         }
         ports.push(PortSpec {
             device_name,
@@ -160,12 +188,28 @@ fn runtime_spec(config: &Config, devices: Devices<'_>, file_prefix: &str) -> any
     for (i, port) in config.ports.iter().enumerate() {
         let device = match &devices {
             Devices::Configured => port.device.clone(),
-            Devices::Pcap { inputs, out_dir, empty } => {
-                let rx = inputs.iter().find(|(p, _)| *p == i).map(|(_, f)| f.as_path()).unwrap_or(empty);
-                format!("net_pcap{i},rx_pcap={},tx_pcap={}", rx.display(), out_dir.join(format!("{}.pcap", port.name)).display())
+            Devices::Pcap {
+                inputs,
+                out_dir,
+                empty,
+            } => {
+                let rx = inputs
+                    .iter()
+                    .find(|(p, _)| *p == i)
+                    .map(|(_, f)| f.as_path())
+                    .unwrap_or(empty);
+                format!(
+                    "net_pcap{i},rx_pcap={},tx_pcap={}",
+                    rx.display(),
+                    out_dir.join(format!("{}.pcap", port.name)).display()
+                )
             }
         };
-        let queues = if matches!(devices, Devices::Pcap { .. }) { 1 } else { port.queues };
+        let queues = if matches!(devices, Devices::Pcap { .. }) {
+            1
+        } else {
+            port.queues
+        };
         add_port(port.name.clone(), device, queues, port, &mut eal_args);
     }
     for (i, port) in config.ports.iter().enumerate() {
@@ -176,10 +220,18 @@ fn runtime_spec(config: &Config, devices: Devices<'_>, file_prefix: &str) -> any
                     "net_pcap{},rx_pcap={},tx_pcap={}",
                     config.ports.len() + i,
                     empty.display(),
-                    out_dir.join(format!("{}-exception.pcap", port.name)).display()
+                    out_dir
+                        .join(format!("{}-exception.pcap", port.name))
+                        .display()
                 ),
             };
-            add_port(format!("{}-exception", port.name), device, 1, port, &mut eal_args);
+            add_port(
+                format!("{}-exception", port.name),
+                device,
+                1,
+                port,
+                &mut eal_args,
+            );
         }
     }
     Ok(RuntimeSpec {
@@ -197,7 +249,11 @@ fn looks_like_pci(name: &str) -> bool {
 }
 
 /// The pipeline config of worker `index`: DPDK port ids are only known once EAL probed.
-fn pipeline_config(config: &Config, runtime: &Runtime, index: usize) -> anyhow::Result<PipelineConfig> {
+fn pipeline_config(
+    config: &Config,
+    runtime: &Runtime,
+    index: usize,
+) -> anyhow::Result<PipelineConfig> {
     let ids = runtime.port_ids();
     let macs = runtime.port_macs();
     let mut exception_ids = Vec::new();
@@ -227,17 +283,32 @@ fn pipeline_config(config: &Config, runtime: &Runtime, index: usize) -> anyhow::
         })
         .collect();
     let port_id = |name: &str| -> anyhow::Result<u16> {
-        config.port_index(name).map(|i| ids[i]).ok_or_else(|| anyhow!("unknown port {name}"))
+        config
+            .port_index(name)
+            .map(|i| ids[i])
+            .ok_or_else(|| anyhow!("unknown port {name}"))
     };
     let routes = config
         .routes
         .iter()
-        .map(|r| Ok(pipeline::RouteConfig { prefix: r.prefix, via: r.via, port: port_id(&r.port)? }))
+        .map(|r| {
+            Ok(pipeline::RouteConfig {
+                prefix: r.prefix,
+                via: r.via,
+                port: port_id(&r.port)?,
+            })
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let static_neighbors = config
         .neighbors
         .iter()
-        .map(|n| Ok((port_id(&n.port)?, n.address, MacAddr(parse_mac(&n.mac).expect("validated")))))
+        .map(|n| {
+            Ok((
+                port_id(&n.port)?,
+                n.address,
+                MacAddr(parse_mac(&n.mac).expect("validated")),
+            ))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let t = &config.conntrack.timeouts;
     let defaults = Timeouts::default();
@@ -267,7 +338,10 @@ fn pipeline_config(config: &Config, runtime: &Runtime, index: usize) -> anyhow::
         }),
         snat_addresses: config.snat_addresses(),
         snat_port_range: config.snat.port_min..=config.snat.port_max,
-        conntrack: ConntrackConfig { capacity: config.conntrack.capacity, timeouts },
+        conntrack: ConntrackConfig {
+            capacity: config.conntrack.capacity,
+            timeouts,
+        },
         affinity_capacity: config.conntrack.affinity_capacity,
         icmp_errors_per_second: config.icmp_errors_per_second,
         worker_index: index,
@@ -289,7 +363,8 @@ fn mode_for(config: &Config, runtime: &Runtime, index: usize) -> Result<Mode, St
             Ok(Mode::Io { peer })
         }
         ForwardingMode::Gateway => {
-            let pipeline_config = pipeline_config(config, runtime, index).map_err(|e| e.to_string())?;
+            let pipeline_config =
+                pipeline_config(config, runtime, index).map_err(|e| e.to_string())?;
             Pipeline::new(pipeline_config).map(|p| Mode::Gateway(Box::new(p)))
         }
     }
@@ -334,7 +409,13 @@ impl Publisher {
         for warning in &compiled.warnings {
             tracing::warn!("{warning}");
         }
-        tracing::info!(generation = self.generation, services, frontends, ms = elapsed.as_secs_f64() * 1000.0, "snapshot installed");
+        tracing::info!(
+            generation = self.generation,
+            services,
+            frontends,
+            ms = elapsed.as_secs_f64() * 1000.0,
+            "snapshot installed"
+        );
         let mut sync = self.sync.lock();
         sync.last_sync_seconds = elapsed.as_secs_f64();
         sync.warnings = compiled.warnings;
@@ -385,9 +466,17 @@ fn spawn_source(config: &Config, tx: watch::Sender<Option<Arc<Model>>>) {
 }
 
 /// Builds every worker's mode up front, so a bad pipeline config fails before any launch.
-fn worker_modes(config: &Config, runtime: &Runtime, workers: usize) -> anyhow::Result<Vec<Option<Mode>>> {
+fn worker_modes(
+    config: &Config,
+    runtime: &Runtime,
+    workers: usize,
+) -> anyhow::Result<Vec<Option<Mode>>> {
     (0..workers)
-        .map(|i| mode_for(config, runtime, i).map(Some).map_err(|e| anyhow!(e)))
+        .map(|i| {
+            mode_for(config, runtime, i)
+                .map(Some)
+                .map_err(|e| anyhow!(e))
+        })
         .collect()
 }
 
@@ -398,7 +487,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         let mut modes = worker_modes(&config, &runtime, spec.workers.len())?;
         runtime
-            .launch(&spec, |i| modes[i].take().ok_or_else(|| "worker launched twice".to_string()))
+            .launch(&spec, |i| {
+                modes[i]
+                    .take()
+                    .ok_or_else(|| "worker launched twice".to_string())
+            })
             .map_err(|e| anyhow!(e))?;
         let control = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -417,7 +510,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// The control thread: service source, publisher, admin API; returns on SIGINT/SIGTERM.
-async fn serve_control(config: &Config, spec: &RuntimeSpec, runtime: &Runtime) -> anyhow::Result<()> {
+async fn serve_control(
+    config: &Config,
+    spec: &RuntimeSpec,
+    runtime: &Runtime,
+) -> anyhow::Result<()> {
     let (tx, rx) = watch::channel(None);
     let publisher = Publisher::new(config, runtime.snapshot.clone());
     let ports: Vec<crate::admin::PortInfo> = spec
@@ -444,12 +541,21 @@ async fn serve_control(config: &Config, spec: &RuntimeSpec, runtime: &Runtime) -
         port_stats: Box::new(move || {
             stats_ports
                 .iter()
-                .map(|(name, id)| (name.clone(), dataplane::dpdk::port_stats(dataplane::dpdk::PortId(*id))))
+                .map(|(name, id)| {
+                    (
+                        name.clone(),
+                        dataplane::dpdk::port_stats(dataplane::dpdk::PortId(*id)),
+                    )
+                })
                 .collect()
         }),
         ready: publisher.ready.clone(),
         sync: publisher.sync.clone(),
-        flow_hash: |k| dataplane::pipeline::rewrite::flow_hash(k.protocol, k.src, k.src_port, k.dst, k.dst_port),
+        flow_hash: |k| {
+            dataplane::pipeline::rewrite::flow_hash(
+                k.protocol, k.src, k.src_port, k.dst, k.dst_port,
+            )
+        },
         tsc_hz: dataplane::dpdk::tsc_hz(),
     });
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
@@ -481,13 +587,20 @@ pub fn pcap_frame_count(path: &Path) -> anyhow::Result<u64> {
     let little = match magic {
         0xa1b2c3d4 | 0xa1b23c4d => true,
         0xd4c3b2a1 | 0x4d3cb2a1 => false,
-        _ => bail!("{}: not a pcap file (magic {magic:#x}; pcapng is not supported)", path.display()),
+        _ => bail!(
+            "{}: not a pcap file (magic {magic:#x}; pcapng is not supported)",
+            path.display()
+        ),
     };
     let mut offset = 24usize;
     let mut frames = 0;
     while offset + 16 <= bytes.len() {
         let field: [u8; 4] = bytes[offset + 8..offset + 12].try_into().expect("4 bytes");
-        let caplen = if little { u32::from_le_bytes(field) } else { u32::from_be_bytes(field) } as usize;
+        let caplen = if little {
+            u32::from_le_bytes(field)
+        } else {
+            u32::from_be_bytes(field)
+        } as usize;
         offset += 16 + caplen;
         if offset > bytes.len() {
             bail!("{}: truncated record {}", path.display(), frames + 1);
@@ -517,23 +630,41 @@ pub fn replay(config: Config, inputs: &[String], out_dir: &Path) -> anyhow::Resu
     write_empty_pcap(&empty)?;
 
     let model = match config.services.source {
-        SourceKind::Files => crate::manifests::load_path(config.services.path.as_ref().expect("validated"))?,
+        SourceKind::Files => {
+            crate::manifests::load_path(config.services.path.as_ref().expect("validated"))?
+        }
         SourceKind::Kubernetes => Model::default(),
     };
     let inputs: Vec<(usize, PathBuf)> = parsed.iter().map(|(i, f, _)| (*i, f.clone())).collect();
     let prefix = format!("sg-replay-{}", std::process::id());
-    let spec = runtime_spec(&config, Devices::Pcap { inputs: &inputs, out_dir: &out_dir, empty: &empty }, &prefix)?;
+    let spec = runtime_spec(
+        &config,
+        Devices::Pcap {
+            inputs: &inputs,
+            out_dir: &out_dir,
+            empty: &empty,
+        },
+        &prefix,
+    )?;
     let mut runtime = Runtime::init(&spec).map_err(|e| anyhow!(e))?;
     let mut publisher = Publisher::new(&config, runtime.snapshot.clone());
     publisher.publish(&model);
     let result = (|| -> anyhow::Result<()> {
         let mut modes = worker_modes(&config, &runtime, spec.workers.len())?;
-        runtime.launch(&spec, |i| modes[i].take().ok_or_else(|| "worker launched twice".to_string())).map_err(|e| anyhow!(e))?;
+        runtime
+            .launch(&spec, |i| {
+                modes[i]
+                    .take()
+                    .ok_or_else(|| "worker launched twice".to_string())
+            })
+            .map_err(|e| anyhow!(e))?;
         // Wait until every input frame entered the gateway, then until output settles.
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
             let stats = runtime.port_stats();
-            let all_in = parsed.iter().all(|(i, _, frames)| stats[*i].1.rx_packets >= *frames);
+            let all_in = parsed
+                .iter()
+                .all(|(i, _, frames)| stats[*i].1.rx_packets >= *frames);
             if all_in {
                 break;
             }
@@ -559,7 +690,10 @@ pub fn replay(config: Config, inputs: &[String], out_dir: &Path) -> anyhow::Resu
     result?;
     print_report(&report, &config);
     if report.mbufs_in_use != 0 {
-        bail!("{} mbufs still in use after stop (a leak)", report.mbufs_in_use);
+        bail!(
+            "{} mbufs still in use after stop (a leak)",
+            report.mbufs_in_use
+        );
     }
     Ok(())
 }
@@ -570,9 +704,17 @@ fn print_report(report: &dataplane::runtime::StopReport, config: &Config) {
         total.merge(worker);
     }
     for (name, stats) in &report.ports {
-        println!("port {name}: rx {} tx {} rx_missed {} tx_errors {}", stats.rx_packets, stats.tx_packets, stats.rx_missed, stats.tx_errors);
+        println!(
+            "port {name}: rx {} tx {} rx_missed {} tx_errors {}",
+            stats.rx_packets, stats.tx_packets, stats.rx_missed, stats.tx_errors
+        );
     }
-    println!("workers: {} bursts: {} handoffs: {}", report.workers.len(), total.bursts, total.handoffs_out);
+    println!(
+        "workers: {} bursts: {} handoffs: {}",
+        report.workers.len(),
+        total.bursts,
+        total.handoffs_out
+    );
     for reason in dataplane::stats::DropReason::ALL {
         let n = total.drops_of(*reason);
         if n > 0 {

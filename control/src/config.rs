@@ -232,6 +232,10 @@ pub struct PodCidrConfig {
     /// Kubernetes node name (enables internalTrafficPolicy: Local).
     #[serde(default)]
     pub node: Option<String>,
+    /// MAC of the node's VXLAN device (flannel's VtepMAC annotation); learned from the
+    /// node's frames when omitted.
+    #[serde(default)]
+    pub vtep_mac: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -429,7 +433,11 @@ impl Config {
             }
             ConfigError {
                 file: file.to_string(),
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 message,
             }
         })?;
@@ -449,80 +457,176 @@ impl Config {
         let mut names = HashSet::new();
         for (i, port) in self.ports.iter().enumerate() {
             if !names.insert(port.name.as_str()) {
-                return Err(err(format!("ports[{i}].name"), format!("duplicate port name {:?}", port.name)));
+                return Err(err(
+                    format!("ports[{i}].name"),
+                    format!("duplicate port name {:?}", port.name),
+                ));
             }
             if port.device.trim().is_empty() {
                 return Err(err(format!("ports[{i}].device"), "empty device".into()));
             }
             if port.queues == 0 {
-                return Err(err(format!("ports[{i}].queues"), "must be at least 1".into()));
+                return Err(err(
+                    format!("ports[{i}].queues"),
+                    "must be at least 1".into(),
+                ));
             }
             if port.mtu < 576 || port.mtu > 9000 {
-                return Err(err(format!("ports[{i}].mtu"), format!("{} is outside 576..=9000", port.mtu)));
+                return Err(err(
+                    format!("ports[{i}].mtu"),
+                    format!("{} is outside 576..=9000", port.mtu),
+                ));
             }
         }
         let known = |name: &str| self.ports.iter().any(|p| p.name == name);
         for (i, route) in self.routes.iter().enumerate() {
             if !known(&route.port) {
-                return Err(err(format!("routes[{i}].port"), format!("unknown port name {:?} (ports are: {})", route.port, self.port_names())));
+                return Err(err(
+                    format!("routes[{i}].port"),
+                    format!(
+                        "unknown port name {:?} (ports are: {})",
+                        route.port,
+                        self.port_names()
+                    ),
+                ));
             }
         }
         for (i, neighbor) in self.neighbors.iter().enumerate() {
             if !known(&neighbor.port) {
-                return Err(err(format!("neighbors[{i}].port"), format!("unknown port name {:?} (ports are: {})", neighbor.port, self.port_names())));
+                return Err(err(
+                    format!("neighbors[{i}].port"),
+                    format!(
+                        "unknown port name {:?} (ports are: {})",
+                        neighbor.port,
+                        self.port_names()
+                    ),
+                ));
             }
             if parse_mac(&neighbor.mac).is_none() {
-                return Err(err(format!("neighbors[{i}].mac"), format!("{:?} is not a MAC address like 02:00:00:00:00:01", neighbor.mac)));
+                return Err(err(
+                    format!("neighbors[{i}].mac"),
+                    format!(
+                        "{:?} is not a MAC address like 02:00:00:00:00:01",
+                        neighbor.mac
+                    ),
+                ));
             }
         }
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         if self.cores.workers.is_empty() {
-            return Err(err("cores.workers".into(), "at least one worker core is required".into()));
+            return Err(err(
+                "cores.workers".into(),
+                "at least one worker core is required".into(),
+            ));
         }
         let mut seen = HashSet::new();
         for (i, &core) in self.cores.workers.iter().enumerate() {
             if core >= cpus {
-                return Err(err(format!("cores.workers[{i}]"), format!("core {core} does not exist (this machine has cores 0..{})", cpus - 1)));
+                return Err(err(
+                    format!("cores.workers[{i}]"),
+                    format!(
+                        "core {core} does not exist (this machine has cores 0..{})",
+                        cpus - 1
+                    ),
+                ));
             }
             if !seen.insert(core) {
-                return Err(err(format!("cores.workers[{i}]"), format!("core {core} listed twice")));
+                return Err(err(
+                    format!("cores.workers[{i}]"),
+                    format!("core {core} listed twice"),
+                ));
             }
         }
         if self.cores.control >= cpus {
-            return Err(err("cores.control".into(), format!("core {} does not exist (this machine has cores 0..{})", self.cores.control, cpus - 1)));
+            return Err(err(
+                "cores.control".into(),
+                format!(
+                    "core {} does not exist (this machine has cores 0..{})",
+                    self.cores.control,
+                    cpus - 1
+                ),
+            ));
         }
         if let Some(vxlan) = &self.vxlan {
             if vxlan.vni >= 1 << 24 {
-                return Err(err("vxlan.vni".into(), format!("{} does not fit in 24 bits", vxlan.vni)));
+                return Err(err(
+                    "vxlan.vni".into(),
+                    format!("{} does not fit in 24 bits", vxlan.vni),
+                ));
             }
-            let owned = self.ports.iter().filter(|p| p.role == PortRole::Cluster).flat_map(|p| p.addresses.iter()).any(|a| a.addr() == vxlan.local_vtep);
+            let owned = self
+                .ports
+                .iter()
+                .filter(|p| p.role == PortRole::Cluster)
+                .flat_map(|p| p.addresses.iter())
+                .any(|a| a.addr() == vxlan.local_vtep);
             if !owned {
-                return Err(err("vxlan.local_vtep".into(), format!("{} is not an address of a cluster port", vxlan.local_vtep)));
+                return Err(err(
+                    "vxlan.local_vtep".into(),
+                    format!("{} is not an address of a cluster port", vxlan.local_vtep),
+                ));
+            }
+            for (i, pod) in vxlan.pod_cidrs.iter().enumerate() {
+                if let Some(mac) = &pod.vtep_mac {
+                    if parse_mac(mac).is_none() {
+                        return Err(err(
+                            format!("vxlan.pod_cidrs[{i}].vtep_mac"),
+                            format!("{mac:?} is not a MAC address like 02:00:00:00:00:01"),
+                        ));
+                    }
+                }
             }
         }
         match self.services.source {
             SourceKind::Files if self.services.path.is_none() => {
-                return Err(err("services.path".into(), "the files source needs a path (a manifest file or directory)".into()));
+                return Err(err(
+                    "services.path".into(),
+                    "the files source needs a path (a manifest file or directory)".into(),
+                ));
             }
             _ => {}
         }
         if !dataplane::maglev::is_prime(self.maglev.table_size) {
-            return Err(err("maglev.table_size".into(), format!("{} is not a prime (try 16381 or 65537)", self.maglev.table_size)));
+            return Err(err(
+                "maglev.table_size".into(),
+                format!(
+                    "{} is not a prime (try 16381 or 65537)",
+                    self.maglev.table_size
+                ),
+            ));
         }
         if self.snat.port_min > self.snat.port_max || self.snat.port_min < 1024 {
-            return Err(err("snat.port_min".into(), format!("range {}..={} must be within 1024..=65535 and not empty", self.snat.port_min, self.snat.port_max)));
+            return Err(err(
+                "snat.port_min".into(),
+                format!(
+                    "range {}..={} must be within 1024..=65535 and not empty",
+                    self.snat.port_min, self.snat.port_max
+                ),
+            ));
         }
         if self.conntrack.capacity == 0 {
-            return Err(err("conntrack.capacity".into(), "must be at least 1".into()));
+            return Err(err(
+                "conntrack.capacity".into(),
+                "must be at least 1".into(),
+            ));
         }
         if self.mode == ForwardingMode::Io && self.ports.len() % 2 == 1 && self.ports.len() > 1 {
-            return Err(err("mode".into(), "io mode pairs ports in order: configure 1 or an even number of ports".into()));
+            return Err(err(
+                "mode".into(),
+                "io mode pairs ports in order: configure 1 or an even number of ports".into(),
+            ));
         }
         Ok(())
     }
 
     fn port_names(&self) -> String {
-        self.ports.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+        self.ports
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Index of the port called `name`.

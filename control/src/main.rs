@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use control::config::Config;
 
 #[derive(Parser)]
-#[command(name = "servicegate", about = "DPDK service gateway for Kubernetes", version)]
+#[command(
+    name = "servicegate",
+    about = "DPDK service gateway for Kubernetes",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -75,8 +79,7 @@ enum CtlWhat {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -200,6 +200,9 @@ pub struct PodCidrRoute {
     pub vni: u32,
     /// Kubernetes node name behind the VTEP (internalTrafficPolicy: Local).
     pub node: Option<Arc<str>>,
+    /// MAC of the node's VXLAN device (flannel's `VtepMAC`): the inner destination MAC of
+    /// frames encapsulated toward it. Unset: learned from the node's own VXLAN frames.
+    pub vtep_mac: Option<crate::wire::MacAddr>,
 }
 
 /// The immutable tables every worker reads.

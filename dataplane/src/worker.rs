@@ -237,15 +237,9 @@ impl Worker {
             Mode::Io { peer } => Some(Verdict::Transmit {
                 port: peer.get(usize::from(in_port)).copied().unwrap_or(in_port),
             }),
-            Mode::Gateway(pipeline) => {
-                if self.peers.len() > 1 {
-                    let owner = pipeline.owner(&*mbuf, in_port, snapshot);
-                    if owner != self.index && owner < self.peers.len() {
-                        return Some(Verdict::Handoff { worker: owner });
-                    }
-                }
-                Some(pipeline.process(mbuf, in_port, snapshot, now, stats))
-            }
+            // The pipeline decides ownership itself and answers `Handoff` for frames of
+            // another worker's flows.
+            Mode::Gateway(pipeline) => Some(pipeline.process(mbuf, in_port, snapshot, now, stats)),
         }
     }
 

@@ -106,6 +106,7 @@ fn snapshot() -> Snapshot {
         node_port_addresses: vec![ip("192.0.2.1")],
         service_cidr: Some("10.96.0.0/12".parse().unwrap()),
         pod_routes: vec![PodCidrRoute {
+            vtep_mac: None,
             cidr: "10.245.2.0/24".parse().unwrap(),
             vtep: ip("10.0.0.2"),
             vni: 1,

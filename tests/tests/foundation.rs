@@ -7,15 +7,23 @@ use std::process::Command;
 use std::time::Duration;
 
 use tests::harness::{
-    read_pcap, require_root, servicegate_bin, sh_any, wait_for_link, write_pcap, Gateway, Netns,
-    Rng, TempDir, unique_name,
+    read_pcap, require_root, servicegate_bin, sh_any, unique_name, wait_for_link, write_pcap,
+    Gateway, Netns, Rng, TempDir,
 };
 
 fn lab_manifests() -> String {
-    tests::harness::workspace_root().join("configs/lab").display().to_string()
+    tests::harness::workspace_root()
+        .join("configs/lab")
+        .display()
+        .to_string()
 }
 
-fn io_config(dir: &Path, ports: &[(&str, &str)], workers: &[usize], extra: &str) -> std::path::PathBuf {
+fn io_config(
+    dir: &Path,
+    ports: &[(&str, &str)],
+    workers: &[usize],
+    extra: &str,
+) -> std::path::PathBuf {
     let mut text = String::new();
     text.push_str("mode: io\n");
     text.push_str(&format!(
@@ -24,15 +32,27 @@ fn io_config(dir: &Path, ports: &[(&str, &str)], workers: &[usize], extra: &str)
     ));
     text.push_str(&format!(
         "cores:\n  control: 0\n  workers: [{}]\n",
-        workers.iter().map(|w| w.to_string()).collect::<Vec<_>>().join(", ")
+        workers
+            .iter()
+            .map(|w| w.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     text.push_str("ports:\n");
     for (name, device) in ports {
-        text.push_str(&format!("  - name: {name}\n    device: \"{device}\"\n    role: uplink\n"));
+        text.push_str(&format!(
+            "  - name: {name}\n    device: \"{device}\"\n    role: uplink\n"
+        ));
         text.push_str(extra);
     }
-    text.push_str(&format!("services:\n  source: files\n  path: {}\n", lab_manifests()));
-    text.push_str(&format!("admin:\n  listen: 127.0.0.1:{}\n", 20000 + std::process::id() % 20000));
+    text.push_str(&format!(
+        "services:\n  source: files\n  path: {}\n",
+        lab_manifests()
+    ));
+    text.push_str(&format!(
+        "admin:\n  listen: 127.0.0.1:{}\n",
+        20000 + std::process::id() % 20000
+    ));
     let path = dir.join("gateway.yaml");
     std::fs::write(&path, text).expect("write config");
     path
@@ -59,7 +79,12 @@ fn replay_forwards_ten_thousand_mixed_frames_byte_identical() {
     assert!(sizes.iter().max() > Some(&1400));
     let input = dir.path().join("in.pcap");
     write_pcap(&input, &frames);
-    let config = io_config(dir.path(), &[("a", "net_null_unused"), ("b", "net_null_unused2")], &[1], "");
+    let config = io_config(
+        dir.path(),
+        &[("a", "net_null_unused"), ("b", "net_null_unused2")],
+        &[1],
+        "",
+    );
     let out_dir = dir.path().join("out");
     let output = Command::new(servicegate_bin())
         .args(["replay", "--config"])
@@ -95,8 +120,14 @@ fn two_tap_ports_carry_kernel_frames_both_ways() {
     let config = io_config(
         dir.path(),
         &[
-            ("left", &format!("net_tap{},iface={left}", std::process::id() % 1000)),
-            ("right", &format!("net_tap{},iface={right}", std::process::id() % 1000 + 1)),
+            (
+                "left",
+                &format!("net_tap{},iface={left}", std::process::id() % 1000),
+            ),
+            (
+                "right",
+                &format!("net_tap{},iface={right}", std::process::id() % 1000 + 1),
+            ),
         ],
         &[1],
         "",
@@ -176,7 +207,10 @@ fn check_accepts_every_shipped_config() {
             checked += 1;
         }
     }
-    assert!(checked >= 3, "expected lab, bench and real-NIC configs, found {checked}");
+    assert!(
+        checked >= 3,
+        "expected lab, bench and real-NIC configs, found {checked}"
+    );
 }
 
 #[test]
@@ -187,16 +221,38 @@ fn check_names_the_key_of_a_broken_config() {
         lab_manifests()
     );
     let cases: &[(&str, String, &str)] = &[
-        ("unknown key", good.replace("role: uplink", "role: uplink\n    colour: blue"), "ports[0]: unknown field `colour`"),
-        ("bad CIDR", good.replace("192.0.2.1/24", "192.0.2.300/24"), "ports[0].addresses[0]"),
+        (
+            "unknown key",
+            good.replace("role: uplink", "role: uplink\n    colour: blue"),
+            "ports[0]: unknown field `colour`",
+        ),
+        (
+            "bad CIDR",
+            good.replace("192.0.2.1/24", "192.0.2.300/24"),
+            "ports[0].addresses[0]",
+        ),
         (
             "unknown port name",
-            format!("{good}routes:\n  - prefix: 0.0.0.0/0\n    via: 192.0.2.254\n    port: upl1nk\n"),
+            format!(
+                "{good}routes:\n  - prefix: 0.0.0.0/0\n    via: 192.0.2.254\n    port: upl1nk\n"
+            ),
             "routes[0].port: unknown port name \"upl1nk\"",
         ),
-        ("bad core list", format!("{good}cores:\n  workers: [1, 1]\n"), "cores.workers[1]"),
-        ("core that does not exist", format!("{good}cores:\n  workers: [4096]\n"), "cores.workers[0]: core 4096 does not exist"),
-        ("not a prime", format!("{good}maglev:\n  table_size: 1000\n"), "maglev.table_size"),
+        (
+            "bad core list",
+            format!("{good}cores:\n  workers: [1, 1]\n"),
+            "cores.workers[1]",
+        ),
+        (
+            "core that does not exist",
+            format!("{good}cores:\n  workers: [4096]\n"),
+            "cores.workers[0]: core 4096 does not exist",
+        ),
+        (
+            "not a prime",
+            format!("{good}maglev:\n  table_size: 1000\n"),
+            "maglev.table_size",
+        ),
     ];
     for (what, text, expected) in cases {
         let path = dir.path().join("broken.yaml");
@@ -208,9 +264,19 @@ fn check_names_the_key_of_a_broken_config() {
             .expect("run check");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{what}: check accepted it");
-        assert!(stderr.contains("broken.yaml"), "{what}: error does not name the file: {stderr}");
-        assert!(stderr.contains(expected), "{what}: expected {expected:?} in: {stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "{what}: one-line error expected: {stderr}");
+        assert!(
+            stderr.contains("broken.yaml"),
+            "{what}: error does not name the file: {stderr}"
+        );
+        assert!(
+            stderr.contains(expected),
+            "{what}: expected {expected:?} in: {stderr}"
+        );
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{what}: one-line error expected: {stderr}"
+        );
     }
     let _ = sh_any("true", &[]);
 }

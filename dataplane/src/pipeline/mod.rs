@@ -545,6 +545,9 @@ impl Pipeline {
         let mut vtep_nodes = HashMap::new();
         for r in &snap.pod_routes {
             pod_routes.insert(r.cidr.trunc(), r.vtep);
+            if let Some(mac) = r.vtep_mac {
+                self.remember_vtep_mac(r.vtep, mac);
+            }
             if let Some(node) = &r.node {
                 vtep_nodes.insert(r.vtep, node.clone());
             }

@@ -187,12 +187,14 @@ pub(super) fn snapshot(generation: u64, fes: Vec<Fe>) -> Snapshot {
         service_cidr: Some(net("10.96.0.0/12")),
         pod_routes: vec![
             PodCidrRoute {
+                vtep_mac: None,
                 cidr: net("10.245.2.0/24"),
                 vtep: ip("10.0.0.2"),
                 vni: VNI,
                 node: Some(Arc::from("node-2")),
             },
             PodCidrRoute {
+                vtep_mac: None,
                 cidr: net("10.245.3.0/24"),
                 vtep: ip("10.0.0.3"),
                 vni: VNI,
