@@ -2,4 +2,6 @@
 //! to a dataplane snapshot, publishing, the admin API, and the `servicegate` binary.
 #![forbid(unsafe_code)]
 
+pub mod compiler;
+pub mod manifests;
 pub mod model;
