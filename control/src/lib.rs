@@ -3,5 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod compiler;
 pub mod config;
+pub mod manifests;
 pub mod model;

@@ -1,0 +1,841 @@
+//! The compiler: a pure function from the [`Model`] (Services and EndpointSlices as
+//! Kubernetes objects) to the dataplane [`Snapshot`], honouring every item of
+//! `kube-semantics.md`. It keeps one cache between compilations: the `BackendSet` (and its
+//! Maglev table) of every service port, keyed by exactly the inputs it was built from, so an
+//! unchanged port shares its `Arc<BackendSet>` with the previous snapshot and only changed
+//! ports pay for a Maglev build.
+//!
+//! IP families: only IPv4 is compiled today. The family decisions are made in one place
+//! ([`IpFamily`] and the `*_for_family` helpers): a Service is compiled once per family it
+//! has a clusterIP of, and endpoints, externalIPs, LB ingress IPs and source ranges of the
+//! other family are ignored. Adding IPv6 means adding a family to [`FAMILIES`] plus IPv6
+//! variants of the snapshot types, not rewriting the compiler.
+//!
+//! Choices made where Kubernetes leaves room (documented for the README):
+//! - Conflicting frontends (two Services claiming the same address/protocol/port, or the
+//!   same NodePort): the older Service (creationTimestamp, then namespace/name; a Service
+//!   without a timestamp counts as newest) keeps the frontend, the other is warned about.
+//! - An endpoint listed in several slices with different conditions keeps its best state
+//!   (ready > serving-terminating > not-serving), and the smallest node name on a tie, so
+//!   the result never depends on slice order.
+//! - `loadBalancerSourceRanges` that are all invalid or of the other family leave the LB
+//!   frontend open to every source, as kube-proxy does (each invalid range is warned about).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use dataplane::maglev::{is_prime, MaglevTable, DEFAULT_TABLE_SIZE};
+use dataplane::snapshot::{
+    Backend, BackendSet, EndpointState, Frontend, FrontendKey, FrontendKind, InternalPolicy,
+    PodCidrRoute, Protocol, ServicePortName, Snapshot,
+};
+use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::model::{Model, ObjectKey};
+
+/// The label that ties an EndpointSlice to its Service (same namespace).
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` default (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10800;
+
+/// What the compiler needs beyond the model: gateway-side configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// Addresses NodePort frontends answer on (item 5).
+    pub node_port_addresses: Vec<Ipv4Addr>,
+    /// Maglev table size: a prime larger than any port's usable endpoint count.
+    pub maglev_table_size: u32,
+    /// The service CIDR; unallocated addresses inside it are dropped (item 8).
+    pub service_cidr: Option<Ipv4Net>,
+    /// Remote pod CIDRs behind node VTEPs; their `node` names map VTEPs to nodes for
+    /// internalTrafficPolicy: Local (item 18).
+    pub pod_routes: Vec<PodCidrRoute>,
+    /// Masquerade pod-originated ClusterIP traffic (item 19). Default true.
+    pub masquerade_cluster_ip: bool,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            node_port_addresses: Vec::new(),
+            maglev_table_size: DEFAULT_TABLE_SIZE,
+            service_cidr: None,
+            pod_routes: Vec::new(),
+            masquerade_cluster_ip: true,
+        }
+    }
+}
+
+/// Counters of one compilation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompileStats {
+    /// Services that produced at least one frontend.
+    pub services: usize,
+    /// Frontends in the snapshot (address-bound and NodePort).
+    pub frontends: usize,
+    /// Backends over every compiled service port (an endpoint of two ports counts twice).
+    pub backends: usize,
+    /// Backend sets taken from the cache (unchanged since the previous compilation, or
+    /// identical to another port's set in this one).
+    pub backend_sets_reused: usize,
+    /// Backend sets (Maglev tables) built in this compilation.
+    pub backend_sets_built: usize,
+}
+
+/// The result of one compilation.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The tables; `generation` is 0, the publisher sets it.
+    pub snapshot: Snapshot,
+    /// Everything the compiler ignored or decided on the user's behalf, in a stable order.
+    pub warnings: Vec<String>,
+    pub stats: CompileStats,
+}
+
+/// The inputs a `BackendSet` is a pure function of.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SetKey {
+    backends: Vec<Backend>,
+    table_size: u32,
+}
+
+/// Compiles models into snapshots, sharing unchanged backend sets between them.
+#[derive(Debug)]
+pub struct Compiler {
+    options: CompileOptions,
+    cache: HashMap<SetKey, Arc<BackendSet>>,
+}
+
+/// An address family the compiler serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IpFamily {
+    V4,
+}
+
+/// The families compiled, in order. IPv6 is a later addition here.
+pub const FAMILIES: &[IpFamily] = &[IpFamily::V4];
+
+impl IpFamily {
+    /// The EndpointSlice `addressType` of this family.
+    fn address_type(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+        }
+    }
+
+    fn v4(self, addr: IpAddr) -> Option<Ipv4Addr> {
+        match (self, addr) {
+            (IpFamily::V4, IpAddr::V4(a)) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// One frontend before conflict resolution and id assignment.
+struct Candidate {
+    age: (Option<Time>, ObjectKey),
+    service: ServicePortName,
+    kind: FrontendKind,
+    addr: Ipv4Addr,
+    protocol: Protocol,
+    port: u16,
+    backends: Arc<BackendSet>,
+    masquerade: bool,
+    source_ranges: Vec<Ipv4Net>,
+    affinity_timeout_secs: Option<u32>,
+    internal_policy: InternalPolicy,
+}
+
+fn kind_rank(kind: FrontendKind) -> u8 {
+    match kind {
+        FrontendKind::ClusterIp => 0,
+        FrontendKind::NodePort => 1,
+        FrontendKind::LoadBalancer => 2,
+        FrontendKind::ExternalIp => 3,
+    }
+}
+
+fn state_rank(state: EndpointState) -> u8 {
+    match state {
+        EndpointState::Ready => 0,
+        EndpointState::ServingTerminating => 1,
+        EndpointState::NotServing => 2,
+    }
+}
+
+fn parse_protocol(value: Option<&str>) -> Option<Protocol> {
+    match value.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        "SCTP" => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
+fn port_u16(value: i32) -> Option<u16> {
+    u16::try_from(value).ok().filter(|&p| p != 0)
+}
+
+fn next_prime(mut n: u32) -> u32 {
+    while !is_prime(n) {
+        n += 1;
+    }
+    n
+}
+
+/// The state of an endpoint from its conditions (item 11): missing ready/serving mean
+/// true, missing terminating means false.
+pub fn endpoint_state(ready: Option<bool>, serving: Option<bool>, terminating: Option<bool>) -> EndpointState {
+    let ready = ready.unwrap_or(true);
+    let serving = serving.unwrap_or(true);
+    let terminating = terminating.unwrap_or(false);
+    if ready {
+        EndpointState::Ready
+    } else if serving && terminating {
+        EndpointState::ServingTerminating
+    } else {
+        EndpointState::NotServing
+    }
+}
+
+/// Indices of the endpoints chosen for new connections: ready ones, or when none is ready
+/// the serving-terminating ones (item 11).
+fn usable_indices(backends: &[Backend]) -> Vec<u32> {
+    let pick = |state: EndpointState| -> Vec<u32> {
+        backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.state == state)
+            .map(|(i, _)| i as u32)
+            .collect()
+    };
+    let ready = pick(EndpointState::Ready);
+    if ready.is_empty() {
+        pick(EndpointState::ServingTerminating)
+    } else {
+        ready
+    }
+}
+
+impl Compiler {
+    pub fn new(options: CompileOptions) -> Compiler {
+        Compiler {
+            options,
+            cache: HashMap::new(),
+        }
+    }
+
+    pub fn options(&self) -> &CompileOptions {
+        &self.options
+    }
+
+    /// Compiles `model` into a snapshot (generation 0). Never fails: anything unusable is
+    /// skipped with a warning.
+    pub fn compile(&mut self, model: &Model) -> Compiled {
+        let mut run = Run {
+            old_cache: &self.cache,
+            new_cache: HashMap::new(),
+            warnings: Vec::new(),
+            stats: CompileStats::default(),
+            table_size: self.options.maglev_table_size,
+            options: &self.options,
+        };
+        if !is_prime(run.table_size) || run.table_size < 3 {
+            let size = next_prime(run.table_size.max(3));
+            let size = if run.table_size < 3 {
+                DEFAULT_TABLE_SIZE
+            } else {
+                size
+            };
+            run.warnings.push(format!(
+                "maglev table size {} is not a prime; using {}",
+                run.table_size, size
+            ));
+            run.table_size = size;
+        }
+
+        let slices_by_service = index_slices(model);
+        let mut candidates = Vec::new();
+        for (key, service) in &model.services {
+            let slices = slices_by_service
+                .get(key)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for &family in FAMILIES {
+                run.compile_service(key, service, slices, family, &mut candidates);
+            }
+        }
+        let (snapshot, services) = run.assemble(candidates);
+        run.stats.services = services;
+        run.stats.frontends = snapshot.frontend_count as usize;
+        let Run {
+            new_cache,
+            warnings,
+            stats,
+            ..
+        } = run;
+        self.cache = new_cache;
+        Compiled {
+            snapshot,
+            warnings,
+            stats,
+        }
+    }
+}
+
+/// The slices of each Service (label `kubernetes.io/service-name`, same namespace), in
+/// model order.
+fn index_slices(model: &Model) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
+    let mut by_service: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for (key, slice) in &model.endpoint_slices {
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        by_service
+            .entry(ObjectKey::new(key.namespace.clone(), service.clone()))
+            .or_default()
+            .push(slice);
+    }
+    by_service
+}
+
+/// State of one compilation.
+struct Run<'a> {
+    options: &'a CompileOptions,
+    old_cache: &'a HashMap<SetKey, Arc<BackendSet>>,
+    new_cache: HashMap<SetKey, Arc<BackendSet>>,
+    warnings: Vec<String>,
+    stats: CompileStats,
+    table_size: u32,
+}
+
+impl Run<'_> {
+    fn warn(&mut self, message: String) {
+        self.warnings.push(message);
+    }
+
+    /// The shared backend set for `backends` (sorted by addr, port).
+    fn backend_set(&mut self, backends: Vec<Backend>) -> Arc<BackendSet> {
+        let usable = usable_indices(&backends);
+        let mut table_size = self.table_size;
+        if usable.len() >= table_size as usize {
+            table_size = next_prime((usable.len() as u32).saturating_mul(100));
+        }
+        let key = SetKey {
+            backends,
+            table_size,
+        };
+        if let Some(set) = self.new_cache.get(&key) {
+            self.stats.backend_sets_reused += 1;
+            return set.clone();
+        }
+        if let Some(set) = self.old_cache.get(&key) {
+            self.stats.backend_sets_reused += 1;
+            let set = set.clone();
+            self.new_cache.insert(key, set.clone());
+            return set;
+        }
+        self.stats.backend_sets_built += 1;
+        let pairs: Vec<(Ipv4Addr, u16)> = usable
+            .iter()
+            .map(|&i| (key.backends[i as usize].addr, key.backends[i as usize].port))
+            .collect();
+        let set = Arc::new(BackendSet {
+            backends: key.backends.clone(),
+            maglev: MaglevTable::build(&pairs, table_size),
+            usable,
+        });
+        self.new_cache.insert(key, set.clone());
+        set
+    }
+
+    /// Every endpoint of one service port in one family, merged over the Service's slices
+    /// and deduplicated by ip:port (items 9–11), sorted by (addr, port).
+    fn endpoints_for_family(
+        &mut self,
+        key: &ObjectKey,
+        slices: &[&EndpointSlice],
+        port_name: &str,
+        protocol: Protocol,
+        family: IpFamily,
+    ) -> Vec<Backend> {
+        let mut merged: BTreeMap<(Ipv4Addr, u16), (EndpointState, Option<Arc<str>>)> =
+            BTreeMap::new();
+        for slice in slices {
+            if slice.address_type != family.address_type() {
+                continue; // FQDN and other-family slices are ignored (items 3, 9).
+            }
+            let slice_name = slice.metadata.name.as_deref().unwrap_or("");
+            let ports: Vec<u16> = slice
+                .ports
+                .iter()
+                .flatten()
+                .filter(|p| p.name.as_deref().unwrap_or("") == port_name)
+                .filter(|p| parse_protocol(p.protocol.as_deref()) == Some(protocol))
+                .filter_map(|p| p.port) // a slice port without a number is ignored (item 10)
+                .filter_map(|n| {
+                    let port = port_u16(n);
+                    if port.is_none() {
+                        self.warnings.push(format!(
+                            "EndpointSlice {}/{}: port {} out of range, ignored",
+                            key.namespace, slice_name, n
+                        ));
+                    }
+                    port
+                })
+                .collect();
+            if ports.is_empty() {
+                continue;
+            }
+            for endpoint in slice.endpoints.iter().flatten() {
+                // Only addresses[0] counts (item 9).
+                let Some(address) = endpoint.addresses.first() else {
+                    continue;
+                };
+                let addr = match address.parse::<IpAddr>().ok().and_then(|a| family.v4(a)) {
+                    Some(addr) => addr,
+                    None => {
+                        self.warn(format!(
+                            "EndpointSlice {}/{}: address {:?} is not an {} address, ignored",
+                            key.namespace,
+                            slice_name,
+                            address,
+                            family.address_type()
+                        ));
+                        continue;
+                    }
+                };
+                let conditions = endpoint.conditions.as_ref();
+                let state = endpoint_state(
+                    conditions.and_then(|c| c.ready),
+                    conditions.and_then(|c| c.serving),
+                    conditions.and_then(|c| c.terminating),
+                );
+                let node: Option<Arc<str>> = endpoint.node_name.as_deref().map(Arc::from);
+                for &port in &ports {
+                    let candidate = (state, node.clone());
+                    merged
+                        .entry((addr, port))
+                        .and_modify(|current| {
+                            let better = (state_rank(candidate.0), &candidate.1)
+                                < (state_rank(current.0), &current.1);
+                            if better {
+                                *current = candidate.clone();
+                            }
+                        })
+                        .or_insert_with(|| candidate.clone());
+                }
+            }
+        }
+        merged
+            .into_iter()
+            .map(|((addr, port), (state, node))| Backend {
+                addr,
+                port,
+                state,
+                node,
+            })
+            .collect()
+    }
+
+    fn compile_service(
+        &mut self,
+        key: &ObjectKey,
+        service: &Service,
+        slices: &[&EndpointSlice],
+        family: IpFamily,
+        out: &mut Vec<Candidate>,
+    ) {
+        let Some(spec) = service.spec.as_ref() else {
+            return;
+        };
+        // Item 1: ExternalName (even with a clusterIP) and headless Services are ignored.
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return;
+        }
+        let cluster_ips = cluster_ips(spec);
+        if cluster_ips.is_empty() {
+            return;
+        }
+        // Item 3: a Service is served in a family only if it has a clusterIP of it.
+        let mut family_cluster_ips = Vec::new();
+        for ip in &cluster_ips {
+            match ip.parse::<IpAddr>() {
+                Ok(addr) => {
+                    if let Some(v4) = family.v4(addr) {
+                        family_cluster_ips.push(v4);
+                    }
+                }
+                Err(_) => self.warn(format!(
+                    "Service {key}: clusterIP {ip:?} is not an IP address, ignored"
+                )),
+            }
+        }
+        if family_cluster_ips.is_empty() {
+            return;
+        }
+
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let affinity = self.affinity(key, spec);
+        let source_ranges = self.source_ranges(key, spec, family);
+        let external_ips = self.addresses_for_family(
+            key,
+            "externalIP",
+            spec.external_ips.iter().flatten().map(String::as_str),
+            family,
+        );
+        let lb_ips = self.lb_ingress_for_family(key, service, family);
+        let nodes: BTreeSet<Arc<str>> = self
+            .options
+            .pod_routes
+            .iter()
+            .filter_map(|r| r.node.clone())
+            .collect();
+        if internal_local && nodes.is_empty() {
+            self.warn(format!(
+                "internalTrafficPolicy: Local on {key} treated as Cluster: no pod_routes name a node"
+            ));
+        }
+        let age = (service.metadata.creation_timestamp.clone(), key.clone());
+        let masquerade_cluster_ip = self.options.masquerade_cluster_ip;
+
+        let mut seen_ports = BTreeSet::new();
+        for port in spec.ports.iter().flatten() {
+            let Some(service_port) = self.service_port(key, port) else {
+                continue;
+            };
+            let (name, protocol, number) = service_port;
+            if !seen_ports.insert((name.clone(), protocol)) {
+                self.warn(format!(
+                    "Service {key}: port {:?}/{} listed twice, second ignored",
+                    name, protocol
+                ));
+                continue;
+            }
+            let backends = self.endpoints_for_family(key, slices, &name, protocol, family);
+            self.stats.backends += backends.len();
+            let internal_policy = if internal_local && !nodes.is_empty() {
+                let mut by_node = HashMap::new();
+                for node in &nodes {
+                    let local: Vec<Backend> = backends
+                        .iter()
+                        .filter(|b| b.node.as_deref() == Some(&**node))
+                        .cloned()
+                        .collect();
+                    by_node.insert(node.clone(), self.backend_set(local));
+                }
+                InternalPolicy::Local { by_node }
+            } else {
+                InternalPolicy::Cluster
+            };
+            let set = self.backend_set(backends);
+            let service_port_name = ServicePortName {
+                namespace: Arc::from(key.namespace.as_str()),
+                name: Arc::from(key.name.as_str()),
+                port_name: Arc::from(name.as_str()),
+                protocol,
+            };
+            let mut push = |kind: FrontendKind, addr: Ipv4Addr, fport: u16| {
+                let external = kind != FrontendKind::ClusterIp;
+                out.push(Candidate {
+                    age: age.clone(),
+                    service: service_port_name.clone(),
+                    kind,
+                    addr,
+                    protocol,
+                    port: fport,
+                    backends: set.clone(),
+                    masquerade: if external {
+                        !external_local
+                    } else {
+                        masquerade_cluster_ip
+                    },
+                    source_ranges: if kind == FrontendKind::LoadBalancer {
+                        source_ranges.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    affinity_timeout_secs: affinity,
+                    internal_policy: if external {
+                        InternalPolicy::Cluster
+                    } else {
+                        internal_policy.clone()
+                    },
+                });
+            };
+            for &addr in &family_cluster_ips {
+                push(FrontendKind::ClusterIp, addr, number);
+            }
+            if let Some(node_port) = port.node_port.filter(|&n| n != 0) {
+                match port_u16(node_port) {
+                    Some(node_port) => push(FrontendKind::NodePort, Ipv4Addr::UNSPECIFIED, node_port),
+                    None => self.warnings.push(format!(
+                        "Service {key}: nodePort {node_port} out of range, ignored"
+                    )),
+                }
+            }
+            for &addr in &lb_ips {
+                push(FrontendKind::LoadBalancer, addr, number);
+            }
+            for &addr in &external_ips {
+                push(FrontendKind::ExternalIp, addr, number);
+            }
+        }
+    }
+
+    /// (port name, protocol, port) of a Service port, or a warning.
+    fn service_port(&mut self, key: &ObjectKey, port: &ServicePort) -> Option<(String, Protocol, u16)> {
+        let name = port.name.clone().unwrap_or_default();
+        let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
+            self.warn(format!(
+                "Service {key}: port {:?} has unsupported protocol {:?}, ignored",
+                name,
+                port.protocol.as_deref().unwrap_or("")
+            ));
+            return None;
+        };
+        let Some(number) = port_u16(port.port) else {
+            self.warn(format!(
+                "Service {key}: port {:?} number {} out of range, ignored",
+                name, port.port
+            ));
+            return None;
+        };
+        Some((name, protocol, number))
+    }
+
+    /// `sessionAffinity: ClientIP` timeout (item 15).
+    fn affinity(&mut self, key: &ObjectKey, spec: &ServiceSpec) -> Option<u32> {
+        if spec.session_affinity.as_deref() != Some("ClientIP") {
+            return None;
+        }
+        let configured = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds);
+        match configured {
+            None => Some(DEFAULT_AFFINITY_TIMEOUT_SECS),
+            Some(secs) if secs > 0 => Some(secs as u32),
+            Some(secs) => {
+                self.warn(format!(
+                    "Service {key}: sessionAffinityConfig.clientIP.timeoutSeconds {secs} invalid; using {DEFAULT_AFFINITY_TIMEOUT_SECS}"
+                ));
+                Some(DEFAULT_AFFINITY_TIMEOUT_SECS)
+            }
+        }
+    }
+
+    /// `loadBalancerSourceRanges` of this family, trimmed (item 20).
+    fn source_ranges(&mut self, key: &ObjectKey, spec: &ServiceSpec, family: IpFamily) -> Vec<Ipv4Net> {
+        let mut ranges = Vec::new();
+        for raw in spec.load_balancer_source_ranges.iter().flatten() {
+            let value = raw.trim();
+            if value.is_empty() {
+                continue;
+            }
+            match value.parse::<IpNet>() {
+                Ok(IpNet::V4(net)) if family == IpFamily::V4 => ranges.push(net.trunc()),
+                Ok(_) => {} // other family
+                Err(_) => self.warn(format!(
+                    "Service {key}: loadBalancerSourceRanges entry {raw:?} is not a CIDR, ignored"
+                )),
+            }
+        }
+        ranges.sort();
+        ranges.dedup();
+        ranges
+    }
+
+    fn addresses_for_family<'s>(
+        &mut self,
+        key: &ObjectKey,
+        what: &str,
+        values: impl Iterator<Item = &'s str>,
+        family: IpFamily,
+    ) -> Vec<Ipv4Addr> {
+        let mut out = Vec::new();
+        for value in values {
+            match value.trim().parse::<IpAddr>() {
+                Ok(addr) => {
+                    // Addresses of the other family are ignored (item 3).
+                    if let Some(v4) = family.v4(addr) {
+                        out.push(v4);
+                    }
+                }
+                Err(_) => self.warn(format!(
+                    "Service {key}: {what} {value:?} is not an IP address, ignored"
+                )),
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// LB ingress IPs with ipMode VIP or unset (item 6).
+    fn lb_ingress_for_family(&mut self, key: &ObjectKey, service: &Service, family: IpFamily) -> Vec<Ipv4Addr> {
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        let ips: Vec<&str> = ingress
+            .into_iter()
+            .flatten()
+            .filter(|ing| matches!(ing.ip_mode.as_deref(), None | Some("VIP")))
+            .filter_map(|ing| ing.ip.as_deref())
+            .filter(|ip| !ip.is_empty())
+            .collect();
+        self.addresses_for_family(key, "loadBalancer ingress IP", ips.into_iter(), family)
+    }
+
+    /// Resolves conflicts, assigns dense ids and builds the snapshot. Returns the number of
+    /// Services with at least one frontend.
+    fn assemble(&mut self, mut candidates: Vec<Candidate>) -> (Snapshot, usize) {
+        // Claim keys oldest Service first.
+        let mut order: Vec<usize> = (0..candidates.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (ca, cb) = (&candidates[a], &candidates[b]);
+            age_key(&ca.age)
+                .cmp(&age_key(&cb.age))
+                .then_with(|| a.cmp(&b))
+        });
+        #[derive(PartialEq, Eq, Hash)]
+        enum Key {
+            Addr(FrontendKey),
+            NodePort(Protocol, u16),
+        }
+        let mut claimed: HashMap<Key, usize> = HashMap::new();
+        let mut keep = vec![false; candidates.len()];
+        for i in order {
+            let c = &candidates[i];
+            let key = if c.kind == FrontendKind::NodePort {
+                Key::NodePort(c.protocol, c.port)
+            } else {
+                Key::Addr(FrontendKey {
+                    addr: c.addr,
+                    protocol: c.protocol,
+                    port: c.port,
+                })
+            };
+            match claimed.get(&key) {
+                None => {
+                    claimed.insert(key, i);
+                    keep[i] = true;
+                }
+                Some(&owner) => {
+                    let o = &candidates[owner];
+                    let what = if c.kind == FrontendKind::NodePort {
+                        format!("NodePort {}/{}", c.protocol, c.port)
+                    } else {
+                        format!("{} {}:{}/{}", c.kind.as_str(), c.addr, c.port, c.protocol)
+                    };
+                    if o.service == c.service {
+                        // The same service port reaches this key twice (e.g. an externalIP
+                        // equal to an LB IP): one frontend is enough.
+                        continue;
+                    }
+                    self.warnings.push(format!(
+                        "{what} of Service {} conflicts with Service {} ({} {}:{}/{}), which is older and keeps it",
+                        c.service,
+                        o.service,
+                        o.kind.as_str(),
+                        o.addr,
+                        o.port,
+                        o.protocol
+                    ));
+                }
+            }
+        }
+        let mut kept: Vec<Candidate> = candidates
+            .drain(..)
+            .zip(keep)
+            .filter_map(|(c, k)| k.then_some(c))
+            .collect();
+        kept.sort_by(|a, b| {
+            (&a.service.namespace, &a.service.name, &a.service.port_name, a.service.protocol)
+                .cmp(&(&b.service.namespace, &b.service.name, &b.service.port_name, b.service.protocol))
+                .then_with(|| kind_rank(a.kind).cmp(&kind_rank(b.kind)))
+                .then_with(|| a.addr.cmp(&b.addr))
+                .then_with(|| a.port.cmp(&b.port))
+        });
+
+        // NodePorts never answer on loopback or the unspecified address (item 5).
+        let mut node_port_addresses = Vec::new();
+        for &addr in &self.options.node_port_addresses {
+            if addr.is_loopback() || addr.is_unspecified() {
+                self.warnings
+                    .push(format!("node-port address {addr} ignored: NodePorts never answer on it"));
+            } else if !node_port_addresses.contains(&addr) {
+                node_port_addresses.push(addr);
+            }
+        }
+        let mut snapshot = Snapshot {
+            generation: 0,
+            node_port_addresses,
+            service_cidr: self.options.service_cidr,
+            pod_routes: self.options.pod_routes.clone(),
+            ..Snapshot::default()
+        };
+        let mut services = BTreeSet::new();
+        for (id, c) in kept.into_iter().enumerate() {
+            services.insert((c.service.namespace.clone(), c.service.name.clone()));
+            let frontend = Arc::new(Frontend {
+                id: id as u32,
+                service: c.service,
+                kind: c.kind,
+                addr: c.addr,
+                protocol: c.protocol,
+                port: c.port,
+                backends: c.backends,
+                masquerade: c.masquerade,
+                source_ranges: c.source_ranges,
+                affinity_timeout_secs: c.affinity_timeout_secs,
+                internal_policy: c.internal_policy,
+            });
+            if c.kind == FrontendKind::NodePort {
+                snapshot.node_ports.insert((c.protocol, c.port), frontend);
+            } else {
+                snapshot.service_addresses.entry(c.addr).or_insert(c.kind);
+                snapshot.frontends.insert(
+                    FrontendKey {
+                        addr: c.addr,
+                        protocol: c.protocol,
+                        port: c.port,
+                    },
+                    frontend,
+                );
+            }
+            snapshot.frontend_count = id as u32 + 1;
+        }
+        (snapshot, services.len())
+    }
+}
+
+/// Oldest first; a Service without a creationTimestamp counts as newest.
+fn age_key(age: &(Option<Time>, ObjectKey)) -> (bool, Option<&Time>, &ObjectKey) {
+    (age.0.is_none(), age.0.as_ref(), &age.1)
+}
+
+/// `spec.clusterIPs` (or the legacy `spec.clusterIP`), without `None`/empty entries.
+fn cluster_ips(spec: &ServiceSpec) -> Vec<String> {
+    let list: Vec<String> = match spec.cluster_ips.as_ref().filter(|l| !l.is_empty()) {
+        Some(list) => list.clone(),
+        None => spec.cluster_ip.iter().cloned().collect(),
+    };
+    list.into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty() && s != "None")
+        .collect()
+}

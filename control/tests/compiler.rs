@@ -1,0 +1,1201 @@
+//! The compiler against every item of kube-semantics.md it decides. Objects are written as
+//! YAML, as a user would see them in `kubectl get -o yaml`.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use control::compiler::{CompileOptions, Compiled, Compiler};
+use control::model::{Model, ObjectKey};
+use dataplane::maglev::MaglevTable;
+use dataplane::snapshot::{
+    Backend, EndpointState, Frontend, FrontendKey, FrontendKind, InternalPolicy, PodCidrRoute,
+    Protocol, Snapshot,
+};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::Deserialize;
+
+/// A model from multi-document YAML (Services and EndpointSlices only).
+fn model(yaml: &str) -> Model {
+    let mut model = Model::default();
+    for document in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_yaml::Value::deserialize(document).expect("valid YAML");
+        if value.is_null() {
+            continue;
+        }
+        match value["kind"].as_str() {
+            Some("Service") => {
+                let mut svc: Service = serde_yaml::from_value(value).expect("a Service");
+                let ns = svc.metadata.namespace.get_or_insert_with(|| "default".into());
+                let key = ObjectKey::new(ns.clone(), svc.metadata.name.clone().unwrap());
+                model.services.insert(key, Arc::new(svc));
+            }
+            Some("EndpointSlice") => {
+                let mut slice: EndpointSlice =
+                    serde_yaml::from_value(value).expect("an EndpointSlice");
+                let ns = slice
+                    .metadata
+                    .namespace
+                    .get_or_insert_with(|| "default".into());
+                let key = ObjectKey::new(ns.clone(), slice.metadata.name.clone().unwrap());
+                model.endpoint_slices.insert(key, Arc::new(slice));
+            }
+            other => panic!("unexpected kind {other:?}"),
+        }
+    }
+    model
+}
+
+fn compile(yaml: &str) -> Compiled {
+    compile_with(CompileOptions::default(), yaml)
+}
+
+fn compile_with(options: CompileOptions, yaml: &str) -> Compiled {
+    Compiler::new(options).compile(&model(yaml))
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn fe<'a>(snapshot: &'a Snapshot, addr: &str, protocol: Protocol, port: u16) -> &'a Arc<Frontend> {
+    snapshot
+        .frontends
+        .get(&FrontendKey {
+            addr: ip(addr),
+            protocol,
+            port,
+        })
+        .unwrap_or_else(|| panic!("no frontend {addr}:{port}/{protocol}"))
+}
+
+fn has_fe(snapshot: &Snapshot, addr: &str, protocol: Protocol, port: u16) -> bool {
+    snapshot.frontends.contains_key(&FrontendKey {
+        addr: ip(addr),
+        protocol,
+        port,
+    })
+}
+
+/// (addr, port, state) of every backend.
+fn backends(frontend: &Frontend) -> Vec<(String, u16, EndpointState)> {
+    frontend
+        .backends
+        .backends
+        .iter()
+        .map(|b| (b.addr.to_string(), b.port, b.state))
+        .collect()
+}
+
+/// (addr, port) of the usable backends.
+fn usable(frontend: &Frontend) -> Vec<(String, u16)> {
+    let set = &frontend.backends;
+    set.usable
+        .iter()
+        .map(|&i| {
+            let b = &set.backends[i as usize];
+            (b.addr.to_string(), b.port)
+        })
+        .collect()
+}
+
+use EndpointState::{NotServing, Ready, ServingTerminating};
+use Protocol::{Sctp, Tcp, Udp};
+
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: lab}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ports:
+    - {name: http, port: 80, protocol: TCP, targetPort: http}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-a
+  namespace: lab
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 9376, protocol: TCP}]
+endpoints:
+  - addresses: [10.244.1.2]
+    nodeName: node-1
+  - addresses: [10.244.2.2]
+    nodeName: node-2
+"#;
+
+#[test]
+fn item_01_headless_and_externalname_ignored() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec:
+  clusterIP: None
+  clusterIPs: [None]
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty-ip}
+spec:
+  clusterIP: ""
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: external}
+spec:
+  type: ExternalName
+  externalName: example.com
+  clusterIP: 10.96.0.50
+  clusterIPs: [10.96.0.50]
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: headless-x
+  labels: {kubernetes.io/service-name: headless}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints: [{addresses: [10.244.1.2]}]
+"#,
+    );
+    assert_eq!(c.snapshot.frontend_count, 0);
+    assert!(c.snapshot.frontends.is_empty());
+    assert!(c.snapshot.service_addresses.is_empty());
+    assert_eq!(c.stats.services, 0);
+}
+
+#[test]
+fn item_02_protocols_are_distinct_keys() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dns}
+spec:
+  clusterIP: 10.96.0.53
+  ports:
+    - {name: dns-tcp, port: 53, protocol: TCP}
+    - {name: dns-udp, port: 53, protocol: UDP}
+    - {name: dns-sctp, port: 53, protocol: SCTP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dns-x
+  labels: {kubernetes.io/service-name: dns}
+addressType: IPv4
+ports:
+  - {name: dns-tcp, port: 5300}
+  - {name: dns-udp, port: 5301, protocol: UDP}
+  - {name: dns-sctp, port: 5302, protocol: SCTP}
+endpoints: [{addresses: [10.244.1.2]}]
+"#,
+    );
+    assert_eq!(c.snapshot.frontend_count, 3);
+    for (proto, port, name) in [
+        (Tcp, 5300, "dns-tcp"),
+        (Udp, 5301, "dns-udp"),
+        (Sctp, 5302, "dns-sctp"),
+    ] {
+        let f = fe(&c.snapshot, "10.96.0.53", proto, 53);
+        assert_eq!(f.protocol, proto);
+        assert_eq!(f.service.protocol, proto);
+        assert_eq!(&*f.service.port_name, name);
+        assert_eq!(backends(f), vec![("10.244.1.2".into(), port, Ready)]);
+    }
+}
+
+#[test]
+fn item_02_missing_protocol_is_tcp_and_matches_slice_port_by_protocol() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec:
+  clusterIP: 10.96.0.5
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: s-x
+  labels: {kubernetes.io/service-name: s}
+addressType: IPv4
+ports: [{port: 8080, protocol: UDP}]
+endpoints: [{addresses: [10.244.1.2]}]
+"#,
+    );
+    let f = fe(&c.snapshot, "10.96.0.5", Tcp, 80);
+    assert!(backends(f).is_empty(), "a UDP slice port does not serve a TCP service port");
+}
+
+#[test]
+fn item_03_dual_stack_yields_only_ipv4_frontends() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual}
+spec:
+  type: LoadBalancer
+  clusterIP: fd00:10:96::10
+  clusterIPs: [fd00:10:96::10, 10.96.0.10]
+  ipFamilies: [IPv6, IPv4]
+  externalIPs: [2001:db8::1, 198.51.100.7]
+  loadBalancerSourceRanges: [2001:db8::/32, 203.0.113.0/24]
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: "2001:db8::100"}, {ip: 192.0.2.100}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dual-v6
+  labels: {kubernetes.io/service-name: dual}
+addressType: IPv6
+ports: [{name: http, port: 9376}]
+endpoints: [{addresses: ["fd00:10:244::2"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dual-v4
+  labels: {kubernetes.io/service-name: dual}
+addressType: IPv4
+ports: [{name: http, port: 9376}]
+endpoints: [{addresses: [10.244.1.2]}]
+"#,
+    );
+    let s = &c.snapshot;
+    assert_eq!(s.frontend_count, 4, "ClusterIP, NodePort, LB, externalIP: IPv4 only");
+    let cluster = fe(s, "10.96.0.10", Tcp, 80);
+    assert_eq!(backends(cluster), vec![("10.244.1.2".into(), 9376, Ready)]);
+    assert!(has_fe(s, "192.0.2.100", Tcp, 80));
+    assert!(has_fe(s, "198.51.100.7", Tcp, 80));
+    assert!(s.node_ports.contains_key(&(Tcp, 30080)));
+    assert_eq!(
+        fe(s, "192.0.2.100", Tcp, 80).source_ranges,
+        vec!["203.0.113.0/24".parse().unwrap()]
+    );
+    assert!(c.warnings.is_empty(), "other-family values are not warned: {:?}", c.warnings);
+}
+
+#[test]
+fn item_03_ipv6_only_service_is_not_served() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: v6}
+spec:
+  type: NodePort
+  clusterIP: fd00:10:96::10
+  clusterIPs: [fd00:10:96::10]
+  externalIPs: [198.51.100.7]
+  ports: [{port: 80, nodePort: 30080}]
+"#,
+    );
+    assert_eq!(c.snapshot.frontend_count, 0);
+}
+
+#[test]
+fn item_04_cluster_ip_frontend_per_port() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: multi, namespace: lab}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+    - {name: http, port: 80}
+    - {name: https, port: 443}
+"#,
+    );
+    let s = &c.snapshot;
+    assert_eq!(s.frontend_count, 2);
+    let http = fe(s, "10.96.0.10", Tcp, 80);
+    assert_eq!(http.kind, FrontendKind::ClusterIp);
+    assert_eq!(http.service.to_string(), "lab/multi:http/TCP");
+    assert_eq!(fe(s, "10.96.0.10", Tcp, 443).service.to_string(), "lab/multi:https/TCP");
+    assert_eq!(s.service_addresses.get(&ip("10.96.0.10")), Some(&FrontendKind::ClusterIp));
+}
+
+#[test]
+fn item_05_node_port_frontends_ignore_source_ranges() {
+    let options = CompileOptions {
+        node_port_addresses: vec![ip("192.168.1.10")],
+        ..CompileOptions::default()
+    };
+    let c = compile_with(
+        options,
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  loadBalancerSourceRanges: [10.0.0.0/8]
+  ports: [{port: 80, nodePort: 30080}, {port: 81, protocol: UDP, nodePort: 30080}]
+"#,
+    );
+    let s = &c.snapshot;
+    assert_eq!(s.node_port_addresses, vec![ip("192.168.1.10")]);
+    let tcp = &s.node_ports[&(Tcp, 30080)];
+    assert_eq!(tcp.kind, FrontendKind::NodePort);
+    assert_eq!(tcp.port, 30080);
+    assert!(tcp.source_ranges.is_empty());
+    assert!(s.node_ports.contains_key(&(Udp, 30080)));
+    assert!(s
+        .match_frontend(ip("192.168.1.10"), Tcp, 30080)
+        .is_some_and(|f| f.kind == FrontendKind::NodePort));
+    assert!(s.match_frontend(ip("127.0.0.1"), Tcp, 30080).is_none());
+}
+
+#[test]
+fn item_06_lb_ingress_vip_only() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  allocateLoadBalancerNodePorts: false
+  ports: [{port: 80}]
+status:
+  loadBalancer:
+    ingress:
+      - ip: 192.0.2.1
+      - ip: 192.0.2.2
+        ipMode: VIP
+      - ip: 192.0.2.3
+        ipMode: Proxy
+      - hostname: lb.example.com
+"#,
+    );
+    let s = &c.snapshot;
+    assert_eq!(fe(s, "192.0.2.1", Tcp, 80).kind, FrontendKind::LoadBalancer);
+    assert!(has_fe(s, "192.0.2.2", Tcp, 80));
+    assert!(!has_fe(s, "192.0.2.3", Tcp, 80), "ipMode Proxy is skipped");
+    assert!(s.node_ports.is_empty());
+    assert_eq!(s.frontend_count, 3);
+    assert_eq!(s.service_addresses.get(&ip("192.0.2.1")), Some(&FrontendKind::LoadBalancer));
+    assert!(!s.service_addresses.contains_key(&ip("192.0.2.3")));
+}
+
+#[test]
+fn item_07_external_ips() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec:
+  clusterIP: 10.96.0.10
+  externalIPs: [198.51.100.7, not-an-ip]
+  ports: [{port: 80}]
+"#,
+    );
+    let s = &c.snapshot;
+    assert_eq!(fe(s, "198.51.100.7", Tcp, 80).kind, FrontendKind::ExternalIp);
+    assert_eq!(s.service_addresses.get(&ip("198.51.100.7")), Some(&FrontendKind::ExternalIp));
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("default/ext") && w.contains("not-an-ip")),
+        "{:?}",
+        c.warnings
+    );
+}
+
+#[test]
+fn item_08_frontends_without_endpoints_and_service_addresses() {
+    let options = CompileOptions {
+        service_cidr: Some("10.96.0.0/16".parse().unwrap()),
+        ..CompileOptions::default()
+    };
+    let c = compile_with(
+        options,
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lonely}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 80}]
+"#,
+    );
+    let s = &c.snapshot;
+    let f = fe(s, "10.96.0.10", Tcp, 80);
+    assert!(f.backends.backends.is_empty());
+    assert!(f.backends.maglev.is_empty());
+    assert!(f.backends.pick(12345).is_none(), "no usable endpoint: the dataplane rejects");
+    assert_eq!(s.service_addresses.len(), 1);
+    assert_eq!(s.service_cidr, Some("10.96.0.0/16".parse().unwrap()));
+}
+
+#[test]
+fn item_09_slices_merge_and_duplicates_collapse() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-a
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 9376}]
+endpoints:
+  - addresses: [10.244.2.2]
+  - addresses: [10.244.1.2]
+    conditions: {ready: false, serving: false}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-b
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 9376}]
+endpoints:
+  - addresses: [10.244.1.2]
+  - addresses: [10.244.1.3]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: other-namespace
+  namespace: elsewhere
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 9376}]
+endpoints: [{addresses: [10.244.9.9]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: unlabelled
+addressType: IPv4
+ports: [{name: http, port: 9376}]
+endpoints: [{addresses: [10.244.8.8]}]
+"#,
+    );
+    let f = fe(&c.snapshot, "10.96.0.10", Tcp, 80);
+    assert_eq!(
+        backends(f),
+        vec![
+            ("10.244.1.2".into(), 9376, Ready),
+            ("10.244.1.3".into(), 9376, Ready),
+            ("10.244.2.2".into(), 9376, Ready),
+        ],
+        "merged, deduplicated (ready wins), sorted; other namespaces and unlabelled slices ignored"
+    );
+}
+
+#[test]
+fn item_09_endpoint_moving_between_slices_does_not_flap() {
+    let service = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}]
+"#;
+    let slice = |name: &str, endpoints: &str| {
+        format!(
+            r#"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, port: 9376}}]
+endpoints: {endpoints}
+"#
+        )
+    };
+    let pod = "[{addresses: [10.244.1.2], nodeName: node-1}]";
+    let both = "[{addresses: [10.244.1.2], nodeName: node-1}, {addresses: [10.244.1.3], nodeName: node-1}]";
+    let one = "[{addresses: [10.244.1.3], nodeName: node-1}]";
+    // The endpoint is in slice a, then in both (mid-move), then only in slice b.
+    let before = format!("{service}{}{}", slice("web-a", both), slice("web-b", "[]"));
+    let during = format!("{service}{}{}", slice("web-a", both), slice("web-b", pod));
+    let after = format!("{service}{}{}", slice("web-a", one), slice("web-b", pod));
+    let mut compiler = Compiler::new(CompileOptions::default());
+    let sets: Vec<_> = [before, during, after]
+        .iter()
+        .map(|yaml| {
+            let c = compiler.compile(&model(yaml));
+            fe(&c.snapshot, "10.96.0.10", Tcp, 80).backends.clone()
+        })
+        .collect();
+    assert!(Arc::ptr_eq(&sets[0], &sets[1]), "same inputs → same shared set");
+    assert!(Arc::ptr_eq(&sets[1], &sets[2]));
+    assert_eq!(sets[0].backends.len(), 2);
+}
+
+#[test]
+fn item_09_fqdn_slices_ignored_and_only_first_address() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-fqdn
+  labels: {kubernetes.io/service-name: web}
+addressType: FQDN
+ports: [{port: 80}]
+endpoints: [{addresses: [backend.example.com]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v4
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.1.2, 10.244.1.99]}]
+"#,
+    );
+    let f = fe(&c.snapshot, "10.96.0.10", Tcp, 80);
+    assert_eq!(backends(f), vec![("10.244.1.2".into(), 8080, Ready)]);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn item_10_named_target_port_resolves_per_slice() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: web}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-old
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.1.2]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-new
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 9090}]
+endpoints: [{addresses: [10.244.1.3]}]
+"#,
+    );
+    let f = fe(&c.snapshot, "10.96.0.10", Tcp, 80);
+    assert_eq!(
+        backends(f),
+        vec![
+            ("10.244.1.2".into(), 8080, Ready),
+            ("10.244.1.3".into(), 9090, Ready)
+        ]
+    );
+}
+
+#[test]
+fn item_10_port_matched_by_name_and_numberless_ports_ignored() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+    - {name: http, port: 80}
+    - {name: metrics, port: 9100}
+    - {name: admin, port: 8443}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-x
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+  - {name: http, port: 9376}
+  - {name: metrics}
+  - {port: 1}
+endpoints: [{addresses: [10.244.1.2]}]
+"#,
+    );
+    let s = &c.snapshot;
+    assert_eq!(backends(fe(s, "10.96.0.10", Tcp, 80)), vec![("10.244.1.2".into(), 9376, Ready)]);
+    assert!(backends(fe(s, "10.96.0.10", Tcp, 9100)).is_empty(), "slice port without number");
+    assert!(backends(fe(s, "10.96.0.10", Tcp, 8443)).is_empty(), "no slice port named admin");
+}
+
+#[test]
+fn item_10_unnamed_service_port_matches_unnamed_slice_port() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-x
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: "", port: 9376}]
+endpoints: [{addresses: [10.244.1.2]}]
+"#,
+    );
+    assert_eq!(
+        backends(fe(&c.snapshot, "10.96.0.10", Tcp, 80)),
+        vec![("10.244.1.2".into(), 9376, Ready)]
+    );
+}
+
+/// Cases for item 11: endpoints with conditions → (backends, usable).
+#[test]
+fn item_11_conditions_and_terminating_fallback() {
+    struct Case {
+        name: &'static str,
+        endpoints: &'static str,
+        states: &'static [(&'static str, EndpointState)],
+        usable: &'static [&'static str],
+    }
+    let cases = [
+        Case {
+            name: "missing conditions mean ready",
+            endpoints: "[{addresses: [10.0.0.1]}, {addresses: [10.0.0.2], conditions: {}}]",
+            states: &[("10.0.0.1", Ready), ("10.0.0.2", Ready)],
+            usable: &["10.0.0.1", "10.0.0.2"],
+        },
+        Case {
+            name: "ready wins over terminating",
+            endpoints: "[{addresses: [10.0.0.1], conditions: {ready: true}},
+                         {addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}}]",
+            states: &[("10.0.0.1", Ready), ("10.0.0.2", ServingTerminating)],
+            usable: &["10.0.0.1"],
+        },
+        Case {
+            name: "no ready: fall back to serving-terminating",
+            endpoints: "[{addresses: [10.0.0.1], conditions: {ready: false, serving: false, terminating: true}},
+                         {addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}},
+                         {addresses: [10.0.0.3], conditions: {ready: false, terminating: true}}]",
+            states: &[("10.0.0.1", NotServing), ("10.0.0.2", ServingTerminating), ("10.0.0.3", ServingTerminating)],
+            usable: &["10.0.0.2", "10.0.0.3"],
+        },
+        Case {
+            name: "not ready, serving, not terminating is not serving",
+            endpoints: "[{addresses: [10.0.0.1], conditions: {ready: false, serving: true}}]",
+            states: &[("10.0.0.1", NotServing)],
+            usable: &[],
+        },
+        Case {
+            name: "not-serving is never usable",
+            endpoints: "[{addresses: [10.0.0.1], conditions: {ready: false, serving: false, terminating: false}}]",
+            states: &[("10.0.0.1", NotServing)],
+            usable: &[],
+        },
+    ];
+    for case in cases {
+        let c = compile(&format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: s}}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{{port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: s-x
+  labels: {{kubernetes.io/service-name: s}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints: {}
+"#,
+            case.endpoints
+        ));
+        let f = fe(&c.snapshot, "10.96.0.10", Tcp, 80);
+        let states: Vec<_> = case
+            .states
+            .iter()
+            .map(|&(a, s)| (a.to_string(), 8080, s))
+            .collect();
+        assert_eq!(backends(f), states, "{}", case.name);
+        let expect: Vec<_> = case.usable.iter().map(|a| (a.to_string(), 8080)).collect();
+        assert_eq!(usable(f), expect, "{}", case.name);
+        assert_eq!(f.backends.maglev.is_empty(), case.usable.is_empty(), "{}", case.name);
+        if !case.usable.is_empty() {
+            for hash in 0..200u64 {
+                let picked = f.backends.pick(hash.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap();
+                assert!(case.usable.contains(&picked.addr.to_string().as_str()), "{}", case.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn item_12_backend_states_kept_for_existing_flows() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: s-x
+  labels: {kubernetes.io/service-name: s}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+  - {addresses: [10.0.0.1]}
+  - {addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}}
+  - {addresses: [10.0.0.3], conditions: {ready: false, serving: false}}
+"#,
+    );
+    let set = &fe(&c.snapshot, "10.96.0.10", Tcp, 80).backends;
+    assert_eq!(set.state_of(ip("10.0.0.1"), 8080), Some(Ready));
+    assert_eq!(set.state_of(ip("10.0.0.2"), 8080), Some(ServingTerminating));
+    assert_eq!(set.state_of(ip("10.0.0.3"), 8080), Some(NotServing));
+    assert_eq!(set.state_of(ip("10.0.0.4"), 8080), None, "gone entirely");
+}
+
+#[test]
+fn item_14_maglev_over_usable_is_deterministic() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: s-x
+  labels: {kubernetes.io/service-name: s}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+  - {addresses: [10.0.0.3]}
+  - {addresses: [10.0.0.1]}
+  - {addresses: [10.0.0.2], conditions: {ready: false}}
+"#;
+    let options = CompileOptions {
+        maglev_table_size: 251,
+        ..CompileOptions::default()
+    };
+    let a = compile_with(options.clone(), yaml);
+    let b = compile_with(options, yaml);
+    let fa = fe(&a.snapshot, "10.96.0.10", Tcp, 80);
+    let fb = fe(&b.snapshot, "10.96.0.10", Tcp, 80);
+    assert_eq!(fa.backends.maglev, fb.backends.maglev, "same set → same table on every gateway");
+    let expected = MaglevTable::build(&[(ip("10.0.0.1"), 8080), (ip("10.0.0.3"), 8080)], 251);
+    assert_eq!(fa.backends.maglev, expected);
+    assert_eq!(fa.backends.maglev.size(), 251);
+}
+
+#[test]
+fn maglev_table_size_not_prime_is_warned_and_corrected() {
+    let options = CompileOptions {
+        maglev_table_size: 1000,
+        ..CompileOptions::default()
+    };
+    let c = compile_with(options, WEB);
+    assert!(c.warnings.iter().any(|w| w.contains("1000")), "{:?}", c.warnings);
+    let size = fe(&c.snapshot, "10.96.0.10", Tcp, 80).backends.maglev.size() as u32;
+    assert!(dataplane::maglev::is_prime(size) && size > 1000);
+}
+
+#[test]
+fn item_15_session_affinity_timeout() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: sticky-default}
+spec:
+  clusterIP: 10.96.0.30
+  sessionAffinity: ClientIP
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky-60}
+spec:
+  clusterIP: 10.96.0.31
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain}
+spec:
+  clusterIP: 10.96.0.32
+  sessionAffinity: None
+  ports: [{port: 80}]
+"#,
+    );
+    let s = &c.snapshot;
+    assert_eq!(fe(s, "10.96.0.30", Tcp, 80).affinity_timeout_secs, Some(10800));
+    assert_eq!(fe(s, "10.96.0.31", Tcp, 80).affinity_timeout_secs, Some(60));
+    assert_eq!(fe(s, "10.96.0.32", Tcp, 80).affinity_timeout_secs, None);
+}
+
+const EXTERNAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [198.51.100.7]
+  externalTrafficPolicy: ETP
+  ports: [{port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.100}]
+"#;
+
+#[test]
+fn item_16_etp_cluster_masquerades_external_frontends() {
+    for policy in ["Cluster", "\"\""] {
+        let c = compile(&EXTERNAL.replace("ETP", policy));
+        let s = &c.snapshot;
+        assert!(fe(s, "192.0.2.100", Tcp, 80).masquerade);
+        assert!(fe(s, "198.51.100.7", Tcp, 80).masquerade);
+        assert!(s.node_ports[&(Tcp, 30080)].masquerade);
+    }
+}
+
+#[test]
+fn item_17_etp_local_keeps_client_address() {
+    let c = compile(&EXTERNAL.replace("ETP", "Local"));
+    let s = &c.snapshot;
+    assert!(!fe(s, "192.0.2.100", Tcp, 80).masquerade);
+    assert!(!fe(s, "198.51.100.7", Tcp, 80).masquerade);
+    assert!(!s.node_ports[&(Tcp, 30080)].masquerade);
+    assert!(fe(s, "10.96.0.10", Tcp, 80).masquerade, "ClusterIP follows item 19, not ETP");
+}
+
+const ITP_LOCAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: lab}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  internalTrafficPolicy: Local
+  ports: [{port: 80, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: local-x
+  namespace: lab
+  labels: {kubernetes.io/service-name: local}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+  - {addresses: [10.244.1.2], nodeName: node-1}
+  - {addresses: [10.244.1.3], nodeName: node-1, conditions: {ready: false, serving: true, terminating: true}}
+  - {addresses: [10.244.2.2], nodeName: node-2}
+"#;
+
+fn route(cidr: &str, vtep: &str, node: Option<&str>) -> PodCidrRoute {
+    PodCidrRoute {
+        cidr: cidr.parse().unwrap(),
+        vtep: ip(vtep),
+        vni: 1,
+        node: node.map(Arc::from),
+    }
+}
+
+#[test]
+fn item_18_itp_local_with_node_mapping() {
+    let options = CompileOptions {
+        pod_routes: vec![
+            route("10.244.1.0/24", "192.168.1.11", Some("node-1")),
+            route("10.244.2.0/24", "192.168.1.12", Some("node-2")),
+            route("10.244.3.0/24", "192.168.1.13", Some("node-3")),
+        ],
+        ..CompileOptions::default()
+    };
+    let c = compile_with(options.clone(), ITP_LOCAL);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let s = &c.snapshot;
+    assert_eq!(s.pod_routes, options.pod_routes);
+    let f = fe(s, "10.96.0.10", Tcp, 80);
+    let InternalPolicy::Local { by_node } = &f.internal_policy else {
+        panic!("expected Local, got {:?}", f.internal_policy);
+    };
+    let node1 = &by_node["node-1"];
+    assert_eq!(node1.backends.len(), 2);
+    assert_eq!(node1.usable, vec![0], "only the ready local endpoint");
+    assert_eq!(by_node["node-2"].backends[0].addr, ip("10.244.2.2"));
+    assert!(by_node["node-3"].maglev.is_empty(), "no local endpoint: drop");
+    assert_eq!(f.backends.backends.len(), 3, "cluster-wide set kept alongside");
+    assert!(
+        matches!(s.node_ports[&(Tcp, 30080)].internal_policy, InternalPolicy::Cluster),
+        "external frontends follow externalTrafficPolicy"
+    );
+}
+
+#[test]
+fn item_18_itp_local_without_node_mapping_is_cluster() {
+    let options = CompileOptions {
+        pod_routes: vec![route("10.244.1.0/24", "192.168.1.11", None)],
+        ..CompileOptions::default()
+    };
+    let c = compile_with(options, ITP_LOCAL);
+    let f = fe(&c.snapshot, "10.96.0.10", Tcp, 80);
+    assert!(matches!(f.internal_policy, InternalPolicy::Cluster));
+    assert_eq!(
+        c.warnings,
+        vec!["internalTrafficPolicy: Local on lab/local treated as Cluster: no pod_routes name a node"]
+    );
+}
+
+#[test]
+fn item_19_cluster_ip_masquerade_option() {
+    let on = compile(WEB);
+    assert!(fe(&on.snapshot, "10.96.0.10", Tcp, 80).masquerade, "default true");
+    let off = compile_with(
+        CompileOptions {
+            masquerade_cluster_ip: false,
+            ..CompileOptions::default()
+        },
+        WEB,
+    );
+    assert!(!fe(&off.snapshot, "10.96.0.10", Tcp, 80).masquerade);
+}
+
+#[test]
+fn item_20_source_ranges_trimmed_lb_only() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: fw, namespace: lab}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [198.51.100.7]
+  loadBalancerSourceRanges: [" 203.0.113.0/24 ", "10.1.2.3/8", "bogus/99"]
+  ports: [{port: 80, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.100}]
+"#,
+    );
+    let s = &c.snapshot;
+    assert_eq!(
+        fe(s, "192.0.2.100", Tcp, 80).source_ranges,
+        vec!["10.0.0.0/8".parse().unwrap(), "203.0.113.0/24".parse().unwrap()]
+    );
+    assert!(fe(s, "10.96.0.10", Tcp, 80).source_ranges.is_empty());
+    assert!(fe(s, "198.51.100.7", Tcp, 80).source_ranges.is_empty());
+    assert!(s.node_ports[&(Tcp, 30080)].source_ranges.is_empty());
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("lab/fw") && w.contains("bogus/99")),
+        "{:?}",
+        c.warnings
+    );
+}
+
+#[test]
+fn conflicting_frontends_keep_the_older_service() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: young, creationTimestamp: "2024-06-01T00:00:00Z"}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.11
+  externalIPs: [198.51.100.7]
+  ports: [{port: 80, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: old, creationTimestamp: "2023-01-01T00:00:00Z"}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.12
+  externalIPs: [198.51.100.7]
+  ports: [{port: 80, nodePort: 30080}]
+"#,
+    );
+    let s = &c.snapshot;
+    assert_eq!(&*fe(s, "198.51.100.7", Tcp, 80).service.name, "old");
+    assert_eq!(&*s.node_ports[&(Tcp, 30080)].service.name, "old");
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert!(c.warnings.iter().all(|w| w.contains("default/young") && w.contains("default/old")));
+    assert_eq!(s.frontend_count, 4);
+}
+
+#[test]
+fn frontend_ids_dense_and_deterministic() {
+    let yaml = format!(
+        "{WEB}---{}",
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a-first}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalIPs: [198.51.100.1]
+  ports: [{name: b, port: 81, nodePort: 30081}, {name: a, port: 82}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.2}, {ip: 192.0.2.1}]
+"#
+    );
+    let c = compile(&yaml);
+    let s = &c.snapshot;
+    let order: Vec<String> = s
+        .all_frontends()
+        .iter()
+        .map(|f| format!("{} {} {}:{}", f.service, f.kind.as_str(), f.addr, f.port))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            "default/a-first:a/TCP ClusterIP 10.96.0.20:82",
+            "default/a-first:a/TCP LoadBalancer 192.0.2.1:82",
+            "default/a-first:a/TCP LoadBalancer 192.0.2.2:82",
+            "default/a-first:a/TCP ExternalIP 198.51.100.1:82",
+            "default/a-first:b/TCP ClusterIP 10.96.0.20:81",
+            "default/a-first:b/TCP NodePort 0.0.0.0:30081",
+            "default/a-first:b/TCP LoadBalancer 192.0.2.1:81",
+            "default/a-first:b/TCP LoadBalancer 192.0.2.2:81",
+            "default/a-first:b/TCP ExternalIP 198.51.100.1:81",
+            "lab/web:http/TCP ClusterIP 10.96.0.10:80",
+        ]
+    );
+    let ids: Vec<u32> = s.all_frontends().iter().map(|f| f.id).collect();
+    assert_eq!(ids, (0..10).collect::<Vec<_>>());
+    assert_eq!(s.frontend_count, 10);
+    assert_eq!(c.stats.frontends, 10);
+    assert_eq!(c.stats.services, 2);
+    assert_eq!(s.generation, 0);
+}
+
+#[test]
+fn incremental_compile_shares_unchanged_backend_sets() {
+    let other = |ready: bool| {
+        format!(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: api, namespace: lab}}
+spec:
+  clusterIP: 10.96.0.40
+  ports: [{{port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: api-x
+  namespace: lab
+  labels: {{kubernetes.io/service-name: api}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints:
+  - {{addresses: [10.244.1.7], conditions: {{ready: {ready}}}}}
+  - {{addresses: [10.244.1.8]}}
+"#
+        )
+    };
+    let mut compiler = Compiler::new(CompileOptions::default());
+    let first = compiler.compile(&model(&format!("{WEB}{}", other(true))));
+    assert_eq!(first.stats.backend_sets_built, 2);
+    assert_eq!(first.stats.backend_sets_reused, 0);
+    assert_eq!(first.stats.backends, 4);
+    let second = compiler.compile(&model(&format!("{WEB}{}", other(false))));
+    assert_eq!(second.stats.backend_sets_built, 1);
+    assert_eq!(second.stats.backend_sets_reused, 1);
+    let web = |c: &Compiled| fe(&c.snapshot, "10.96.0.10", Tcp, 80).backends.clone();
+    let api = |c: &Compiled| fe(&c.snapshot, "10.96.0.40", Tcp, 80).backends.clone();
+    assert!(Arc::ptr_eq(&web(&first), &web(&second)), "unchanged port shares its table");
+    assert!(!Arc::ptr_eq(&api(&first), &api(&second)), "changed port rebuilt");
+    assert_eq!(api(&second).usable.len(), 1);
+    // Frontends are new values, backend sets are shared.
+    let third = compiler.compile(&model(&format!("{WEB}{}", other(false))));
+    assert_eq!(third.stats.backend_sets_built, 0);
+    assert!(Arc::ptr_eq(&api(&second), &api(&third)));
+}
+
+#[test]
+fn backend_node_names_come_from_the_slice() {
+    let c = compile(WEB);
+    let f = fe(&c.snapshot, "10.96.0.10", Tcp, 80);
+    let nodes: Vec<Option<&str>> = f.backends.backends.iter().map(|b: &Backend| b.node.as_deref()).collect();
+    assert_eq!(nodes, vec![Some("node-1"), Some("node-2")]);
+}
+
+#[test]
+fn item_05_node_port_addresses_never_loopback() {
+    let c = compile_with(
+        CompileOptions {
+            node_port_addresses: vec![ip("127.0.0.1"), ip("192.168.1.10")],
+            ..CompileOptions::default()
+        },
+        WEB,
+    );
+    assert_eq!(c.snapshot.node_port_addresses, vec![ip("192.168.1.10")]);
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+}
