@@ -2,4 +2,5 @@
 //! to a dataplane snapshot, publishing, the admin API, and the `servicegate` binary.
 #![forbid(unsafe_code)]
 
+pub mod kube_source;
 pub mod model;
