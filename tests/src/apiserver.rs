@@ -541,6 +541,10 @@ async fn list_response(
     filter: Filter,
     query: &HashMap<String, String>,
 ) -> Response<Body> {
+    inner.list_pages.fetch_add(1, Ordering::SeqCst);
+    if query.get("continue").map_or(true, String::is_empty) {
+        inner.lists.fetch_add(1, Ordering::SeqCst);
+    }
     let delay = inner.state().list_delay[filter.kind.index()];
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -554,7 +558,6 @@ async fn list_response(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    inner.list_pages.fetch_add(1, Ordering::SeqCst);
     let (id, offset, rv, items) = match query.get("continue").filter(|c| !c.is_empty()) {
         Some(token) => {
             let parsed = token
@@ -573,7 +576,6 @@ async fn list_response(
             (id, offset, rv, items)
         }
         None => {
-            inner.lists.fetch_add(1, Ordering::SeqCst);
             let items: Vec<Value> = st.objects[filter.kind.index()]
                 .values()
                 .filter(|o| filter.matches(o))

@@ -53,8 +53,9 @@ pub fn endpoint_slice(
             ..Default::default()
         },
         address_type: "IPv4".to_owned(),
-        endpoints: addresses
-            .iter()
+        endpoints: Some(
+            addresses
+                .iter()
             .map(|a| Endpoint {
                 addresses: vec![(*a).to_owned()],
                 conditions: Some(EndpointConditions {
@@ -64,6 +65,7 @@ pub fn endpoint_slice(
                 ..Default::default()
             })
             .collect(),
+        ),
         ports: Some(vec![EndpointPort {
             name: Some("http".to_owned()),
             protocol: Some("TCP".to_owned()),

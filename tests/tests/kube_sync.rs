@@ -133,7 +133,13 @@ fn summary(m: &Model) -> (Vec<String>, Vec<String>) {
 fn slice_addresses(m: &Model, ns: &str, name: &str) -> Vec<String> {
     m.endpoint_slices
         .get(&key(ns, name))
-        .map(|s| s.endpoints.iter().flat_map(|e| e.addresses.clone()).collect())
+        .map(|s| {
+            s.endpoints
+                .iter()
+                .flatten()
+                .flat_map(|e| e.addresses.clone())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -199,11 +205,8 @@ async fn initial_sync_waits_for_both_lists() {
     assert!(models.iter().all(|m| has_base(m)));
     // managedFields are stripped before the store.
     let web = &first.services[&key("default", "web")];
-    assert!(web
-        .metadata
-        .managed_fields
-        .as_ref()
-        .is_none_or(|f| f.is_empty()));
+    let managed = web.metadata.managed_fields.clone().unwrap_or_default();
+    assert!(managed.is_empty(), "managedFields kept: {managed:?}");
     assert_eq!(
         slice_addresses(&first, "default", "web-abcde"),
         ["10.0.1.1", "10.0.1.2"]
@@ -429,7 +432,7 @@ async fn namespace_and_label_selector_filter() {
     labelled_eps
         .metadata
         .labels
-        .get_or_insert_default()
+        .get_or_insert_with(Default::default)
         .insert("gateway".to_owned(), "edge".to_owned());
     server.apply_endpoint_slice(labelled_eps);
     let h = Harness::start_with(server, |c| {
