@@ -68,6 +68,8 @@ enum Step {
     InitDone,
     /// The store changed (`Apply` / `Delete`).
     Changed,
+    /// The watch's resourceVersion expired (`410 Gone`): the watcher relists next.
+    Expired,
     /// The watcher reported an error; it backs off and retries by itself.
     Error(String),
 }
@@ -78,6 +80,7 @@ fn classify<K>(ev: Result<watcher::Event<K>, watcher::Error>) -> Step {
         Ok(watcher::Event::InitApply(_)) => Step::Buffered,
         Ok(watcher::Event::InitDone) => Step::InitDone,
         Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Step::Changed,
+        Err(watcher::Error::WatchError(status)) if status.code == 410 => Step::Expired,
         Err(e) => Step::Error(error_chain(&e)),
     }
 }
@@ -216,7 +219,10 @@ pub async fn run(
             }
             step => {
                 if state.failing {
-                    tracing::info!(kind = kind_name, "kubernetes source: API server answering again");
+                    tracing::info!(
+                        kind = kind_name,
+                        "kubernetes source: API server answering again"
+                    );
                     state.failing = false;
                 }
                 match step {
@@ -229,6 +235,10 @@ pub async fn run(
                         }
                     }
                     Step::Buffered => {}
+                    Step::Expired => tracing::info!(
+                        kind = kind_name,
+                        "kubernetes source: resourceVersion expired (410 Gone), will relist; last model stays in force"
+                    ),
                     Step::InitDone => {
                         state.listing = false;
                         if state.ready {

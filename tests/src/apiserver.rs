@@ -278,18 +278,19 @@ impl FakeApiServer {
     /// `false`: bind the same port again and serve.
     pub async fn set_down(&self, down: bool) {
         if down {
-            let handle = self
-                .accept
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
+            let handle = self.accept.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(handle) = handle {
                 handle.abort();
                 let _ = handle.await;
             }
             let _ = self.inner.events.send(Msg::Close);
         } else {
-            if self.accept.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            if self
+                .accept
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+            {
                 return;
             }
             let mut tries = 0;
@@ -347,12 +348,7 @@ impl FakeApiServer {
 
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
-        if let Some(h) = self
-            .accept
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(h) = self.accept.lock().unwrap_or_else(|e| e.into_inner()).take() {
             h.abort();
         }
     }
@@ -417,11 +413,10 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         );
     }
     let path = req.uri().path().to_owned();
-    let query: HashMap<String, String> = form_urlencoded::parse(
-        req.uri().query().unwrap_or_default().as_bytes(),
-    )
-    .into_owned()
-    .collect();
+    let query: HashMap<String, String> =
+        form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (kind, ns) = match segs.as_slice() {
         ["version"] => {
@@ -542,7 +537,7 @@ async fn list_response(
     query: &HashMap<String, String>,
 ) -> Response<Body> {
     inner.list_pages.fetch_add(1, Ordering::SeqCst);
-    if query.get("continue").map_or(true, String::is_empty) {
+    if query.get("continue").is_none_or(String::is_empty) {
         inner.lists.fetch_add(1, Ordering::SeqCst);
     }
     let delay = inner.state().list_delay[filter.kind.index()];

@@ -56,15 +56,15 @@ pub fn endpoint_slice(
         endpoints: Some(
             addresses
                 .iter()
-            .map(|a| Endpoint {
-                addresses: vec![(*a).to_owned()],
-                conditions: Some(EndpointConditions {
-                    ready: Some(true),
+                .map(|a| Endpoint {
+                    addresses: vec![(*a).to_owned()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .collect(),
+                })
+                .collect(),
         ),
         ports: Some(vec![EndpointPort {
             name: Some("http".to_owned()),

@@ -326,7 +326,11 @@ async fn relist_on_410_keeps_every_object() {
         let ok = m.services.contains_key(&key("default", "web"))
             && m.services.contains_key(&key("shop", "cart"))
             && m.endpoint_slices.contains_key(&key("default", "web-abcde"));
-        assert!(ok, "a model lost objects during the relist: {:?}", summary(m));
+        assert!(
+            ok,
+            "a model lost objects during the relist: {:?}",
+            summary(m)
+        );
     }
 }
 
@@ -358,7 +362,11 @@ async fn api_down_keeps_last_model_and_catches_up() {
     // Nothing sent during the outage dropped anything.
     let during = h.models();
     for m in &during[published_before..] {
-        assert!(has_base(m), "model without objects during outage: {:?}", summary(m));
+        assert!(
+            has_base(m),
+            "model without objects during outage: {:?}",
+            summary(m)
+        );
     }
     assert_eq!(
         during.len(),
