@@ -2,8 +2,11 @@
 //! to a dataplane snapshot, publishing, the admin API, and the `servicegate` binary.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod compiler;
 pub mod config;
+pub mod ctl;
+pub mod kube_source;
 pub mod manifests;
 pub mod model;

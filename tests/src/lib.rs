@@ -1,1 +1,76 @@
+//! Integration-test support for servicegate: a fake Kubernetes API server and object builders.
+#![forbid(unsafe_code)]
 
+pub mod apiserver;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// A ClusterIP Service `ns/name` with one TCP port `port` named `http`.
+pub fn service(ns: &str, name: &str, cluster_ip: &str, port: i32) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            namespace: Some(ns.to_owned()),
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_owned()),
+            cluster_ip: Some(cluster_ip.to_owned()),
+            cluster_ips: Some(vec![cluster_ip.to_owned()]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_owned()),
+                protocol: Some("TCP".to_owned()),
+                port,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An IPv4 EndpointSlice `ns/name` of Service `service`, with ready endpoints `addresses`
+/// on TCP port `port` named `http`.
+pub fn endpoint_slice(
+    ns: &str,
+    name: &str,
+    service: &str,
+    addresses: &[&str],
+    port: i32,
+) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            namespace: Some(ns.to_owned()),
+            name: Some(name.to_owned()),
+            labels: Some(BTreeMap::from([(
+                "kubernetes.io/service-name".to_owned(),
+                service.to_owned(),
+            )])),
+            ..Default::default()
+        },
+        address_type: "IPv4".to_owned(),
+        endpoints: Some(
+            addresses
+                .iter()
+                .map(|a| Endpoint {
+                    addresses: vec![(*a).to_owned()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".to_owned()),
+            protocol: Some("TCP".to_owned()),
+            port: Some(port),
+            ..Default::default()
+        }]),
+    }
+}
