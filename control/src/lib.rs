@@ -3,3 +3,5 @@
 #![forbid(unsafe_code)]
 
 pub mod model;
+pub mod admin;
+pub mod ctl;
