@@ -361,18 +361,17 @@ fn render_metrics(state: &AdminState) -> String {
         registry.register(name, help, family);
     }
 
-    // Drops: one family per reason, so each keeps its own help text.
+    // Drops: every reason, always (a family may be registered once, so the help of every
+    // reason goes into the one HELP line).
+    let drops = counter_family();
+    let mut help = String::from("Frames dropped, by reason:");
     for reason in DropReason::ALL {
-        let family = counter_family();
-        family
+        drops
             .get_or_create(&labels(&[("reason", reason.as_str())]))
             .inc_by(total.drops_of(*reason));
-        registry.register(
-            "servicegate_drops",
-            format!("Frames dropped, by reason. {}: {}", reason.as_str(), reason.help()),
-            family,
-        );
+        let _ = write!(help, " {}: {};", reason.as_str(), reason.help());
     }
+    registry.register("servicegate_drops", help.trim_end_matches(';'), drops);
 
     // Conntrack, per worker.
     let ct_entries = gauge_family();
@@ -526,11 +525,19 @@ fn render_metrics(state: &AdminState) -> String {
     // Burst latency: a real histogram from the summed hdrhistogram, plus its quantiles.
     let hist = &total.burst_latency_ns;
     let count = hist.len();
-    let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_NS
-        .iter()
-        .map(|&ub| (ub as f64 / 1e9, if count == 0 { 0 } else { hist.count_between(0, ub) }))
-        .collect();
-    buckets.push((f64::INFINITY, count));
+    // The encoder accumulates: hand it the count of each bucket alone.
+    let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(LATENCY_BUCKETS_NS.len() + 1);
+    let mut below = 0u64;
+    for &ub in LATENCY_BUCKETS_NS {
+        let cumulative = if count == 0 {
+            0
+        } else {
+            hist.count_between(0, ub)
+        };
+        buckets.push((ub as f64 / 1e9, cumulative.saturating_sub(below)));
+        below = below.max(cumulative);
+    }
+    buckets.push((f64::INFINITY, count.saturating_sub(below)));
     let sum = if count == 0 { 0.0 } else { hist.mean() * count as f64 / 1e9 };
     registry.register(
         "servicegate_burst_latency_seconds",
@@ -769,7 +776,7 @@ fn service_filter(snapshot: &Snapshot, spec: &str) -> Result<Vec<u32>, Response>
         .filter(|f| {
             &*f.service.namespace == ns
                 && &*f.service.name == name
-                && port.is_none_or(|p| &*f.service.port_name == p)
+                && port.map_or(true, |p| &*f.service.port_name == p)
         })
         .map(|f| f.id)
         .collect();
@@ -1085,7 +1092,7 @@ pub fn explain(
         match sender_node {
             Some(node) => match by_node.get(&node) {
                 Some(local) => {
-                    set = local;
+                    set = &**local;
                     steps.push(step(
                         "internal_traffic_policy",
                         "local",

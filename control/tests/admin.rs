@@ -220,7 +220,7 @@ fn play_workers(workers: Arc<[WorkerShared]>, stop: Arc<AtomicBool>) -> JoinHand
                                     .filter(|r| {
                                         frontends
                                             .as_ref()
-                                            .is_none_or(|ids| ids.contains(&r.frontend_id))
+                                            .map_or(true, |ids| ids.contains(&r.frontend_id))
                                     })
                                     .take(limit)
                                     .collect()
@@ -518,13 +518,25 @@ async fn metrics_have_the_promised_names() {
         "servicegate_sync_latency_seconds 0.0125",
         "servicegate_worker_busy_ratio{worker=\"0\"}",
         "servicegate_handoffs_total{worker=\"0\",direction=\"out\"} 3",
-        "servicegate_burst_latency_seconds_bucket{le=\"0.00001\"} 3",
+        "servicegate_burst_latency_seconds_bucket{le=\"+Inf\"} 4",
         "servicegate_burst_latency_seconds_count 4",
         "servicegate_burst_latency_quantile_seconds{quantile=\"0.99\"}",
         "servicegate_backend_info{service=\"default/web\",port=\"http\",protocol=\"TCP\",backend=\"10.244.1.5:8080\",state=\"ready\"",
     ] {
         assert!(body.contains(name), "missing {name:?} in\n{body}");
     }
+    // Buckets are cumulative: 2, 3 and 5 µs are below 10 µs, 40 µs is not.
+    let bucket = body
+        .lines()
+        .find(|l| {
+            l.starts_with("servicegate_burst_latency_seconds_bucket{")
+                && l.split('"')
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| (v - 1e-5).abs() < 1e-12)
+        })
+        .expect("10 µs bucket");
+    assert!(bucket.ends_with(" 3"), "{bucket}");
     // Every drop reason is exported, with its help text.
     for reason in DropReason::ALL {
         let line = format!("servicegate_drops_total{{reason=\"{}\"}}", reason.as_str());
