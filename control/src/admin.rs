@@ -1,0 +1,1318 @@
+//! The admin HTTP API (default `127.0.0.1:9900`): health, readiness, Prometheus metrics,
+//! and the JSON views `ctl` prints (`/v1/services`, `/v1/conntrack`, `/v1/trace`).
+//!
+//! Nothing here touches the packet path: counters are read from each worker's published
+//! `StatsCell` (one short lock per worker per scrape), conntrack is asked of the owning
+//! workers through their request queues (answered between bursts, waited for at most
+//! [`WORKER_REPLY_TIMEOUT`]), and everything else comes from the current snapshot.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use dataplane::conntrack::{Direction, FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use dataplane::dpdk::PortStats;
+use dataplane::snapshot::{
+    Backend, BackendSet, EndpointState, Frontend, FrontendKind, InternalPolicy, Protocol,
+    Snapshot,
+};
+use dataplane::stats::{DropReason, WorkerStats, MAX_PORTS};
+use dataplane::worker::{ConntrackRow, Request, WorkerShared};
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// How long a worker may take to answer a conntrack request.
+pub const WORKER_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+/// A worker whose published cycle counter has not moved for this long is reported stuck.
+pub const STUCK_AFTER: Duration = Duration::from_secs(2);
+/// Default and maximum `?limit=` of `/v1/conntrack`.
+pub const DEFAULT_CONNTRACK_LIMIT: usize = 1000;
+pub const MAX_CONNTRACK_LIMIT: usize = 100_000;
+
+/// A configured port, as the metrics and `ctl` name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortInfo {
+    /// Name from the config (the `port` label).
+    pub name: String,
+    /// DPDK port id (index of the per-port counters).
+    pub id: u16,
+    /// What the port is for (e.g. `uplink`, `cluster`, `exception`).
+    pub role: String,
+    pub queues: u16,
+}
+
+/// What the control side last did to the service tables.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SyncInfo {
+    /// Compile + publish latency of the last snapshot, seconds.
+    pub last_sync_seconds: f64,
+    /// `kubernetes` or `files` (and whatever detail the source gives).
+    pub source: String,
+    /// Objects the compiler skipped or served partially, one line each.
+    pub warnings: Vec<String>,
+    /// Services in the last snapshot.
+    pub services: usize,
+}
+
+/// Driver counters of every port, by port name.
+pub type PortStatsFn = Box<dyn Fn() -> Vec<(String, PortStats)> + Send + Sync>;
+
+/// Everything the admin API reads.
+pub struct AdminState {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub workers: Arc<[WorkerShared]>,
+    pub ports: Vec<PortInfo>,
+    /// Driver counters (`rte_eth_stats`), read on each scrape.
+    pub port_stats: PortStatsFn,
+    /// Set once the first complete snapshot is installed.
+    pub ready: Arc<AtomicBool>,
+    pub sync: Arc<parking_lot::Mutex<SyncInfo>>,
+    /// The pipeline's flow hash (what Maglev is indexed with), for `trace`.
+    pub flow_hash: fn(&FlowKey) -> u64,
+    pub tsc_hz: u64,
+}
+
+/// Per-worker liveness: the last `total_cycles` seen and when it last moved.
+#[derive(Clone, Copy)]
+struct Progress {
+    total_cycles: u64,
+    bursts: u64,
+    changed_at: Instant,
+}
+
+struct App {
+    state: Arc<AdminState>,
+    progress: parking_lot::Mutex<Vec<Option<Progress>>>,
+}
+
+impl App {
+    /// Samples every worker's published counters; returns the workers stuck for longer
+    /// than [`STUCK_AFTER`] with how long they have been.
+    fn sample_progress(&self) -> Vec<(usize, Duration)> {
+        let now = Instant::now();
+        let mut progress = self.progress.lock();
+        progress.resize(self.state.workers.len(), None);
+        let mut stuck = Vec::new();
+        for (i, worker) in self.state.workers.iter().enumerate() {
+            let (total_cycles, bursts) = {
+                let s = worker.stats.lock();
+                (s.total_cycles, s.bursts)
+            };
+            let entry = progress[i].get_or_insert(Progress {
+                total_cycles,
+                bursts,
+                changed_at: now,
+            });
+            if entry.total_cycles != total_cycles || entry.bursts != bursts {
+                *entry = Progress {
+                    total_cycles,
+                    bursts,
+                    changed_at: now,
+                };
+            }
+            let idle = now.duration_since(entry.changed_at);
+            if idle > STUCK_AFTER {
+                stuck.push((i, idle));
+            }
+        }
+        stuck
+    }
+}
+
+/// The admin API's routes.
+pub fn router(state: Arc<AdminState>) -> Router {
+    let app = Arc::new(App {
+        progress: parking_lot::Mutex::new(vec![None; state.workers.len()]),
+        state,
+    });
+    router_for(app)
+}
+
+fn router_for(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/services", get(services))
+        .route("/v1/conntrack", get(conntrack))
+        .route("/v1/trace", get(trace))
+        .with_state(app)
+}
+
+/// Serves the admin API on `listener` until the task is dropped; samples worker progress
+/// every 500 ms so `/healthz` notices a stuck worker even when probed rarely.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) -> anyhow::Result<()> {
+    let app = Arc::new(App {
+        progress: parking_lot::Mutex::new(vec![None; state.workers.len()]),
+        state,
+    });
+    let sampler = {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                app.sample_progress();
+            }
+        })
+    };
+    let result = axum::serve(listener, router_for(app)).await;
+    sampler.abort();
+    result.map_err(anyhow::Error::from)
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    let mut body = body.into();
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+fn bad_request(reason: impl std::fmt::Display) -> Response {
+    let reason = reason.to_string();
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": reason }))).into_response()
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let stuck = app.sample_progress();
+    if stuck.is_empty() {
+        return text(StatusCode::OK, "ok");
+    }
+    let list: Vec<String> = stuck
+        .iter()
+        .map(|(w, idle)| format!("worker {w} has not polled for {:.1}s", idle.as_secs_f64()))
+        .collect();
+    text(StatusCode::SERVICE_UNAVAILABLE, list.join("; "))
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.state.ready.load(Ordering::Acquire) {
+        let generation = app.state.snapshot.load().generation;
+        text(StatusCode::OK, format!("ok (snapshot generation {generation})"))
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no complete service snapshot installed yet",
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect()
+}
+
+/// A histogram handed to the encoder as already-bucketed values (from the summed
+/// hdrhistogram of the workers).
+#[derive(Debug)]
+struct PrebucketedHistogram {
+    sum: f64,
+    count: u64,
+    /// (upper bound, cumulative count), ending with +Inf.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl EncodeMetric for PrebucketedHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Upper bounds of the burst latency histogram, in nanoseconds.
+const LATENCY_BUCKETS_NS: &[u64] = &[
+    1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+    5_000_000, 10_000_000, 100_000_000,
+];
+
+fn counter_family() -> Family<Labels, Counter> {
+    Family::default()
+}
+
+fn gauge_family() -> Family<Labels, Gauge> {
+    Family::default()
+}
+
+fn fgauge_family() -> Family<Labels, Gauge<f64, AtomicU64>> {
+    Family::default()
+}
+
+fn service_label(f: &Frontend) -> String {
+    format!("{}/{}", f.service.namespace, f.service.name)
+}
+
+fn frontend_label(f: &Frontend) -> String {
+    match f.kind {
+        FrontendKind::NodePort => format!("*:{}/{}", f.port, f.protocol),
+        _ => format!("{}:{}/{}", f.addr, f.port, f.protocol),
+    }
+}
+
+/// Renders the whole registry; a fresh registry per scrape (cheap at scrape rate).
+fn render_metrics(state: &AdminState) -> String {
+    let snapshot = state.snapshot.load();
+    let per_worker: Vec<WorkerStats> = state.workers.iter().map(|w| w.stats.lock().clone()).collect();
+    let mut total = WorkerStats::default();
+    for w in &per_worker {
+        total.merge(w);
+    }
+    let mut registry = Registry::default();
+
+    // Per port (software counters of the workers) and per (port, worker) = queue.
+    let rx_packets = counter_family();
+    let rx_bytes = counter_family();
+    let tx_packets = counter_family();
+    let tx_bytes = counter_family();
+    let q_rx = counter_family();
+    let q_tx = counter_family();
+    let port_info = gauge_family();
+    for port in &state.ports {
+        let p = usize::from(port.id);
+        if p >= MAX_PORTS {
+            continue;
+        }
+        let l = labels(&[("port", &port.name)]);
+        rx_packets.get_or_create(&l).inc_by(total.rx_packets[p]);
+        rx_bytes.get_or_create(&l).inc_by(total.rx_bytes[p]);
+        tx_packets.get_or_create(&l).inc_by(total.tx_packets[p]);
+        tx_bytes.get_or_create(&l).inc_by(total.tx_bytes[p]);
+        for (w, s) in per_worker.iter().enumerate() {
+            let lw = labels(&[("port", &port.name), ("worker", &w.to_string())]);
+            q_rx.get_or_create(&lw).inc_by(s.rx_packets[p]);
+            q_tx.get_or_create(&lw).inc_by(s.tx_packets[p]);
+        }
+        port_info
+            .get_or_create(&labels(&[
+                ("port", &port.name),
+                ("id", &port.id.to_string()),
+                ("role", &port.role),
+                ("queues", &port.queues.to_string()),
+            ]))
+            .set(1);
+    }
+    registry.register("servicegate_rx_packets", "Frames received, per port", rx_packets);
+    registry.register("servicegate_rx_bytes", "Bytes received, per port", rx_bytes);
+    registry.register("servicegate_tx_packets", "Frames the NIC accepted for transmission, per port", tx_packets);
+    registry.register("servicegate_tx_bytes", "Bytes queued for transmission, per port", tx_bytes);
+    registry.register(
+        "servicegate_queue_rx_packets",
+        "Frames received per port by each worker (a worker owns its rx queues)",
+        q_rx,
+    );
+    registry.register(
+        "servicegate_queue_tx_packets",
+        "Frames transmitted per port by each worker (tx queue = worker index)",
+        q_tx,
+    );
+    registry.register("servicegate_port_info", "Configured ports (always 1)", port_info);
+
+    // Driver counters.
+    let driver: [(&str, &str, fn(&PortStats) -> u64); 8] = [
+        ("servicegate_port_rx_packets", "Driver: frames received", |s| s.rx_packets),
+        ("servicegate_port_tx_packets", "Driver: frames transmitted", |s| s.tx_packets),
+        ("servicegate_port_rx_bytes", "Driver: bytes received", |s| s.rx_bytes),
+        ("servicegate_port_tx_bytes", "Driver: bytes transmitted", |s| s.tx_bytes),
+        (
+            "servicegate_port_rx_missed",
+            "Driver: frames the NIC dropped because the rx ring was full (workers too slow)",
+            |s| s.rx_missed,
+        ),
+        ("servicegate_port_rx_errors", "Driver: erroneous frames received", |s| s.rx_errors),
+        ("servicegate_port_tx_errors", "Driver: failed transmissions", |s| s.tx_errors),
+        (
+            "servicegate_port_rx_no_mbuf",
+            "Driver: rx mbuf allocation failures (mempool too small)",
+            |s| s.rx_no_mbuf,
+        ),
+    ];
+    let port_stats = (state.port_stats)();
+    for (name, help, field) in driver {
+        let family = counter_family();
+        for (port, stats) in &port_stats {
+            family.get_or_create(&labels(&[("port", port)])).inc_by(field(stats));
+        }
+        registry.register(name, help, family);
+    }
+
+    // Drops: every reason, always (a family may be registered once, so the help of every
+    // reason goes into the one HELP line).
+    let drops = counter_family();
+    let mut help = String::from("Frames dropped, by reason:");
+    for reason in DropReason::ALL {
+        drops
+            .get_or_create(&labels(&[("reason", reason.as_str())]))
+            .inc_by(total.drops_of(*reason));
+        let _ = write!(help, " {}: {};", reason.as_str(), reason.help());
+    }
+    registry.register("servicegate_drops", help.trim_end_matches(';'), drops);
+
+    // Conntrack, per worker.
+    let ct_entries = gauge_family();
+    let ct_inserts = counter_family();
+    let ct_evictions = counter_family();
+    let ct_expirations = counter_family();
+    let ct_full = counter_family();
+    let busy = fgauge_family();
+    let handoffs = counter_family();
+    let exception = counter_family();
+    let bursts = counter_family();
+    let worker_generation = gauge_family();
+    for (w, s) in per_worker.iter().enumerate() {
+        let wl = w.to_string();
+        let l = labels(&[("worker", &wl)]);
+        ct_entries.get_or_create(&l).set(s.conntrack.entries as i64);
+        ct_inserts.get_or_create(&l).inc_by(s.conntrack.inserts);
+        ct_evictions.get_or_create(&l).inc_by(s.conntrack.evictions);
+        ct_expirations.get_or_create(&l).inc_by(s.conntrack.expirations);
+        ct_full.get_or_create(&l).inc_by(s.conntrack.full);
+        let ratio = if s.total_cycles > 0 {
+            s.busy_cycles as f64 / s.total_cycles as f64
+        } else {
+            0.0
+        };
+        busy.get_or_create(&l).set(ratio);
+        bursts.get_or_create(&l).inc_by(s.bursts);
+        worker_generation.get_or_create(&l).set(s.generation as i64);
+        for (dir, v) in [("in", s.handoffs_in), ("out", s.handoffs_out)] {
+            handoffs
+                .get_or_create(&labels(&[("worker", &wl), ("direction", dir)]))
+                .inc_by(v);
+        }
+        for (dir, v) in [("to", s.to_exception), ("from", s.from_exception)] {
+            exception
+                .get_or_create(&labels(&[("worker", &wl), ("direction", dir)]))
+                .inc_by(v);
+        }
+    }
+    registry.register("servicegate_conntrack_entries", "Live conntrack entries, per worker shard", ct_entries);
+    registry.register("servicegate_conntrack_inserts", "Conntrack entries created", ct_inserts);
+    registry.register(
+        "servicegate_conntrack_evictions",
+        "Conntrack entries evicted early to make room (table under pressure)",
+        ct_evictions,
+    );
+    registry.register("servicegate_conntrack_expirations", "Conntrack entries that timed out", ct_expirations);
+    registry.register(
+        "servicegate_conntrack_full",
+        "New flows refused because the table was full of established flows",
+        ct_full,
+    );
+    registry.register(
+        "servicegate_worker_busy_ratio",
+        "Share of a worker's cycles spent on non-empty bursts since start",
+        busy,
+    );
+    registry.register("servicegate_handoffs", "Frames handed between workers to the flow's owner", handoffs);
+    registry.register("servicegate_exception", "Frames to/from the exception (kernel) port", exception);
+    registry.register("servicegate_bursts", "Non-empty bursts processed", bursts);
+    registry.register(
+        "servicegate_worker_snapshot_generation",
+        "Snapshot generation each worker last loaded",
+        worker_generation,
+    );
+
+    // Services.
+    let service_packets = counter_family();
+    let backend_info = gauge_family();
+    let mut seen_sets: HashSet<String> = HashSet::new();
+    let mut current: Vec<u64> = Vec::new();
+    for s in &per_worker {
+        if s.generation == snapshot.generation {
+            if current.len() < s.frontend_packets.len() {
+                current.resize(s.frontend_packets.len(), 0);
+            }
+            for (c, v) in current.iter_mut().zip(&s.frontend_packets) {
+                *c += v;
+            }
+        }
+    }
+    for f in snapshot.all_frontends() {
+        let svc = service_label(f);
+        service_packets
+            .get_or_create(&labels(&[
+                ("service", &svc),
+                ("port", &f.service.port_name),
+                ("protocol", f.protocol.as_str()),
+                ("kind", f.kind.as_str()),
+                ("frontend", &frontend_label(f)),
+            ]))
+            .inc_by(current.get(f.id as usize).copied().unwrap_or(0));
+        if seen_sets.insert(f.service.to_string()) {
+            for (i, b) in f.backends.backends.iter().enumerate() {
+                let usable = f.backends.usable.contains(&(i as u32));
+                backend_info
+                    .get_or_create(&labels(&[
+                        ("service", &svc),
+                        ("port", &f.service.port_name),
+                        ("protocol", f.protocol.as_str()),
+                        ("backend", &format!("{}:{}", b.addr, b.port)),
+                        ("state", b.state.as_str()),
+                        ("usable", if usable { "true" } else { "false" }),
+                        ("node", b.node.as_deref().unwrap_or("")),
+                    ]))
+                    .set(1);
+            }
+        }
+    }
+    registry.register(
+        "servicegate_service_packets",
+        "Packets of new and tracked flows per frontend, counted by workers running the current snapshot (resets when the snapshot changes)",
+        service_packets,
+    );
+    registry.register(
+        "servicegate_backend_info",
+        "Every endpoint of every served Service port with its state (always 1; per-backend packet counters are not kept yet)",
+        backend_info,
+    );
+
+    let generation: Gauge = Gauge::default();
+    generation.set(snapshot.generation as i64);
+    registry.register("servicegate_snapshot_generation", "Generation of the installed snapshot (0: none yet)", generation);
+    let frontends: Gauge = Gauge::default();
+    frontends.set(i64::from(snapshot.frontend_count));
+    registry.register("servicegate_frontends", "Frontends in the installed snapshot", frontends);
+    let ready: Gauge = Gauge::default();
+    ready.set(i64::from(state.ready.load(Ordering::Acquire)));
+    registry.register("servicegate_ready", "1 once the first complete snapshot is installed", ready);
+    {
+        let sync = state.sync.lock();
+        let latency: Gauge<f64, AtomicU64> = Gauge::default();
+        latency.set(sync.last_sync_seconds);
+        registry.register(
+            "servicegate_sync_latency_seconds",
+            "Compile and publish time of the last snapshot",
+            latency,
+        );
+        let services: Gauge = Gauge::default();
+        services.set(sync.services as i64);
+        registry.register("servicegate_services", "Services in the last snapshot", services);
+        let warnings: Gauge = Gauge::default();
+        warnings.set(sync.warnings.len() as i64);
+        registry.register(
+            "servicegate_sync_warnings",
+            "Objects the compiler skipped or served partially in the last sync",
+            warnings,
+        );
+    }
+
+    // Burst latency: a real histogram from the summed hdrhistogram, plus its quantiles.
+    let hist = &total.burst_latency_ns;
+    let count = hist.len();
+    // The encoder accumulates: hand it the count of each bucket alone.
+    let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(LATENCY_BUCKETS_NS.len() + 1);
+    let mut below = 0u64;
+    for &ub in LATENCY_BUCKETS_NS {
+        let cumulative = if count == 0 {
+            0
+        } else {
+            hist.count_between(0, ub)
+        };
+        buckets.push((ub as f64 / 1e9, cumulative.saturating_sub(below)));
+        below = below.max(cumulative);
+    }
+    buckets.push((f64::INFINITY, count.saturating_sub(below)));
+    let sum = if count == 0 { 0.0 } else { hist.mean() * count as f64 / 1e9 };
+    registry.register(
+        "servicegate_burst_latency_seconds",
+        "Processing time of non-empty bursts, all workers",
+        PrebucketedHistogram {
+            sum,
+            count,
+            buckets,
+        },
+    );
+    let quantiles = fgauge_family();
+    for q in ["0.5", "0.99", "0.999"] {
+        let v = if count == 0 {
+            0.0
+        } else {
+            hist.value_at_quantile(q.parse().unwrap_or(0.5)) as f64 / 1e9
+        };
+        quantiles.get_or_create(&labels(&[("quantile", q)])).set(v);
+    }
+    registry.register(
+        "servicegate_burst_latency_quantile_seconds",
+        "Quantiles of the burst processing time since start, all workers",
+        quantiles,
+    );
+
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+        out.clear();
+        out.push_str("# encoding failed\n");
+    }
+    out
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let body = render_metrics(&app.state);
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// /v1/services
+
+fn backend_json(set: &BackendSet, i: usize, b: &Backend) -> Value {
+    json!({
+        "address": b.addr.to_string(),
+        "port": b.port,
+        "state": b.state.as_str(),
+        "usable": set.usable.contains(&(i as u32)),
+        "node": b.node.as_deref(),
+    })
+}
+
+fn frontend_json(snapshot: &Snapshot, f: &Frontend, packets: Option<u64>) -> Value {
+    let backends: Vec<Value> = f
+        .backends
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| backend_json(&f.backends, i, b))
+        .collect();
+    let internal = match &f.internal_policy {
+        InternalPolicy::Cluster => json!("Cluster"),
+        InternalPolicy::Local { by_node } => {
+            let mut nodes: Vec<&str> = by_node.keys().map(|n| &**n).collect();
+            nodes.sort_unstable();
+            json!({ "Local": { "nodes": nodes } })
+        }
+    };
+    let mut v = json!({
+        "id": f.id,
+        "service": service_label(f),
+        "namespace": &*f.service.namespace,
+        "name": &*f.service.name,
+        "port_name": &*f.service.port_name,
+        "protocol": f.protocol.as_str(),
+        "kind": f.kind.as_str(),
+        "address": f.addr.to_string(),
+        "port": f.port,
+        "masquerade": f.masquerade,
+        "source_ranges": f.source_ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        "affinity": match f.affinity_timeout_secs {
+            Some(t) => json!({ "type": "ClientIP", "timeout_seconds": t }),
+            None => json!(null),
+        },
+        "internal_traffic_policy": internal,
+        "maglev_table_size": f.backends.maglev.size(),
+        "usable_backends": f.backends.usable.len(),
+        "backends": backends,
+        "packets": packets,
+    });
+    if f.kind == FrontendKind::NodePort {
+        v["node_port_addresses"] = json!(snapshot
+            .node_port_addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>());
+    }
+    v
+}
+
+async fn services(State(app): State<Arc<App>>) -> Response {
+    let state = &app.state;
+    let snapshot = state.snapshot.load();
+    let mut packets: Vec<u64> = Vec::new();
+    for w in state.workers.iter() {
+        let s = w.stats.lock();
+        if s.generation == snapshot.generation {
+            if packets.len() < s.frontend_packets.len() {
+                packets.resize(s.frontend_packets.len(), 0);
+            }
+            for (c, v) in packets.iter_mut().zip(&s.frontend_packets) {
+                *c += v;
+            }
+        }
+    }
+    let frontends: Vec<Value> = snapshot
+        .all_frontends()
+        .into_iter()
+        .map(|f| frontend_json(&snapshot, f, packets.get(f.id as usize).copied()))
+        .collect();
+    let sync = state.sync.lock().clone();
+    Json(json!({
+        "generation": snapshot.generation,
+        "ready": state.ready.load(Ordering::Acquire),
+        "source": sync.source,
+        "services": sync.services,
+        "last_sync_seconds": sync.last_sync_seconds,
+        "warnings": sync.warnings,
+        "service_cidr": snapshot.service_cidr.map(|c| c.to_string()),
+        "frontends": frontends,
+    }))
+    .into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// Worker requests
+
+/// Pushes one request per worker (built by `make`) and waits for every answer with one
+/// shared deadline. Returns the answers and one line per worker that did not answer.
+async fn ask_workers<T: Send + 'static>(
+    workers: Arc<[WorkerShared]>,
+    make: impl Fn(std::sync::mpsc::SyncSender<T>) -> Request + Send + 'static,
+) -> (Vec<(usize, T)>, Vec<String>) {
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut pending: Vec<(usize, Receiver<T>)> = Vec::new();
+        let mut missing = Vec::new();
+        for (i, w) in workers.iter().enumerate() {
+            let (tx, rx) = sync_channel(1);
+            if w.requests.push(make(tx)).is_err() {
+                missing.push(format!("worker {i}: request queue full"));
+            } else {
+                pending.push((i, rx));
+            }
+        }
+        let deadline = Instant::now() + WORKER_REPLY_TIMEOUT;
+        let mut answers = Vec::new();
+        for (i, rx) in pending {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(v) => answers.push((i, v)),
+                Err(_) => missing.push(format!(
+                    "worker {i}: no answer within {} ms",
+                    WORKER_REPLY_TIMEOUT.as_millis()
+                )),
+            }
+        }
+        (answers, missing)
+    })
+    .await;
+    joined.unwrap_or_else(|e| (Vec::new(), vec![format!("request task failed: {e}")]))
+}
+
+/// The frontend a conntrack row belongs to: by id when the row was created under the
+/// current snapshot, else by its frontend address.
+fn row_frontend<'a>(snapshot: &'a Snapshot, row: &ConntrackRow) -> Option<&'a Arc<Frontend>> {
+    let protocol = Protocol::from_ip_proto(row.original.protocol)?;
+    if row.generation == snapshot.generation {
+        if let Some(f) = snapshot
+            .all_frontends()
+            .into_iter()
+            .find(|f| f.id == row.frontend_id)
+        {
+            return Some(f);
+        }
+    }
+    snapshot.match_frontend(row.nat.frontend_addr, protocol, row.nat.frontend_port)
+}
+
+fn row_json(snapshot: &Snapshot, row: &ConntrackRow) -> Value {
+    let f = row_frontend(snapshot, row);
+    json!({
+        "worker": row.worker,
+        "original": row.original.to_string(),
+        "reply": row.reply.to_string(),
+        "service": f.map(|f| f.service.to_string()),
+        "kind": f.map(|f| f.kind.as_str()),
+        "frontend": format!("{}:{}", row.nat.frontend_addr, row.nat.frontend_port),
+        "backend": format!("{}:{}", row.nat.backend_addr, row.nat.backend_port),
+        "snat": row.nat.snat.map(|(a, p)| format!("{a}:{p}")),
+        "state": row.state,
+        "expires_in_ms": row.expires_in_ms,
+        "packets_original": row.packets_original,
+        "packets_reply": row.packets_reply,
+        "frontend_id": row.frontend_id,
+        "generation": row.generation,
+    })
+}
+
+#[derive(Deserialize)]
+struct ConntrackQuery {
+    limit: Option<String>,
+    service: Option<String>,
+}
+
+/// `ns/name` or `ns/name:port-name` → the matching frontends' ids.
+fn service_filter(snapshot: &Snapshot, spec: &str) -> Result<Vec<u32>, Response> {
+    let (svc, port) = match spec.split_once(':') {
+        Some((s, p)) => (s, Some(p)),
+        None => (spec, None),
+    };
+    let Some((ns, name)) = svc.split_once('/') else {
+        return Err(bad_request(format!(
+            "service must be namespace/name or namespace/name:port, got {spec:?}"
+        )));
+    };
+    let ids: Vec<u32> = snapshot
+        .all_frontends()
+        .into_iter()
+        .filter(|f| {
+            &*f.service.namespace == ns
+                && &*f.service.name == name
+                && port.map_or(true, |p| &*f.service.port_name == p)
+        })
+        .map(|f| f.id)
+        .collect();
+    if ids.is_empty() {
+        return Err((
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": format!("no service {spec} in the current snapshot") })),
+        )
+            .into_response());
+    }
+    Ok(ids)
+}
+
+async fn conntrack(
+    State(app): State<Arc<App>>,
+    query: Result<Query<ConntrackQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return bad_request("bad query string");
+    };
+    let limit = match query.limit.as_deref() {
+        None | Some("") => DEFAULT_CONNTRACK_LIMIT,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if n <= MAX_CONNTRACK_LIMIT => n,
+            _ => {
+                return bad_request(format!(
+                    "limit must be a number from 0 to {MAX_CONNTRACK_LIMIT}, got {s:?}"
+                ))
+            }
+        },
+    };
+    let snapshot = app.state.snapshot.load_full();
+    let (filter, service) = match query.service.as_deref().filter(|s| !s.is_empty()) {
+        None => (None, None),
+        Some(spec) => match service_filter(&snapshot, spec) {
+            Ok(ids) => (Some(ids), Some(spec.to_string())),
+            Err(response) => return response,
+        },
+    };
+    let (answers, missing) = ask_workers(Arc::clone(&app.state.workers), move |reply| {
+        Request::DumpConntrack {
+            limit,
+            frontends: filter.clone(),
+            reply,
+        }
+    })
+    .await;
+    let mut rows: Vec<ConntrackRow> = answers.into_iter().flat_map(|(_, r)| r).collect();
+    rows.sort_by(|a, b| (a.worker, a.original).cmp(&(b.worker, b.original)));
+    let truncated = rows.len() > limit;
+    rows.truncate(limit);
+    let entries: Vec<Value> = rows.iter().map(|r| row_json(&snapshot, r)).collect();
+    Json(json!({
+        "generation": snapshot.generation,
+        "workers": app.state.workers.len(),
+        "service": service,
+        "limit": limit,
+        "truncated": truncated,
+        "incomplete": missing,
+        "count": entries.len(),
+        "entries": entries,
+    }))
+    .into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// /v1/trace
+
+/// Parses `tcp 10.0.0.5:41000 -> 10.96.0.10:80` (what `FlowKey`'s `Display` prints).
+pub fn parse_flow(s: &str) -> Result<FlowKey, String> {
+    let s = s.trim();
+    let (proto, rest) = s
+        .split_once(char::is_whitespace)
+        .ok_or_else(|| format!("flow must look like `tcp 10.0.0.5:41000 -> 10.96.0.10:80`, got {s:?}"))?;
+    let protocol = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => PROTO_TCP,
+        "udp" => PROTO_UDP,
+        "sctp" => PROTO_SCTP,
+        "icmp" => PROTO_ICMP,
+        other => return Err(format!("unknown protocol {other:?} (tcp, udp, sctp or icmp)")),
+    };
+    let (src, dst) = rest
+        .split_once("->")
+        .ok_or_else(|| format!("flow needs `src:port -> dst:port`, got {rest:?}"))?;
+    let endpoint = |what: &str, e: &str| -> Result<(Ipv4Addr, u16), String> {
+        let e = e.trim();
+        let (a, p) = e
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{what} must be ipv4:port, got {e:?}"))?;
+        let addr = a
+            .parse::<Ipv4Addr>()
+            .map_err(|_| format!("{what} address {a:?} is not an IPv4 address"))?;
+        let port = p
+            .parse::<u16>()
+            .map_err(|_| format!("{what} port {p:?} is not a number from 0 to 65535"))?;
+        Ok((addr, port))
+    };
+    let (src, src_port) = endpoint("source", src)?;
+    let (dst, dst_port) = endpoint("destination", dst)?;
+    Ok(FlowKey::new(protocol, src, src_port, dst, dst_port))
+}
+
+fn step(rule: &str, decision: &str, detail: impl Into<String>) -> Value {
+    json!({ "rule": rule, "decision": decision, "detail": detail.into() })
+}
+
+/// Where a destination goes after translation, as far as the snapshot knows.
+fn egress_json(snapshot: &Snapshot, dst: Ipv4Addr) -> Value {
+    match snapshot.pod_routes.iter().find(|r| r.cidr.contains(&dst)) {
+        Some(r) => json!({
+            "via": "vxlan",
+            "pod_cidr": r.cidr.to_string(),
+            "vtep": r.vtep.to_string(),
+            "vni": r.vni,
+            "node": r.node.as_deref(),
+            "detail": format!(
+                "re-encapsulated in VXLAN (VNI {}) to VTEP {}{}",
+                r.vni,
+                r.vtep,
+                r.node.as_deref().map(|n| format!(" (node {n})")).unwrap_or_default()
+            ),
+        }),
+        None => json!({
+            "via": "route",
+            "detail": format!("{dst} is not in a pod CIDR behind a VTEP: routed by the gateway's route table (longest prefix), next hop resolved by ARP"),
+        }),
+    }
+}
+
+/// The answer of `/v1/trace` (and `ctl trace`).
+pub fn explain(
+    snapshot: &Snapshot,
+    flow: &FlowKey,
+    flow_hash: fn(&FlowKey) -> u64,
+    conntrack: Option<(&ConntrackRow, Direction)>,
+    incomplete: &[String],
+) -> Value {
+    let mut steps = Vec::new();
+    let mut out = json!({ "flow": flow.to_string(), "generation": snapshot.generation });
+
+    if let Some((row, dir)) = conntrack {
+        let nat = row.nat;
+        let translated = match dir {
+            Direction::Original => {
+                let (src, sport) = nat.snat.unwrap_or((flow.src, flow.src_port));
+                FlowKey::new(flow.protocol, src, sport, nat.backend_addr, nat.backend_port)
+            }
+            Direction::Reply => FlowKey::new(
+                flow.protocol,
+                nat.frontend_addr,
+                nat.frontend_port,
+                row.original.src,
+                row.original.src_port,
+            ),
+        };
+        let service = row_frontend(snapshot, row).map(|f| f.service.to_string());
+        steps.push(step(
+            "conntrack",
+            "hit",
+            format!(
+                "worker {} holds an entry ({} direction), state {}, expires in {} ms; the stored translation is applied, no service lookup",
+                row.worker,
+                if dir == Direction::Original { "original" } else { "reply" },
+                row.state,
+                row.expires_in_ms
+            ),
+        ));
+        steps.push(step(
+            "translation",
+            "rewrite",
+            format!("{flow}  =>  {translated}"),
+        ));
+        out["verdict"] = json!("forward");
+        out["service"] = json!(service);
+        out["conntrack"] = json!({
+            "worker": row.worker,
+            "direction": if dir == Direction::Original { "original" } else { "reply" },
+            "state": row.state,
+            "expires_in_ms": row.expires_in_ms,
+            "original": row.original.to_string(),
+            "reply": row.reply.to_string(),
+            "backend": format!("{}:{}", nat.backend_addr, nat.backend_port),
+            "snat": nat.snat.map(|(a, p)| format!("{a}:{p}")),
+        });
+        out["translation"] = json!({ "from": flow.to_string(), "to": translated.to_string() });
+        out["egress"] = egress_json(snapshot, translated.dst);
+        out["steps"] = json!(steps);
+        return out;
+    }
+    steps.push(step(
+        "conntrack",
+        "miss",
+        if incomplete.is_empty() {
+            "no worker holds an entry for this flow in either direction: treated as a new connection".to_string()
+        } else {
+            format!(
+                "no entry found, but not every worker answered ({}): treated as a new connection",
+                incomplete.join("; ")
+            )
+        },
+    ));
+
+    let Some(protocol) = Protocol::from_ip_proto(flow.protocol) else {
+        steps.push(step(
+            "service",
+            "routed",
+            "not TCP, UDP or SCTP: no service matches; routed like any other packet",
+        ));
+        out["verdict"] = json!("routed");
+        out["egress"] = egress_json(snapshot, flow.dst);
+        out["steps"] = json!(steps);
+        return out;
+    };
+
+    let Some(f) = snapshot.match_frontend(flow.dst, protocol, flow.dst_port) else {
+        if let Some(kind) = snapshot.service_addresses.get(&flow.dst) {
+            steps.push(step(
+                "service",
+                "reject",
+                format!(
+                    "{} is a {} service address but no service serves {}/{} on it: reject: ICMP port-unreachable (drop reason no_service)",
+                    flow.dst,
+                    kind.as_str(),
+                    protocol,
+                    flow.dst_port
+                ),
+            ));
+            out["verdict"] = json!("reject");
+            out["drop_reason"] = json!(DropReason::NoService.as_str());
+        } else if snapshot.node_port_addresses.contains(&flow.dst) {
+            steps.push(step(
+                "service",
+                "local",
+                format!(
+                    "{} is a node-port address but {}/{} is not a NodePort: traffic for the gateway itself (exception path)",
+                    flow.dst, protocol, flow.dst_port
+                ),
+            ));
+            out["verdict"] = json!("local");
+        } else if snapshot.service_cidr.is_some_and(|c| c.contains(&flow.dst)) {
+            steps.push(step(
+                "service",
+                "drop",
+                format!(
+                    "{} is inside the service CIDR {} but no service has it: dropped (drop reason no_service)",
+                    flow.dst,
+                    snapshot.service_cidr.map(|c| c.to_string()).unwrap_or_default()
+                ),
+            ));
+            out["verdict"] = json!("drop");
+            out["drop_reason"] = json!(DropReason::NoService.as_str());
+        } else {
+            steps.push(step(
+                "service",
+                "routed",
+                format!("{} is not a service address: no translation, routed", flow.dst),
+            ));
+            out["verdict"] = json!("routed");
+            out["egress"] = egress_json(snapshot, flow.dst);
+        }
+        out["steps"] = json!(steps);
+        return out;
+    };
+
+    out["service"] = json!(f.service.to_string());
+    out["frontend"] = frontend_json(snapshot, f, None);
+    steps.push(step(
+        "service",
+        "match",
+        format!(
+            "{} frontend {} of service {}",
+            f.kind.as_str(),
+            frontend_label(f),
+            f.service
+        ),
+    ));
+
+    if !f.source_ranges.is_empty() {
+        let allowed = f.source_ranges.iter().any(|r| r.contains(&flow.src));
+        let ranges: Vec<String> = f.source_ranges.iter().map(|r| r.to_string()).collect();
+        if allowed {
+            steps.push(step(
+                "source_ranges",
+                "allow",
+                format!("{} is inside loadBalancerSourceRanges [{}]", flow.src, ranges.join(", ")),
+            ));
+        } else {
+            steps.push(step(
+                "source_ranges",
+                "drop",
+                format!(
+                    "{} is outside loadBalancerSourceRanges [{}]: dropped (drop reason source_range)",
+                    flow.src,
+                    ranges.join(", ")
+                ),
+            ));
+            out["verdict"] = json!("drop");
+            out["drop_reason"] = json!(DropReason::SourceRange.as_str());
+            out["steps"] = json!(steps);
+            return out;
+        }
+    }
+
+    // internalTrafficPolicy: Local applies to pod-originated traffic (a source inside a
+    // pod CIDR behind a node's VTEP).
+    let mut set: &BackendSet = &f.backends;
+    if let InternalPolicy::Local { by_node } = &f.internal_policy {
+        let sender_node = snapshot
+            .pod_routes
+            .iter()
+            .find(|r| r.cidr.contains(&flow.src))
+            .and_then(|r| r.node.clone());
+        match sender_node {
+            Some(node) => match by_node.get(&node) {
+                Some(local) => {
+                    set = &**local;
+                    steps.push(step(
+                        "internal_traffic_policy",
+                        "local",
+                        format!("internalTrafficPolicy Local: the sender is a pod on node {node}: only endpoints on {node} are considered"),
+                    ));
+                }
+                None => {
+                    steps.push(step(
+                        "internal_traffic_policy",
+                        "drop",
+                        format!("internalTrafficPolicy Local: the sender is a pod on node {node} and no endpoint runs there: dropped (drop reason no_local_endpoint)"),
+                    ));
+                    out["verdict"] = json!("drop");
+                    out["drop_reason"] = json!(DropReason::NoLocalEndpoint.as_str());
+                    out["steps"] = json!(steps);
+                    return out;
+                }
+            },
+            None => steps.push(step(
+                "internal_traffic_policy",
+                "cluster",
+                "internalTrafficPolicy Local, but the source is not a pod behind a known node: all endpoints are considered",
+            )),
+        }
+    }
+
+    let endpoints: Vec<Value> = set
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| backend_json(set, i, b))
+        .collect();
+    out["endpoints"] = json!(endpoints);
+    let ready = set.backends.iter().filter(|b| b.state == EndpointState::Ready).count();
+    let listing: Vec<String> = set
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            format!(
+                "{}:{} {}{}",
+                b.addr,
+                b.port,
+                b.state.as_str(),
+                if set.usable.contains(&(i as u32)) { " (usable)" } else { "" }
+            )
+        })
+        .collect();
+    if set.usable.is_empty() {
+        steps.push(step(
+            "endpoints",
+            "reject",
+            format!(
+                "no usable endpoint among {} [{}]: reject: ICMP port-unreachable (drop reason no_endpoints)",
+                set.backends.len(),
+                listing.join(", ")
+            ),
+        ));
+        out["verdict"] = json!("reject");
+        out["drop_reason"] = json!(DropReason::NoEndpoints.as_str());
+        out["steps"] = json!(steps);
+        return out;
+    }
+    steps.push(step(
+        "endpoints",
+        if ready > 0 { "ready" } else { "fallback-terminating" },
+        format!(
+            "{} usable of {} [{}]{}",
+            set.usable.len(),
+            set.backends.len(),
+            listing.join(", "),
+            if ready == 0 {
+                "; none is ready, so serving-terminating endpoints are used"
+            } else {
+                ""
+            }
+        ),
+    ));
+
+    let hash = flow_hash(flow);
+    let size = set.maglev.size() as u64;
+    let slot = hash % size.max(1);
+    let index = set.maglev.lookup(hash);
+    let Some(backend) = set.pick(hash) else {
+        steps.push(step("maglev", "reject", "Maglev table is empty: no backend"));
+        out["verdict"] = json!("reject");
+        out["drop_reason"] = json!(DropReason::NoEndpoints.as_str());
+        out["steps"] = json!(steps);
+        return out;
+    };
+    steps.push(step(
+        "maglev",
+        "pick",
+        format!(
+            "flow hash {hash:#018x} % table size {size} = slot {slot} -> usable[{}] = {}:{}",
+            index.unwrap_or(0),
+            backend.addr,
+            backend.port
+        ),
+    ));
+    out["maglev"] = json!({
+        "flow_hash": format!("{hash:#018x}"),
+        "table_size": size,
+        "slot": slot,
+        "usable_index": index,
+        "backend": format!("{}:{}", backend.addr, backend.port),
+    });
+    match f.affinity_timeout_secs {
+        Some(t) => {
+            steps.push(step(
+                "session_affinity",
+                "maybe",
+                format!(
+                    "sessionAffinity ClientIP ({t}s): if {} already has an affinity entry on its owning worker, that backend is used instead of the Maglev pick; the admin API cannot see affinity entries, so this is what a first connection gets",
+                    flow.src
+                ),
+            ));
+            out["affinity"] = json!({ "type": "ClientIP", "timeout_seconds": t, "predictable": false });
+        }
+        None => {
+            steps.push(step("session_affinity", "none", "no session affinity: the Maglev pick decides"));
+            out["affinity"] = json!(null);
+        }
+    }
+
+    let (snat_detail, src_text) = if f.masquerade {
+        (
+            match f.kind {
+                FrontendKind::ClusterIp => "masquerade: the source becomes a gateway SNAT address and a port allocated by the owning worker, so replies return through the gateway".to_string(),
+                _ => format!(
+                    "masquerade (externalTrafficPolicy Cluster): the source becomes a gateway SNAT address and a port allocated by the owning worker; the backend does not see the client address {}",
+                    flow.src
+                ),
+            },
+            "<snat-address>:<snat-port>".to_string(),
+        )
+    } else {
+        (
+            match f.kind {
+                FrontendKind::ClusterIp => format!("no masquerade: the backend sees the client address {}", flow.src),
+                _ => format!(
+                    "no SNAT (externalTrafficPolicy Local): the client address {} is kept and the backend sees it",
+                    flow.src
+                ),
+            },
+            format!("{}:{}", flow.src, flow.src_port),
+        )
+    };
+    steps.push(step(
+        "snat",
+        if f.masquerade { "masquerade" } else { "keep-source" },
+        snat_detail,
+    ));
+    let proto = match flow.protocol {
+        PROTO_UDP => "udp",
+        PROTO_SCTP => "sctp",
+        _ => "tcp",
+    };
+    let translated = format!("{proto} {src_text} -> {}:{}", backend.addr, backend.port);
+    steps.push(step("translation", "rewrite", format!("{flow}  =>  {translated}")));
+    let egress = egress_json(snapshot, backend.addr);
+    steps.push(step(
+        "egress",
+        egress["via"].as_str().unwrap_or("route"),
+        egress["detail"].as_str().unwrap_or("").to_string(),
+    ));
+    out["verdict"] = json!("forward");
+    out["backend"] = json!({ "address": backend.addr.to_string(), "port": backend.port, "state": backend.state.as_str() });
+    out["snat"] = json!({ "masquerade": f.masquerade, "client_address_preserved": !f.masquerade });
+    out["translation"] = json!({ "from": flow.to_string(), "to": translated });
+    out["egress"] = egress;
+    out["steps"] = json!(steps);
+    out
+}
+
+#[derive(Deserialize)]
+struct TraceQuery {
+    flow: Option<String>,
+}
+
+async fn trace(
+    State(app): State<Arc<App>>,
+    query: Result<Query<TraceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return bad_request("bad query string");
+    };
+    let Some(spec) = query.flow else {
+        return bad_request("missing ?flow=, e.g. ?flow=tcp 10.0.0.5:41000 -> 10.96.0.10:80");
+    };
+    let flow = match parse_flow(&spec) {
+        Ok(flow) => flow,
+        Err(reason) => return bad_request(reason),
+    };
+    let snapshot = app.state.snapshot.load_full();
+    let (answers, missing) = ask_workers(Arc::clone(&app.state.workers), move |reply| {
+        Request::Lookup { flow, reply }
+    })
+    .await;
+    let hit = answers.into_iter().find_map(|(_, a)| a);
+    let body = explain(
+        &snapshot,
+        &flow,
+        app.state.flow_hash,
+        hit.as_ref().map(|(row, dir)| (row, *dir)),
+        &missing,
+    );
+    Json(body).into_response()
+}
+
+/// Formats seconds for humans (used by `ctl`).
+pub fn human_ms(ms: u64) -> String {
+    let mut s = String::new();
+    if ms >= 3_600_000 {
+        let _ = write!(s, "{}h{:02}m", ms / 3_600_000, (ms / 60_000) % 60);
+    } else if ms >= 60_000 {
+        let _ = write!(s, "{}m{:02}s", ms / 60_000, (ms / 1000) % 60);
+    } else {
+        let _ = write!(s, "{}.{:01}s", ms / 1000, (ms % 1000) / 100);
+    }
+    s
+}
+

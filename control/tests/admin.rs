@@ -1,0 +1,776 @@
+//! The admin API end to end over real TCP: a hand-made snapshot, two `WorkerShared`s whose
+//! requests a test thread answers like a worker would, and `ctl` as the client.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use control::admin::{self, AdminState, PortInfo, SyncInfo};
+use control::ctl::{self, CtlCommand};
+use dataplane::conntrack::{Direction, FlowKey, Nat, PROTO_TCP};
+use dataplane::dpdk::PortStats;
+use dataplane::maglev::MaglevTable;
+use dataplane::snapshot::{
+    Backend, BackendSet, EndpointState, Frontend, FrontendKey, FrontendKind, InternalPolicy,
+    PodCidrRoute, Protocol, ServicePortName, Snapshot,
+};
+use dataplane::stats::DropReason;
+use dataplane::worker::{ConntrackRow, Request, WorkerShared};
+use ipnet::Ipv4Net;
+use serde_json::Value;
+
+const GENERATION: u64 = 7;
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn spn(ns: &str, name: &str, port: &str) -> ServicePortName {
+    ServicePortName {
+        namespace: ns.into(),
+        name: name.into(),
+        port_name: port.into(),
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn backend_set(backends: Vec<Backend>) -> Arc<BackendSet> {
+    let usable: Vec<u32> = backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.state == EndpointState::Ready)
+        .map(|(i, _)| i as u32)
+        .collect();
+    let keys: Vec<(Ipv4Addr, u16)> = usable
+        .iter()
+        .map(|&i| (backends[i as usize].addr, backends[i as usize].port))
+        .collect();
+    Arc::new(BackendSet {
+        maglev: MaglevTable::build(&keys, 251),
+        backends,
+        usable,
+    })
+}
+
+fn backend(addr: &str, port: u16, state: EndpointState, node: &str) -> Backend {
+    Backend {
+        addr: ip(addr),
+        port,
+        state,
+        node: Some(node.into()),
+    }
+}
+
+fn snapshot() -> Snapshot {
+    let web = backend_set(vec![
+        backend("10.244.1.5", 8080, EndpointState::Ready, "node-a"),
+        backend("10.244.1.6", 8080, EndpointState::Ready, "node-a"),
+        backend("10.244.2.7", 8080, EndpointState::Ready, "node-b"),
+    ]);
+    let lb = backend_set(vec![
+        backend("10.244.2.8", 8443, EndpointState::Ready, "node-b"),
+        backend("10.244.2.9", 8443, EndpointState::NotServing, "node-b"),
+    ]);
+    let cluster_ip = Arc::new(Frontend {
+        id: 0,
+        service: spn("default", "web", "http"),
+        kind: FrontendKind::ClusterIp,
+        addr: ip("10.96.0.10"),
+        protocol: Protocol::Tcp,
+        port: 80,
+        backends: Arc::clone(&web),
+        masquerade: false,
+        source_ranges: vec![],
+        affinity_timeout_secs: None,
+        internal_policy: InternalPolicy::Cluster,
+    });
+    let node_port = Arc::new(Frontend {
+        id: 1,
+        service: spn("default", "web", "http"),
+        kind: FrontendKind::NodePort,
+        addr: Ipv4Addr::UNSPECIFIED,
+        protocol: Protocol::Tcp,
+        port: 30080,
+        backends: web,
+        masquerade: true,
+        source_ranges: vec![],
+        affinity_timeout_secs: None,
+        internal_policy: InternalPolicy::Cluster,
+    });
+    let load_balancer = Arc::new(Frontend {
+        id: 2,
+        service: spn("shop", "checkout", "https"),
+        kind: FrontendKind::LoadBalancer,
+        addr: ip("203.0.113.10"),
+        protocol: Protocol::Tcp,
+        port: 443,
+        backends: lb,
+        masquerade: false,
+        source_ranges: vec!["198.51.100.0/24".parse::<Ipv4Net>().unwrap()],
+        affinity_timeout_secs: Some(10800),
+        internal_policy: InternalPolicy::Cluster,
+    });
+    let mut frontends = HashMap::new();
+    for f in [&cluster_ip, &load_balancer] {
+        frontends.insert(
+            FrontendKey {
+                addr: f.addr,
+                protocol: f.protocol,
+                port: f.port,
+            },
+            Arc::clone(f),
+        );
+    }
+    let mut node_ports = HashMap::new();
+    node_ports.insert((Protocol::Tcp, 30080), node_port);
+    let mut service_addresses = HashMap::new();
+    service_addresses.insert(ip("10.96.0.10"), FrontendKind::ClusterIp);
+    service_addresses.insert(ip("203.0.113.10"), FrontendKind::LoadBalancer);
+    Snapshot {
+        generation: GENERATION,
+        frontends,
+        node_ports,
+        node_port_addresses: vec![ip("192.168.1.10")],
+        service_addresses,
+        service_cidr: Some("10.96.0.0/12".parse().unwrap()),
+        pod_routes: vec![
+            PodCidrRoute {
+                cidr: "10.244.1.0/24".parse().unwrap(),
+                vtep: ip("192.168.1.21"),
+                vni: 1,
+                node: Some("node-a".into()),
+            },
+            PodCidrRoute {
+                cidr: "10.244.2.0/24".parse().unwrap(),
+                vtep: ip("192.168.1.22"),
+                vni: 1,
+                node: Some("node-b".into()),
+            },
+        ],
+        frontend_count: 3,
+    }
+}
+
+/// The established ClusterIP flow worker 0 holds.
+fn held_row() -> ConntrackRow {
+    let original = FlowKey::new(PROTO_TCP, ip("10.0.0.5"), 41000, ip("10.96.0.10"), 80);
+    let reply = FlowKey::new(PROTO_TCP, ip("10.244.1.6"), 8080, ip("10.0.0.5"), 41000);
+    ConntrackRow {
+        worker: 0,
+        original,
+        reply,
+        nat: Nat {
+            frontend_addr: ip("10.96.0.10"),
+            frontend_port: 80,
+            backend_addr: ip("10.244.1.6"),
+            backend_port: 8080,
+            snat: None,
+        },
+        frontend_id: 0,
+        generation: GENERATION,
+        state: "ESTABLISHED".to_string(),
+        expires_in_ms: 431_000,
+        packets_original: 12,
+        packets_reply: 10,
+    }
+}
+
+fn flow_hash(k: &FlowKey) -> u64 {
+    k.hash()
+}
+
+struct Harness {
+    addr: SocketAddr,
+    ready: Arc<AtomicBool>,
+    workers: Arc<[WorkerShared]>,
+    stop: Arc<AtomicBool>,
+    player: Option<JoinHandle<()>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(p) = self.player.take() {
+            let _ = p.join();
+        }
+    }
+}
+
+/// Plays both workers: answers requests (worker 0 holds `held_row`, worker 1 nothing) and
+/// keeps worker 0's cycle counter moving; worker 1's stays still.
+fn play_workers(workers: Arc<[WorkerShared]>, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let row = held_row();
+        while !stop.load(Ordering::Relaxed) {
+            for (i, w) in workers.iter().enumerate() {
+                while let Some(request) = w.requests.pop() {
+                    match request {
+                        Request::DumpConntrack {
+                            limit,
+                            frontends,
+                            reply,
+                        } => {
+                            let rows: Vec<ConntrackRow> = if i == 0 {
+                                vec![row.clone()]
+                                    .into_iter()
+                                    .filter(|r| {
+                                        frontends
+                                            .as_ref()
+                                            .map_or(true, |ids| ids.contains(&r.frontend_id))
+                                    })
+                                    .take(limit)
+                                    .collect()
+                            } else {
+                                Vec::new()
+                            };
+                            let _ = reply.try_send(rows);
+                        }
+                        Request::Lookup { flow, reply } => {
+                            let found = if i != 0 {
+                                None
+                            } else if flow == row.original {
+                                Some((row.clone(), Direction::Original))
+                            } else if flow == row.reply {
+                                Some((row.clone(), Direction::Reply))
+                            } else {
+                                None
+                            };
+                            let _ = reply.try_send(found);
+                        }
+                    }
+                }
+            }
+            {
+                let mut s = workers[0].stats.lock();
+                s.total_cycles += 1000;
+                s.busy_cycles += 250;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
+}
+
+async fn start() -> Harness {
+    let workers: Arc<[WorkerShared]> = vec![WorkerShared::new(), WorkerShared::new()].into();
+    {
+        let mut s = workers[0].stats.lock();
+        s.generation = GENERATION;
+        s.frontend_packets = vec![100, 20, 3];
+        s.rx_packets[0] = 1000;
+        s.rx_bytes[0] = 64_000;
+        s.tx_packets[1] = 990;
+        s.tx_bytes[1] = 63_000;
+        s.drops[DropReason::NoService as usize] = 4;
+        s.bursts = 50;
+        s.handoffs_out = 3;
+        s.conntrack.entries = 1;
+        s.conntrack.inserts = 9;
+        for ns in [2_000u64, 3_000, 5_000, 40_000] {
+            s.burst_latency_ns.record(ns).unwrap();
+        }
+    }
+    {
+        let mut s = workers[1].stats.lock();
+        s.generation = GENERATION - 1; // stale: its frontend counters must be ignored
+        s.frontend_packets = vec![1_000_000, 0, 0];
+        s.rx_packets[0] = 500;
+        s.total_cycles = 10;
+    }
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(AdminState {
+        snapshot: Arc::new(ArcSwap::from_pointee(snapshot())),
+        workers: Arc::clone(&workers),
+        ports: vec![
+            PortInfo {
+                name: "uplink".into(),
+                id: 0,
+                role: "uplink".into(),
+                queues: 2,
+            },
+            PortInfo {
+                name: "cluster".into(),
+                id: 1,
+                role: "cluster".into(),
+                queues: 2,
+            },
+        ],
+        port_stats: Box::new(|| {
+            vec![
+                (
+                    "uplink".to_string(),
+                    PortStats {
+                        rx_packets: 1500,
+                        rx_missed: 17,
+                        ..PortStats::default()
+                    },
+                ),
+                ("cluster".to_string(), PortStats::default()),
+            ]
+        }),
+        ready: Arc::clone(&ready),
+        sync: Arc::new(parking_lot::Mutex::new(SyncInfo {
+            last_sync_seconds: 0.0125,
+            source: "files".into(),
+            warnings: vec!["default/broken: port 0 has no targetPort".into()],
+            services: 2,
+        })),
+        flow_hash,
+        tsc_hz: 2_000_000_000,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(admin::serve(listener, state));
+    let stop = Arc::new(AtomicBool::new(false));
+    let player = play_workers(Arc::clone(&workers), Arc::clone(&stop));
+    Harness {
+        addr,
+        ready,
+        workers,
+        stop,
+        player: Some(player),
+    }
+}
+
+async fn get(h: &Harness, path: &str) -> (u16, String) {
+    let addr = h.addr.to_string();
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || ctl::get(&addr, &path).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn get_json(h: &Harness, path: &str) -> Value {
+    let (status, body) = get(h, path).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn trace_path(flow: &str) -> String {
+    format!("/v1/trace?flow={}", ctl::url_encode(flow))
+}
+
+#[tokio::test]
+async fn readyz_follows_the_first_snapshot() {
+    let h = start().await;
+    let (status, body) = get(&h, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    h.ready.store(true, Ordering::Release);
+    let (status, body) = get(&h, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("ok"));
+}
+
+#[tokio::test]
+async fn healthz_names_the_stuck_worker() {
+    let h = start().await;
+    let (status, body) = get(&h, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.trim(), "ok");
+    // Worker 1's counters never move; worker 0's do (the player bumps them).
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let (status, body) = get(&h, "/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("worker 1"), "{body}");
+    assert!(!body.contains("worker 0"), "{body}");
+    // It recovers once worker 1 moves again.
+    h.workers[1].stats.lock().total_cycles += 1;
+    let (status, body) = get(&h, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn services_lists_every_frontend() {
+    let h = start().await;
+    let v = get_json(&h, "/v1/services").await;
+    assert_eq!(v["generation"], GENERATION);
+    assert_eq!(v["source"], "files");
+    let fs = v["frontends"].as_array().unwrap();
+    assert_eq!(fs.len(), 3);
+    let cip = &fs[0];
+    assert_eq!(cip["service"], "default/web");
+    assert_eq!(cip["namespace"], "default");
+    assert_eq!(cip["name"], "web");
+    assert_eq!(cip["port_name"], "http");
+    assert_eq!(cip["protocol"], "TCP");
+    assert_eq!(cip["kind"], "ClusterIP");
+    assert_eq!(cip["address"], "10.96.0.10");
+    assert_eq!(cip["port"], 80);
+    assert_eq!(cip["masquerade"], false);
+    assert_eq!(cip["maglev_table_size"], 251);
+    assert_eq!(cip["packets"], 100, "stale worker 1 must not count");
+    let backends = cip["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 3);
+    assert_eq!(backends[0]["address"], "10.244.1.5");
+    assert_eq!(backends[0]["port"], 8080);
+    assert_eq!(backends[0]["state"], "ready");
+    assert_eq!(backends[0]["usable"], true);
+    assert_eq!(backends[2]["node"], "node-b");
+    let np = &fs[1];
+    assert_eq!(np["kind"], "NodePort");
+    assert_eq!(np["port"], 30080);
+    assert_eq!(np["masquerade"], true);
+    assert_eq!(np["node_port_addresses"][0], "192.168.1.10");
+    let lb = &fs[2];
+    assert_eq!(lb["kind"], "LoadBalancer");
+    assert_eq!(lb["source_ranges"][0], "198.51.100.0/24");
+    assert_eq!(lb["affinity"]["timeout_seconds"], 10800);
+    assert_eq!(lb["backends"][1]["state"], "not-serving");
+    assert_eq!(lb["backends"][1]["usable"], false);
+}
+
+/// Every line is a comment (`# HELP|TYPE|UNIT|EOF`) or `name{labels} value`.
+fn check_exposition(text: &str) {
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            assert!(
+                rest.starts_with("HELP ")
+                    || rest.starts_with("TYPE ")
+                    || rest.starts_with("UNIT ")
+                    || rest == "EOF",
+                "bad comment line {line:?}"
+            );
+            continue;
+        }
+        let name_end = line
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(line.len());
+        let name = &line[..name_end];
+        assert!(!name.is_empty(), "no metric name in {line:?}");
+        assert!(name.starts_with("servicegate_"), "unprefixed {line:?}");
+        let mut rest = &line[name_end..];
+        if rest.starts_with('{') {
+            let close = rest.rfind('}').unwrap_or_else(|| panic!("unclosed labels {line:?}"));
+            let labels = &rest[1..close];
+            for pair in split_labels(labels) {
+                let (k, v) = pair
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("bad label {pair:?} in {line:?}"));
+                assert!(
+                    k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "bad label name in {line:?}"
+                );
+                assert!(
+                    v.starts_with('"') && v.ends_with('"') && v.len() >= 2,
+                    "bad label value in {line:?}"
+                );
+            }
+            rest = &rest[close + 1..];
+        }
+        let value = rest
+            .strip_prefix(' ')
+            .unwrap_or_else(|| panic!("no value in {line:?}"));
+        let value = value.split(' ').next().unwrap();
+        assert!(
+            value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+            "bad value {value:?} in {line:?}"
+        );
+    }
+}
+
+fn split_labels(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    let bytes = s.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'"' if i == 0 || bytes[i - 1] != b'\\' => quoted = !quoted,
+            b',' if !quoted => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if start < s.len() {
+        out.push(&s[start..]);
+    }
+    out
+}
+
+#[tokio::test]
+async fn metrics_have_the_promised_names() {
+    let h = start().await;
+    let (status, body) = get(&h, "/metrics").await;
+    assert_eq!(status, 200);
+    check_exposition(&body);
+    for name in [
+        "servicegate_rx_packets_total{port=\"uplink\"} 1500",
+        "servicegate_rx_bytes_total{port=\"uplink\"} 64000",
+        "servicegate_tx_packets_total{port=\"cluster\"} 990",
+        "servicegate_tx_bytes_total{port=\"cluster\"} 63000",
+        "servicegate_queue_rx_packets_total{port=\"uplink\",worker=\"1\"} 500",
+        "servicegate_port_rx_missed_total{port=\"uplink\"} 17",
+        "servicegate_drops_total{reason=\"no_service\"} 4",
+        "servicegate_conntrack_entries{worker=\"0\"} 1",
+        "servicegate_conntrack_inserts_total{worker=\"0\"} 9",
+        "servicegate_conntrack_evictions_total{worker=\"0\"} 0",
+        "servicegate_conntrack_expirations_total{worker=\"0\"} 0",
+        "servicegate_conntrack_full_total{worker=\"1\"} 0",
+        "servicegate_snapshot_generation 7",
+        "servicegate_sync_latency_seconds 0.0125",
+        "servicegate_worker_busy_ratio{worker=\"0\"}",
+        "servicegate_handoffs_total{worker=\"0\",direction=\"out\"} 3",
+        "servicegate_burst_latency_seconds_bucket{le=\"+Inf\"} 4",
+        "servicegate_burst_latency_seconds_count 4",
+        "servicegate_burst_latency_quantile_seconds{quantile=\"0.99\"}",
+        "servicegate_backend_info{service=\"default/web\",port=\"http\",protocol=\"TCP\",backend=\"10.244.1.5:8080\",state=\"ready\"",
+    ] {
+        assert!(body.contains(name), "missing {name:?} in\n{body}");
+    }
+    // Buckets are cumulative: 2, 3 and 5 µs are below 10 µs, 40 µs is not.
+    let bucket = body
+        .lines()
+        .find(|l| {
+            l.starts_with("servicegate_burst_latency_seconds_bucket{")
+                && l.split('"')
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| (v - 1e-5).abs() < 1e-12)
+        })
+        .expect("10 µs bucket");
+    assert!(bucket.ends_with(" 3"), "{bucket}");
+    // Every drop reason is exported, with its help text.
+    for reason in DropReason::ALL {
+        let line = format!("servicegate_drops_total{{reason=\"{}\"}}", reason.as_str());
+        assert!(body.contains(&line), "missing {line}");
+        assert!(body.contains(reason.help()), "missing help of {}", reason.as_str());
+    }
+    // Per-frontend packets: only workers on the current generation count.
+    let line = body
+        .lines()
+        .find(|l| {
+            l.starts_with("servicegate_service_packets_total{")
+                && l.contains("kind=\"ClusterIP\"")
+        })
+        .expect("service packets");
+    assert!(line.contains("service=\"default/web\""), "{line}");
+    assert!(line.contains("frontend=\"10.96.0.10:80/TCP\""), "{line}");
+    assert!(line.ends_with(" 100"), "{line}");
+}
+
+#[tokio::test]
+async fn conntrack_rows_from_every_worker() {
+    let h = start().await;
+    let v = get_json(&h, "/v1/conntrack?limit=10").await;
+    assert_eq!(v["count"], 1);
+    assert_eq!(v["incomplete"].as_array().unwrap().len(), 0);
+    let e = &v["entries"][0];
+    assert_eq!(e["worker"], 0);
+    assert_eq!(e["original"], "tcp 10.0.0.5:41000 -> 10.96.0.10:80");
+    assert_eq!(e["reply"], "tcp 10.244.1.6:8080 -> 10.0.0.5:41000");
+    assert_eq!(e["service"], "default/web:http/TCP");
+    assert_eq!(e["backend"], "10.244.1.6:8080");
+    assert_eq!(e["snat"], Value::Null);
+    assert_eq!(e["state"], "ESTABLISHED");
+    assert_eq!(e["expires_in_ms"], 431_000);
+
+    let v = get_json(&h, "/v1/conntrack?service=shop/checkout").await;
+    assert_eq!(v["count"], 0);
+    let v = get_json(&h, "/v1/conntrack?service=default%2Fweb").await;
+    assert_eq!(v["count"], 1);
+    let (status, body) = get(&h, "/v1/conntrack?service=nope/nope").await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = get(&h, "/v1/conntrack?limit=lots").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("limit"), "{body}");
+}
+
+fn steps(v: &Value) -> Vec<(String, String)> {
+    v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["rule"].as_str().unwrap().to_string(),
+                s["decision"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn trace_cluster_ip_new_flow() {
+    let h = start().await;
+    let flow = "tcp 10.0.0.5:41001 -> 10.96.0.10:80";
+    let v = get_json(&h, &trace_path(flow)).await;
+    assert_eq!(v["flow"], flow);
+    assert_eq!(v["verdict"], "forward");
+    assert_eq!(v["service"], "default/web:http/TCP");
+    assert_eq!(v["endpoints"].as_array().unwrap().len(), 3);
+    // The pick is what the dataplane's Maglev table gives for the pipeline's hash.
+    let key = FlowKey::new(PROTO_TCP, ip("10.0.0.5"), 41001, ip("10.96.0.10"), 80);
+    let s = snapshot();
+    let f = s.match_frontend(key.dst, Protocol::Tcp, 80).unwrap();
+    let b = f.backends.pick(flow_hash(&key)).unwrap();
+    let expected = format!("{}:{}", b.addr, b.port);
+    assert_eq!(v["maglev"]["backend"], expected);
+    assert_eq!(v["maglev"]["table_size"], 251);
+    assert_eq!(v["maglev"]["slot"], flow_hash(&key) % 251);
+    assert_eq!(
+        v["translation"]["to"],
+        format!("tcp 10.0.0.5:41001 -> {expected}")
+    );
+    assert_eq!(v["snat"]["masquerade"], false);
+    assert_eq!(v["egress"]["via"], "vxlan");
+    let rules: Vec<String> = steps(&v).into_iter().map(|(r, _)| r).collect();
+    assert_eq!(
+        rules,
+        [
+            "conntrack",
+            "service",
+            "endpoints",
+            "maglev",
+            "session_affinity",
+            "snat",
+            "translation",
+            "egress"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn trace_conntrack_hit_both_directions() {
+    let h = start().await;
+    let v = get_json(&h, &trace_path("tcp 10.0.0.5:41000 -> 10.96.0.10:80")).await;
+    assert_eq!(steps(&v)[0], ("conntrack".to_string(), "hit".to_string()));
+    assert_eq!(v["conntrack"]["direction"], "original");
+    assert_eq!(v["conntrack"]["state"], "ESTABLISHED");
+    assert_eq!(v["translation"]["to"], "tcp 10.0.0.5:41000 -> 10.244.1.6:8080");
+    let v = get_json(&h, &trace_path("tcp 10.244.1.6:8080 -> 10.0.0.5:41000")).await;
+    assert_eq!(v["conntrack"]["direction"], "reply");
+    assert_eq!(v["translation"]["to"], "tcp 10.96.0.10:80 -> 10.0.0.5:41000");
+}
+
+#[tokio::test]
+async fn trace_node_port_masquerades() {
+    let h = start().await;
+    let v = get_json(&h, &trace_path("tcp 198.51.100.7:50000 -> 192.168.1.10:30080")).await;
+    assert_eq!(v["verdict"], "forward");
+    assert_eq!(v["frontend"]["kind"], "NodePort");
+    assert_eq!(v["snat"]["masquerade"], true);
+    assert_eq!(v["snat"]["client_address_preserved"], false);
+    let to = v["translation"]["to"].as_str().unwrap();
+    assert!(to.starts_with("tcp <snat-address>:<snat-port> -> 10.244."), "{to}");
+    assert!(steps(&v).contains(&("snat".to_string(), "masquerade".to_string())));
+}
+
+#[tokio::test]
+async fn trace_load_balancer_source_ranges_and_affinity() {
+    let h = start().await;
+    let v = get_json(&h, &trace_path("tcp 198.51.100.7:50000 -> 203.0.113.10:443")).await;
+    assert_eq!(v["verdict"], "forward");
+    assert_eq!(v["backend"]["address"], "10.244.2.8", "the not-serving one is never picked");
+    assert_eq!(v["snat"]["client_address_preserved"], true);
+    assert_eq!(v["affinity"]["predictable"], false);
+    let all = steps(&v);
+    assert!(all.contains(&("source_ranges".to_string(), "allow".to_string())));
+    assert!(all.contains(&("session_affinity".to_string(), "maybe".to_string())));
+    assert!(all.contains(&("snat".to_string(), "keep-source".to_string())));
+
+    let v = get_json(&h, &trace_path("tcp 192.0.2.1:50000 -> 203.0.113.10:443")).await;
+    assert_eq!(v["verdict"], "drop");
+    assert_eq!(v["drop_reason"], "source_range");
+}
+
+#[tokio::test]
+async fn trace_rejects_unknown_port_and_routes_the_rest() {
+    let h = start().await;
+    let v = get_json(&h, &trace_path("tcp 10.0.0.5:41000 -> 10.96.0.10:81")).await;
+    assert_eq!(v["verdict"], "reject");
+    assert_eq!(v["drop_reason"], "no_service");
+    let detail = v["steps"][1]["detail"].as_str().unwrap();
+    assert!(detail.contains("ICMP port-unreachable"), "{detail}");
+
+    let v = get_json(&h, &trace_path("udp 10.0.0.5:41000 -> 10.96.3.3:53")).await;
+    assert_eq!(v["verdict"], "drop");
+    let v = get_json(&h, &trace_path("tcp 10.0.0.5:41000 -> 10.244.2.8:8443")).await;
+    assert_eq!(v["verdict"], "routed");
+    assert_eq!(v["egress"]["node"], "node-b");
+}
+
+#[tokio::test]
+async fn trace_malformed_flow_is_400() {
+    let h = start().await;
+    for bad in [
+        "tcp 10.0.0.5 -> 10.96.0.10:80",
+        "gre 10.0.0.5:1 -> 10.96.0.10:80",
+        "tcp 10.0.0.5:41000 10.96.0.10:80",
+        "tcp 10.0.0.300:1 -> 10.96.0.10:80",
+        "tcp 10.0.0.5:70000 -> 10.96.0.10:80",
+    ] {
+        let (status, body) = get(&h, &trace_path(bad)).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let reason = v["error"].as_str().unwrap();
+        assert!(!reason.contains('\n'), "{reason}");
+    }
+    let (status, _) = get(&h, "/v1/trace").await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn ctl_prints_tables_and_explanations() {
+    let h = start().await;
+    let addr = h.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        let services = ctl::render(&addr, &CtlCommand::Services, false).unwrap();
+        let conntrack = ctl::render(
+            &addr,
+            &CtlCommand::Conntrack {
+                limit: Some(5),
+                service: Some("default/web".into()),
+            },
+            false,
+        )
+        .unwrap();
+        let trace = ctl::render(
+            &addr,
+            &CtlCommand::Trace {
+                flow: "tcp 10.0.0.5:41001 -> 10.96.0.10:80".into(),
+            },
+            false,
+        )
+        .unwrap();
+        let json = ctl::render(&addr, &CtlCommand::Services, true).unwrap();
+        ctl::run(&addr, CtlCommand::Services, false).unwrap();
+        (services, conntrack, trace, json)
+    })
+    .await
+    .unwrap();
+    let (services, conntrack, trace, json) = out;
+    assert!(services.starts_with("SERVICE "), "{services}");
+    assert!(services.contains("default/web"), "{services}");
+    assert!(services.contains("shop/checkout"), "{services}");
+    assert!(services.contains("10.96.0.10:80"), "{services}");
+    assert!(conntrack.contains("tcp 10.0.0.5:41000 -> 10.96.0.10:80"), "{conntrack}");
+    assert!(conntrack.contains("ESTABLISHED"), "{conntrack}");
+    assert!(trace.contains("verdict  FORWARD"), "{trace}");
+    assert!(trace.contains("maglev"), "{trace}");
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["frontends"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn ctl_reports_an_unreachable_gateway() {
+    // Bind then drop: a port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let err = ctl::run(&addr, CtlCommand::Services, false).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("cannot reach the admin API at {addr}: is servicegate running?")
+    );
+}
