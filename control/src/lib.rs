@@ -10,5 +10,3 @@ pub mod ctl;
 pub mod kube_source;
 pub mod manifests;
 pub mod model;
-pub mod admin;
-pub mod ctl;

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod harness;
 
 use std::collections::BTreeMap;
 
