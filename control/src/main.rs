@@ -96,7 +96,7 @@ fn main() -> ExitCode {
             let command = match what {
                 CtlWhat::Services => control::ctl::CtlCommand::Services,
                 CtlWhat::Conntrack { limit, service } => {
-                    control::ctl::CtlCommand::Conntrack { limit, service }
+                    control::ctl::CtlCommand::Conntrack { limit: Some(limit), service }
                 }
                 CtlWhat::Trace { flow } => control::ctl::CtlCommand::Trace {
                     flow: flow.join(" "),

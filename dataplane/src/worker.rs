@@ -154,10 +154,8 @@ impl Worker {
                 taken += 1;
                 stats.handoffs_in += 1;
                 let in_port = mbuf.port();
-                self.handle(&mut mbuf, in_port, &snapshot, now, &mut stats)
-                    .map(|verdict| {
-                        self.dispatch(mbuf, verdict, now, &mut tx, &mut held, &mut stats)
-                    });
+                let verdict = self.handle(&mut mbuf, in_port, &snapshot, now, &mut stats);
+                self.dispatch(mbuf, verdict, now, &mut tx, &mut held, &mut stats);
             }
             received += taken;
 
@@ -170,11 +168,8 @@ impl Worker {
                     let p = usize::from(in_port) % MAX_PORTS;
                     stats.rx_packets[p] += 1;
                     stats.rx_bytes[p] += mbuf.len() as u64;
-                    if let Some(verdict) =
-                        self.handle(&mut mbuf, in_port, &snapshot, now, &mut stats)
-                    {
-                        self.dispatch(mbuf, verdict, now, &mut tx, &mut held, &mut stats);
-                    }
+                    let verdict = self.handle(&mut mbuf, in_port, &snapshot, now, &mut stats);
+                    self.dispatch(mbuf, verdict, now, &mut tx, &mut held, &mut stats);
                 }
             }
 
@@ -222,8 +217,7 @@ impl Worker {
         self.publish(&mut stats);
     }
 
-    /// Runs the frame through this worker's mode, or hands it to its owner. `None` when
-    /// the frame was handed over.
+    /// Runs the frame through this worker's mode.
     #[inline]
     fn handle(
         &mut self,
@@ -232,14 +226,14 @@ impl Worker {
         snapshot: &Snapshot,
         now: Tick,
         stats: &mut WorkerStats,
-    ) -> Option<Verdict> {
+    ) -> Verdict {
         match &mut self.mode {
-            Mode::Io { peer } => Some(Verdict::Transmit {
+            Mode::Io { peer } => Verdict::Transmit {
                 port: peer.get(usize::from(in_port)).copied().unwrap_or(in_port),
-            }),
+            },
             // The pipeline decides ownership itself and answers `Handoff` for frames of
             // another worker's flows.
-            Mode::Gateway(pipeline) => Some(pipeline.process(mbuf, in_port, snapshot, now, stats)),
+            Mode::Gateway(pipeline) => pipeline.process(mbuf, in_port, snapshot, now, stats),
         }
     }
 
