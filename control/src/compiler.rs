@@ -312,6 +312,9 @@ fn index_slices(model: &Model) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
     by_service
 }
 
+/// State and node of one endpoint while slices are merged.
+type MergedEndpoint = (EndpointState, Option<Arc<str>>);
+
 /// State of one compilation.
 struct Run<'a> {
     options: &'a CompileOptions,
@@ -372,8 +375,7 @@ impl Run<'_> {
         protocol: Protocol,
         family: IpFamily,
     ) -> Vec<Backend> {
-        let mut merged: BTreeMap<(Ipv4Addr, u16), (EndpointState, Option<Arc<str>>)> =
-            BTreeMap::new();
+        let mut merged: BTreeMap<(Ipv4Addr, u16), MergedEndpoint> = BTreeMap::new();
         for slice in slices {
             if slice.address_type != family.address_type() {
                 continue; // FQDN and other-family slices are ignored (items 3, 9).

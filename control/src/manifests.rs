@@ -43,12 +43,13 @@ pub enum ManifestError {
         /// The field path and the cause, e.g. `spec.ports[0].port: invalid type: ...`.
         message: String,
     },
-    #[error("{}: {location}: {kind} {key} is already defined in {first}", path.display())]
+    #[error("{}: {location}: {object} is already defined in {first}", path.display())]
     Duplicate {
         path: PathBuf,
         location: String,
-        kind: &'static str,
-        key: ObjectKey,
+        /// `Kind namespace/name`.
+        object: String,
+        /// Where it was first defined (`file: document N (...)`).
         first: String,
     },
     #[error("{}: no *.yaml, *.yml or *.json files", path.display())]
@@ -316,8 +317,7 @@ impl Loader {
             return Err(ManifestError::Duplicate {
                 path: path.to_owned(),
                 location: described.to_owned(),
-                kind,
-                key,
+                object: format!("{kind} {key}"),
                 first: first.clone(),
             });
         }
