@@ -189,7 +189,11 @@ fn next_prime(mut n: u32) -> u32 {
 
 /// The state of an endpoint from its conditions (item 11): missing ready/serving mean
 /// true, missing terminating means false.
-pub fn endpoint_state(ready: Option<bool>, serving: Option<bool>, terminating: Option<bool>) -> EndpointState {
+pub fn endpoint_state(
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+) -> EndpointState {
     let ready = ready.unwrap_or(true);
     let serving = serving.unwrap_or(true);
     let terminating = terminating.unwrap_or(false);
@@ -308,6 +312,9 @@ fn index_slices(model: &Model) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
     by_service
 }
 
+/// State and node of one endpoint while slices are merged.
+type MergedEndpoint = (EndpointState, Option<Arc<str>>);
+
 /// State of one compilation.
 struct Run<'a> {
     options: &'a CompileOptions,
@@ -368,8 +375,7 @@ impl Run<'_> {
         protocol: Protocol,
         family: IpFamily,
     ) -> Vec<Backend> {
-        let mut merged: BTreeMap<(Ipv4Addr, u16), (EndpointState, Option<Arc<str>>)> =
-            BTreeMap::new();
+        let mut merged: BTreeMap<(Ipv4Addr, u16), MergedEndpoint> = BTreeMap::new();
         for slice in slices {
             if slice.address_type != family.address_type() {
                 continue; // FQDN and other-family slices are ignored (items 3, 9).
@@ -578,7 +584,9 @@ impl Run<'_> {
             }
             if let Some(node_port) = port.node_port.filter(|&n| n != 0) {
                 match port_u16(node_port) {
-                    Some(node_port) => push(FrontendKind::NodePort, Ipv4Addr::UNSPECIFIED, node_port),
+                    Some(node_port) => {
+                        push(FrontendKind::NodePort, Ipv4Addr::UNSPECIFIED, node_port)
+                    }
                     None => self.warnings.push(format!(
                         "Service {key}: nodePort {node_port} out of range, ignored"
                     )),
@@ -594,7 +602,11 @@ impl Run<'_> {
     }
 
     /// (port name, protocol, port) of a Service port, or a warning.
-    fn service_port(&mut self, key: &ObjectKey, port: &ServicePort) -> Option<(String, Protocol, u16)> {
+    fn service_port(
+        &mut self,
+        key: &ObjectKey,
+        port: &ServicePort,
+    ) -> Option<(String, Protocol, u16)> {
         let name = port.name.clone().unwrap_or_default();
         let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
             self.warn(format!(
@@ -637,7 +649,12 @@ impl Run<'_> {
     }
 
     /// `loadBalancerSourceRanges` of this family, trimmed (item 20).
-    fn source_ranges(&mut self, key: &ObjectKey, spec: &ServiceSpec, family: IpFamily) -> Vec<Ipv4Net> {
+    fn source_ranges(
+        &mut self,
+        key: &ObjectKey,
+        spec: &ServiceSpec,
+        family: IpFamily,
+    ) -> Vec<Ipv4Net> {
         let mut ranges = Vec::new();
         for raw in spec.load_balancer_source_ranges.iter().flatten() {
             let value = raw.trim();
@@ -684,7 +701,12 @@ impl Run<'_> {
     }
 
     /// LB ingress IPs with ipMode VIP or unset (item 6).
-    fn lb_ingress_for_family(&mut self, key: &ObjectKey, service: &Service, family: IpFamily) -> Vec<Ipv4Addr> {
+    fn lb_ingress_for_family(
+        &mut self,
+        key: &ObjectKey,
+        service: &Service,
+        family: IpFamily,
+    ) -> Vec<Ipv4Addr> {
         let ingress = service
             .status
             .as_ref()
@@ -764,8 +786,18 @@ impl Run<'_> {
             .filter_map(|(c, k)| k.then_some(c))
             .collect();
         kept.sort_by(|a, b| {
-            (&a.service.namespace, &a.service.name, &a.service.port_name, a.service.protocol)
-                .cmp(&(&b.service.namespace, &b.service.name, &b.service.port_name, b.service.protocol))
+            (
+                &a.service.namespace,
+                &a.service.name,
+                &a.service.port_name,
+                a.service.protocol,
+            )
+                .cmp(&(
+                    &b.service.namespace,
+                    &b.service.name,
+                    &b.service.port_name,
+                    b.service.protocol,
+                ))
                 .then_with(|| kind_rank(a.kind).cmp(&kind_rank(b.kind)))
                 .then_with(|| a.addr.cmp(&b.addr))
                 .then_with(|| a.port.cmp(&b.port))
@@ -775,8 +807,9 @@ impl Run<'_> {
         let mut node_port_addresses = Vec::new();
         for &addr in &self.options.node_port_addresses {
             if addr.is_loopback() || addr.is_unspecified() {
-                self.warnings
-                    .push(format!("node-port address {addr} ignored: NodePorts never answer on it"));
+                self.warnings.push(format!(
+                    "node-port address {addr} ignored: NodePorts never answer on it"
+                ));
             } else if !node_port_addresses.contains(&addr) {
                 node_port_addresses.push(addr);
             }

@@ -43,12 +43,13 @@ pub enum ManifestError {
         /// The field path and the cause, e.g. `spec.ports[0].port: invalid type: ...`.
         message: String,
     },
-    #[error("{}: {location}: {kind} {key} is already defined in {first}", path.display())]
+    #[error("{}: {location}: {object} is already defined in {first}", path.display())]
     Duplicate {
         path: PathBuf,
         location: String,
-        kind: &'static str,
-        key: ObjectKey,
+        /// `Kind namespace/name`.
+        object: String,
+        /// Where it was first defined (`file: document N (...)`).
         first: String,
     },
     #[error("{}: no *.yaml, *.yml or *.json files", path.display())]
@@ -202,10 +203,12 @@ impl Loader {
         }
         for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let location = format!("document {}", index + 1);
-            let value = <Value as serde::Deserialize>::deserialize(document).map_err(|e| ManifestError::Parse {
-                path: path.to_owned(),
-                location: location.clone(),
-                message: e.to_string(),
+            let value = <Value as serde::Deserialize>::deserialize(document).map_err(|e| {
+                ManifestError::Parse {
+                    path: path.to_owned(),
+                    location: location.clone(),
+                    message: e.to_string(),
+                }
             })?;
             self.load_document(path, location, value, true)?;
         }
@@ -228,7 +231,10 @@ impl Loader {
             message,
         };
         if !value.is_mapping() {
-            return Err(parse_error(location, "expected a Kubernetes object (a mapping)".to_owned()));
+            return Err(parse_error(
+                location,
+                "expected a Kubernetes object (a mapping)".to_owned(),
+            ));
         }
         let header = Header::of(&value);
         let described = format!("{location} ({header})");
@@ -238,16 +244,25 @@ impl Loader {
                     None | Some(Value::Null) => return Ok(()),
                     Some(Value::Sequence(items)) => items.clone(),
                     Some(_) => {
-                        return Err(parse_error(location, "items: expected a sequence".to_owned()))
+                        return Err(parse_error(
+                            location,
+                            "items: expected a sequence".to_owned(),
+                        ))
                     }
                 };
                 for (index, item) in items.into_iter().enumerate() {
-                    self.load_document(path, format!("{location} item {}", index + 1), item, false)?;
+                    self.load_document(
+                        path,
+                        format!("{location} item {}", index + 1),
+                        item,
+                        false,
+                    )?;
                 }
                 Ok(())
             }
             ("v1", "Service") => {
-                let mut service: Service = typed(value).map_err(|m| parse_error(described.clone(), m))?;
+                let mut service: Service =
+                    typed(value).map_err(|m| parse_error(described.clone(), m))?;
                 let key = self.key_of(path, &described, "Service", &mut service.metadata)?;
                 self.model.services.insert(key, Arc::new(service));
                 Ok(())
@@ -302,8 +317,7 @@ impl Loader {
             return Err(ManifestError::Duplicate {
                 path: path.to_owned(),
                 location: described.to_owned(),
-                kind,
-                key,
+                object: format!("{kind} {key}"),
                 first: first.clone(),
             });
         }

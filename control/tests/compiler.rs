@@ -26,7 +26,10 @@ fn model(yaml: &str) -> Model {
         match value["kind"].as_str() {
             Some("Service") => {
                 let mut svc: Service = serde_yaml::from_value(value).expect("a Service");
-                let ns = svc.metadata.namespace.get_or_insert_with(|| "default".into());
+                let ns = svc
+                    .metadata
+                    .namespace
+                    .get_or_insert_with(|| "default".into());
                 let key = ObjectKey::new(ns.clone(), svc.metadata.name.clone().unwrap());
                 model.services.insert(key, Arc::new(svc));
             }
@@ -235,7 +238,10 @@ endpoints: [{addresses: [10.244.1.2]}]
 "#,
     );
     let f = fe(&c.snapshot, "10.96.0.5", Tcp, 80);
-    assert!(backends(f).is_empty(), "a UDP slice port does not serve a TCP service port");
+    assert!(
+        backends(f).is_empty(),
+        "a UDP slice port does not serve a TCP service port"
+    );
 }
 
 #[test]
@@ -277,7 +283,10 @@ endpoints: [{addresses: [10.244.1.2]}]
 "#,
     );
     let s = &c.snapshot;
-    assert_eq!(s.frontend_count, 4, "ClusterIP, NodePort, LB, externalIP: IPv4 only");
+    assert_eq!(
+        s.frontend_count, 4,
+        "ClusterIP, NodePort, LB, externalIP: IPv4 only"
+    );
     let cluster = fe(s, "10.96.0.10", Tcp, 80);
     assert_eq!(backends(cluster), vec![("10.244.1.2".into(), 9376, Ready)]);
     assert!(has_fe(s, "192.0.2.100", Tcp, 80));
@@ -287,7 +296,11 @@ endpoints: [{addresses: [10.244.1.2]}]
         fe(s, "192.0.2.100", Tcp, 80).source_ranges,
         vec!["203.0.113.0/24".parse().unwrap()]
     );
-    assert!(c.warnings.is_empty(), "other-family values are not warned: {:?}", c.warnings);
+    assert!(
+        c.warnings.is_empty(),
+        "other-family values are not warned: {:?}",
+        c.warnings
+    );
 }
 
 #[test]
@@ -327,8 +340,14 @@ spec:
     let http = fe(s, "10.96.0.10", Tcp, 80);
     assert_eq!(http.kind, FrontendKind::ClusterIp);
     assert_eq!(http.service.to_string(), "lab/multi:http/TCP");
-    assert_eq!(fe(s, "10.96.0.10", Tcp, 443).service.to_string(), "lab/multi:https/TCP");
-    assert_eq!(s.service_addresses.get(&ip("10.96.0.10")), Some(&FrontendKind::ClusterIp));
+    assert_eq!(
+        fe(s, "10.96.0.10", Tcp, 443).service.to_string(),
+        "lab/multi:https/TCP"
+    );
+    assert_eq!(
+        s.service_addresses.get(&ip("10.96.0.10")),
+        Some(&FrontendKind::ClusterIp)
+    );
 }
 
 #[test]
@@ -392,7 +411,10 @@ status:
     assert!(!has_fe(s, "192.0.2.3", Tcp, 80), "ipMode Proxy is skipped");
     assert!(s.node_ports.is_empty());
     assert_eq!(s.frontend_count, 3);
-    assert_eq!(s.service_addresses.get(&ip("192.0.2.1")), Some(&FrontendKind::LoadBalancer));
+    assert_eq!(
+        s.service_addresses.get(&ip("192.0.2.1")),
+        Some(&FrontendKind::LoadBalancer)
+    );
     assert!(!s.service_addresses.contains_key(&ip("192.0.2.3")));
 }
 
@@ -410,8 +432,14 @@ spec:
 "#,
     );
     let s = &c.snapshot;
-    assert_eq!(fe(s, "198.51.100.7", Tcp, 80).kind, FrontendKind::ExternalIp);
-    assert_eq!(s.service_addresses.get(&ip("198.51.100.7")), Some(&FrontendKind::ExternalIp));
+    assert_eq!(
+        fe(s, "198.51.100.7", Tcp, 80).kind,
+        FrontendKind::ExternalIp
+    );
+    assert_eq!(
+        s.service_addresses.get(&ip("198.51.100.7")),
+        Some(&FrontendKind::ExternalIp)
+    );
     assert!(
         c.warnings
             .iter()
@@ -442,7 +470,10 @@ spec:
     let f = fe(s, "10.96.0.10", Tcp, 80);
     assert!(f.backends.backends.is_empty());
     assert!(f.backends.maglev.is_empty());
-    assert!(f.backends.pick(12345).is_none(), "no usable endpoint: the dataplane rejects");
+    assert!(
+        f.backends.pick(12345).is_none(),
+        "no usable endpoint: the dataplane rejects"
+    );
     assert_eq!(s.service_addresses.len(), 1);
     assert_eq!(s.service_cidr, Some("10.96.0.0/16".parse().unwrap()));
 }
@@ -552,7 +583,10 @@ endpoints: {endpoints}
             fe(&c.snapshot, "10.96.0.10", Tcp, 80).backends.clone()
         })
         .collect();
-    assert!(Arc::ptr_eq(&sets[0], &sets[1]), "same inputs → same shared set");
+    assert!(
+        Arc::ptr_eq(&sets[0], &sets[1]),
+        "same inputs → same shared set"
+    );
     assert!(Arc::ptr_eq(&sets[1], &sets[2]));
     assert_eq!(sets[0].backends.len(), 2);
 }
@@ -660,9 +694,18 @@ endpoints: [{addresses: [10.244.1.2]}]
 "#,
     );
     let s = &c.snapshot;
-    assert_eq!(backends(fe(s, "10.96.0.10", Tcp, 80)), vec![("10.244.1.2".into(), 9376, Ready)]);
-    assert!(backends(fe(s, "10.96.0.10", Tcp, 9100)).is_empty(), "slice port without number");
-    assert!(backends(fe(s, "10.96.0.10", Tcp, 8443)).is_empty(), "no slice port named admin");
+    assert_eq!(
+        backends(fe(s, "10.96.0.10", Tcp, 80)),
+        vec![("10.244.1.2".into(), 9376, Ready)]
+    );
+    assert!(
+        backends(fe(s, "10.96.0.10", Tcp, 9100)).is_empty(),
+        "slice port without number"
+    );
+    assert!(
+        backends(fe(s, "10.96.0.10", Tcp, 8443)).is_empty(),
+        "no slice port named admin"
+    );
 }
 
 #[test]
@@ -766,11 +809,23 @@ endpoints: {}
         assert_eq!(backends(f), states, "{}", case.name);
         let expect: Vec<_> = case.usable.iter().map(|a| (a.to_string(), 8080)).collect();
         assert_eq!(usable(f), expect, "{}", case.name);
-        assert_eq!(f.backends.maglev.is_empty(), case.usable.is_empty(), "{}", case.name);
+        assert_eq!(
+            f.backends.maglev.is_empty(),
+            case.usable.is_empty(),
+            "{}",
+            case.name
+        );
         if !case.usable.is_empty() {
             for hash in 0..200u64 {
-                let picked = f.backends.pick(hash.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap();
-                assert!(case.usable.contains(&picked.addr.to_string().as_str()), "{}", case.name);
+                let picked = f
+                    .backends
+                    .pick(hash.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                    .unwrap();
+                assert!(
+                    case.usable.contains(&picked.addr.to_string().as_str()),
+                    "{}",
+                    case.name
+                );
             }
         }
     }
@@ -837,7 +892,10 @@ endpoints:
     let b = compile_with(options, yaml);
     let fa = fe(&a.snapshot, "10.96.0.10", Tcp, 80);
     let fb = fe(&b.snapshot, "10.96.0.10", Tcp, 80);
-    assert_eq!(fa.backends.maglev, fb.backends.maglev, "same set → same table on every gateway");
+    assert_eq!(
+        fa.backends.maglev, fb.backends.maglev,
+        "same set → same table on every gateway"
+    );
     let expected = MaglevTable::build(&[(ip("10.0.0.1"), 8080), (ip("10.0.0.3"), 8080)], 251);
     assert_eq!(fa.backends.maglev, expected);
     assert_eq!(fa.backends.maglev.size(), 251);
@@ -850,8 +908,15 @@ fn maglev_table_size_not_prime_is_warned_and_corrected() {
         ..CompileOptions::default()
     };
     let c = compile_with(options, WEB);
-    assert!(c.warnings.iter().any(|w| w.contains("1000")), "{:?}", c.warnings);
-    let size = fe(&c.snapshot, "10.96.0.10", Tcp, 80).backends.maglev.size() as u32;
+    assert!(
+        c.warnings.iter().any(|w| w.contains("1000")),
+        "{:?}",
+        c.warnings
+    );
+    let size = fe(&c.snapshot, "10.96.0.10", Tcp, 80)
+        .backends
+        .maglev
+        .size() as u32;
     assert!(dataplane::maglev::is_prime(size) && size > 1000);
 }
 
@@ -886,7 +951,10 @@ spec:
 "#,
     );
     let s = &c.snapshot;
-    assert_eq!(fe(s, "10.96.0.30", Tcp, 80).affinity_timeout_secs, Some(10800));
+    assert_eq!(
+        fe(s, "10.96.0.30", Tcp, 80).affinity_timeout_secs,
+        Some(10800)
+    );
     assert_eq!(fe(s, "10.96.0.31", Tcp, 80).affinity_timeout_secs, Some(60));
     assert_eq!(fe(s, "10.96.0.32", Tcp, 80).affinity_timeout_secs, None);
 }
@@ -924,7 +992,10 @@ fn item_17_etp_local_keeps_client_address() {
     assert!(!fe(s, "192.0.2.100", Tcp, 80).masquerade);
     assert!(!fe(s, "198.51.100.7", Tcp, 80).masquerade);
     assert!(!s.node_ports[&(Tcp, 30080)].masquerade);
-    assert!(fe(s, "10.96.0.10", Tcp, 80).masquerade, "ClusterIP follows item 19, not ETP");
+    assert!(
+        fe(s, "10.96.0.10", Tcp, 80).masquerade,
+        "ClusterIP follows item 19, not ETP"
+    );
 }
 
 const ITP_LOCAL: &str = r#"
@@ -982,10 +1053,20 @@ fn item_18_itp_local_with_node_mapping() {
     assert_eq!(node1.backends.len(), 2);
     assert_eq!(node1.usable, vec![0], "only the ready local endpoint");
     assert_eq!(by_node["node-2"].backends[0].addr, ip("10.244.2.2"));
-    assert!(by_node["node-3"].maglev.is_empty(), "no local endpoint: drop");
-    assert_eq!(f.backends.backends.len(), 3, "cluster-wide set kept alongside");
     assert!(
-        matches!(s.node_ports[&(Tcp, 30080)].internal_policy, InternalPolicy::Cluster),
+        by_node["node-3"].maglev.is_empty(),
+        "no local endpoint: drop"
+    );
+    assert_eq!(
+        f.backends.backends.len(),
+        3,
+        "cluster-wide set kept alongside"
+    );
+    assert!(
+        matches!(
+            s.node_ports[&(Tcp, 30080)].internal_policy,
+            InternalPolicy::Cluster
+        ),
         "external frontends follow externalTrafficPolicy"
     );
 }
@@ -1008,7 +1089,10 @@ fn item_18_itp_local_without_node_mapping_is_cluster() {
 #[test]
 fn item_19_cluster_ip_masquerade_option() {
     let on = compile(WEB);
-    assert!(fe(&on.snapshot, "10.96.0.10", Tcp, 80).masquerade, "default true");
+    assert!(
+        fe(&on.snapshot, "10.96.0.10", Tcp, 80).masquerade,
+        "default true"
+    );
     let off = compile_with(
         CompileOptions {
             masquerade_cluster_ip: false,
@@ -1040,7 +1124,10 @@ status:
     let s = &c.snapshot;
     assert_eq!(
         fe(s, "192.0.2.100", Tcp, 80).source_ranges,
-        vec!["10.0.0.0/8".parse().unwrap(), "203.0.113.0/24".parse().unwrap()]
+        vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "203.0.113.0/24".parse().unwrap()
+        ]
     );
     assert!(fe(s, "10.96.0.10", Tcp, 80).source_ranges.is_empty());
     assert!(fe(s, "198.51.100.7", Tcp, 80).source_ranges.is_empty());
@@ -1081,7 +1168,10 @@ spec:
     assert_eq!(&*fe(s, "198.51.100.7", Tcp, 80).service.name, "old");
     assert_eq!(&*s.node_ports[&(Tcp, 30080)].service.name, "old");
     assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
-    assert!(c.warnings.iter().all(|w| w.contains("default/young") && w.contains("default/old")));
+    assert!(c
+        .warnings
+        .iter()
+        .all(|w| w.contains("default/young") && w.contains("default/old")));
     assert_eq!(s.frontend_count, 4);
 }
 
@@ -1170,8 +1260,14 @@ endpoints:
     assert_eq!(second.stats.backend_sets_reused, 1);
     let web = |c: &Compiled| fe(&c.snapshot, "10.96.0.10", Tcp, 80).backends.clone();
     let api = |c: &Compiled| fe(&c.snapshot, "10.96.0.40", Tcp, 80).backends.clone();
-    assert!(Arc::ptr_eq(&web(&first), &web(&second)), "unchanged port shares its table");
-    assert!(!Arc::ptr_eq(&api(&first), &api(&second)), "changed port rebuilt");
+    assert!(
+        Arc::ptr_eq(&web(&first), &web(&second)),
+        "unchanged port shares its table"
+    );
+    assert!(
+        !Arc::ptr_eq(&api(&first), &api(&second)),
+        "changed port rebuilt"
+    );
     assert_eq!(api(&second).usable.len(), 1);
     // Frontends are new values, backend sets are shared.
     let third = compiler.compile(&model(&format!("{WEB}{}", other(false))));
@@ -1183,7 +1279,12 @@ endpoints:
 fn backend_node_names_come_from_the_slice() {
     let c = compile(WEB);
     let f = fe(&c.snapshot, "10.96.0.10", Tcp, 80);
-    let nodes: Vec<Option<&str>> = f.backends.backends.iter().map(|b: &Backend| b.node.as_deref()).collect();
+    let nodes: Vec<Option<&str>> = f
+        .backends
+        .backends
+        .iter()
+        .map(|b: &Backend| b.node.as_deref())
+        .collect();
     assert_eq!(nodes, vec![Some("node-1"), Some("node-2")]);
 }
 

@@ -67,8 +67,14 @@ fn multi_document_file_with_skipped_kinds() {
     assert_eq!(model.services.len(), 1);
     assert_eq!(model.endpoint_slices.len(), 1);
     let svc = &model.services[&ObjectKey::new("default", "web")];
-    assert_eq!(svc.metadata.namespace.as_deref(), Some("default"), "missing namespace = default");
-    assert!(model.endpoint_slices.contains_key(&ObjectKey::new("default", "web-abc")));
+    assert_eq!(
+        svc.metadata.namespace.as_deref(),
+        Some("default"),
+        "missing namespace = default"
+    );
+    assert!(model
+        .endpoint_slices
+        .contains_key(&ObjectKey::new("default", "web-abc")));
     assert_eq!(loaded.skipped.len(), 1);
     assert!(
         loaded.skipped[0].contains("Deployment") && loaded.skipped[0].contains("lab/web"),
@@ -136,7 +142,11 @@ items:
     assert_eq!(loaded.model.services.len(), 1);
     assert_eq!(loaded.model.endpoint_slices.len(), 1);
     assert_eq!(loaded.skipped.len(), 1);
-    assert!(loaded.skipped[0].contains("document 1 item 3"), "{:?}", loaded.skipped);
+    assert!(
+        loaded.skipped[0].contains("document 1 item 3"),
+        "{:?}",
+        loaded.skipped
+    );
     let compiled = Compiler::new(CompileOptions::default()).compile(&loaded.model);
     let f = &compiled.snapshot.frontends[&FrontendKey {
         addr: Ipv4Addr::new(10, 96, 0, 1),
@@ -179,20 +189,28 @@ items:
 "#;
     let message = load_str(Path::new("l.yaml"), list).unwrap_err().to_string();
     assert!(
-        message.starts_with("l.yaml: document 1 item 1 (EndpointSlice lab/s): endpoints[0].conditions.ready: "),
+        message.starts_with(
+            "l.yaml: document 1 item 1 (EndpointSlice lab/s): endpoints[0].conditions.ready: "
+        ),
         "{message}"
     );
     let broken = format!("{SERVICE}---\nkind: [unclosed\n");
-    let message = load_str(Path::new("b.yaml"), &broken).unwrap_err().to_string();
+    let message = load_str(Path::new("b.yaml"), &broken)
+        .unwrap_err()
+        .to_string();
     assert!(message.starts_with("b.yaml: document 2: "), "{message}");
 }
 
 #[test]
 fn duplicate_object_is_an_error() {
     let text = format!("{SERVICE}---\n{SERVICE}");
-    let message = load_str(Path::new("d.yaml"), &text).unwrap_err().to_string();
+    let message = load_str(Path::new("d.yaml"), &text)
+        .unwrap_err()
+        .to_string();
     assert!(
-        message.contains("d.yaml: document 2") && message.contains("default/web") && message.contains("document 1"),
+        message.contains("d.yaml: document 2")
+            && message.contains("default/web")
+            && message.contains("document 1"),
         "{message}"
     );
 }
@@ -219,7 +237,10 @@ fn directory_loads_every_manifest_file_sorted() {
     assert_eq!(names, vec!["a-services.yaml", "b-slices.yml", "c.json"]);
     assert_eq!(loaded.model.services.len(), 2);
     assert_eq!(loaded.model.endpoint_slices.len(), 1);
-    assert!(loaded.model.services.contains_key(&ObjectKey::new("lab", "api")));
+    assert!(loaded
+        .model
+        .services
+        .contains_key(&ObjectKey::new("lab", "api")));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -269,13 +290,31 @@ fn lab_manifests_load_and_compile() {
     assert_eq!(
         pods,
         vec![
-            ("10.244.1.2".into(), 9376, EndpointState::Ready, Some("node-1")),
-            ("10.244.1.3".into(), 9376, EndpointState::Ready, Some("node-1")),
-            ("10.244.2.2".into(), 9376, EndpointState::Ready, Some("node-2")),
+            (
+                "10.244.1.2".into(),
+                9376,
+                EndpointState::Ready,
+                Some("node-1")
+            ),
+            (
+                "10.244.1.3".into(),
+                9376,
+                EndpointState::Ready,
+                Some("node-1")
+            ),
+            (
+                "10.244.2.2".into(),
+                9376,
+                EndpointState::Ready,
+                Some("node-2")
+            ),
         ]
     );
     assert_eq!(web.backends.usable.len(), 3);
-    assert_eq!(s.node_ports[&(Protocol::Tcp, 30080)].service.name.as_ref(), "web-nodeport");
+    assert_eq!(
+        s.node_ports[&(Protocol::Tcp, 30080)].service.name.as_ref(),
+        "web-nodeport"
+    );
     let lb = &s.frontends[&key([192, 0, 2, 100], Protocol::Tcp, 80)];
     assert_eq!(lb.kind, FrontendKind::LoadBalancer);
     assert!(lb.masquerade);
@@ -283,7 +322,10 @@ fn lab_manifests_load_and_compile() {
     assert_eq!(udp.backends.backends[0].port, 5353);
     let sticky = &s.frontends[&key([10, 96, 0, 30], Protocol::Tcp, 80)];
     assert_eq!(sticky.affinity_timeout_secs, Some(10800));
-    assert!(Arc::ptr_eq(&web.backends, &sticky.backends), "identical sets are shared");
+    assert!(
+        Arc::ptr_eq(&web.backends, &sticky.backends),
+        "identical sets are shared"
+    );
 }
 
 async fn next_model(rx: &mut tokio::sync::watch::Receiver<Option<Arc<Model>>>) -> Arc<Model> {
@@ -313,13 +355,18 @@ async fn watch_reloads_on_change_and_keeps_last_good_model() {
     // A broken edit: the last good model stays, nothing is published.
     std::fs::write(dir.join("slices.yaml"), format!("{SLICE}\nendpoints: [[[")).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!rx.has_changed().unwrap(), "a model that does not load is never published");
+    assert!(
+        !rx.has_changed().unwrap(),
+        "a model that does not load is never published"
+    );
     assert_eq!(rx.borrow().as_ref().unwrap().endpoint_slices.len(), 1);
 
     // Fixed again: published again.
     std::fs::write(dir.join("slices.yaml"), SLICE.replace("web-abc", "web-def")).unwrap();
     let third = next_model(&mut rx).await;
-    assert!(third.endpoint_slices.contains_key(&ObjectKey::new("default", "web-def")));
+    assert!(third
+        .endpoint_slices
+        .contains_key(&ObjectKey::new("default", "web-def")));
 
     // Removing a file is a change too.
     std::fs::remove_file(dir.join("slices.yaml")).unwrap();
