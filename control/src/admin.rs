@@ -23,8 +23,7 @@ use axum::{Json, Router};
 use dataplane::conntrack::{Direction, FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use dataplane::dpdk::PortStats;
 use dataplane::snapshot::{
-    Backend, BackendSet, EndpointState, Frontend, FrontendKind, InternalPolicy, Protocol,
-    Snapshot,
+    Backend, BackendSet, EndpointState, Frontend, FrontendKind, InternalPolicy, Protocol, Snapshot,
 };
 use dataplane::stats::{DropReason, WorkerStats, MAX_PORTS};
 use dataplane::worker::{ConntrackRow, Request, WorkerShared};
@@ -157,7 +156,10 @@ fn router_for(app: Arc<App>) -> Router {
 
 /// Serves the admin API on `listener` until the task is dropped; samples worker progress
 /// every 500 ms so `/healthz` notices a stuck worker even when probed rarely.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AdminState>,
+) -> anyhow::Result<()> {
     let app = Arc::new(App {
         progress: parking_lot::Mutex::new(vec![None; state.workers.len()]),
         state,
@@ -182,7 +184,12 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response {
     if !body.ends_with('\n') {
         body.push('\n');
     }
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 fn bad_request(reason: impl std::fmt::Display) -> Response {
@@ -205,7 +212,10 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     if app.state.ready.load(Ordering::Acquire) {
         let generation = app.state.snapshot.load().generation;
-        text(StatusCode::OK, format!("ok (snapshot generation {generation})"))
+        text(
+            StatusCode::OK,
+            format!("ok (snapshot generation {generation})"),
+        )
     } else {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -248,8 +258,19 @@ impl EncodeMetric for PrebucketedHistogram {
 
 /// Upper bounds of the burst latency histogram, in nanoseconds.
 const LATENCY_BUCKETS_NS: &[u64] = &[
-    1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
-    5_000_000, 10_000_000, 100_000_000,
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    5_000_000,
+    10_000_000,
+    100_000_000,
 ];
 
 fn counter_family() -> Family<Labels, Counter> {
@@ -278,7 +299,11 @@ fn frontend_label(f: &Frontend) -> String {
 /// Renders the whole registry; a fresh registry per scrape (cheap at scrape rate).
 fn render_metrics(state: &AdminState) -> String {
     let snapshot = state.snapshot.load();
-    let per_worker: Vec<WorkerStats> = state.workers.iter().map(|w| w.stats.lock().clone()).collect();
+    let per_worker: Vec<WorkerStats> = state
+        .workers
+        .iter()
+        .map(|w| w.stats.lock().clone())
+        .collect();
     let mut total = WorkerStats::default();
     for w in &per_worker {
         total.merge(w);
@@ -317,10 +342,22 @@ fn render_metrics(state: &AdminState) -> String {
             ]))
             .set(1);
     }
-    registry.register("servicegate_rx_packets", "Frames received, per port", rx_packets);
+    registry.register(
+        "servicegate_rx_packets",
+        "Frames received, per port",
+        rx_packets,
+    );
     registry.register("servicegate_rx_bytes", "Bytes received, per port", rx_bytes);
-    registry.register("servicegate_tx_packets", "Frames the NIC accepted for transmission, per port", tx_packets);
-    registry.register("servicegate_tx_bytes", "Bytes queued for transmission, per port", tx_bytes);
+    registry.register(
+        "servicegate_tx_packets",
+        "Frames the NIC accepted for transmission, per port",
+        tx_packets,
+    );
+    registry.register(
+        "servicegate_tx_bytes",
+        "Bytes queued for transmission, per port",
+        tx_bytes,
+    );
     registry.register(
         "servicegate_queue_rx_packets",
         "Frames received per port by each worker (a worker owns its rx queues)",
@@ -331,21 +368,47 @@ fn render_metrics(state: &AdminState) -> String {
         "Frames transmitted per port by each worker (tx queue = worker index)",
         q_tx,
     );
-    registry.register("servicegate_port_info", "Configured ports (always 1)", port_info);
+    registry.register(
+        "servicegate_port_info",
+        "Configured ports (always 1)",
+        port_info,
+    );
 
     // Driver counters.
     let driver: [(&str, &str, fn(&PortStats) -> u64); 8] = [
-        ("servicegate_port_rx_packets", "Driver: frames received", |s| s.rx_packets),
-        ("servicegate_port_tx_packets", "Driver: frames transmitted", |s| s.tx_packets),
-        ("servicegate_port_rx_bytes", "Driver: bytes received", |s| s.rx_bytes),
-        ("servicegate_port_tx_bytes", "Driver: bytes transmitted", |s| s.tx_bytes),
+        (
+            "servicegate_port_rx_packets",
+            "Driver: frames received",
+            |s| s.rx_packets,
+        ),
+        (
+            "servicegate_port_tx_packets",
+            "Driver: frames transmitted",
+            |s| s.tx_packets,
+        ),
+        ("servicegate_port_rx_bytes", "Driver: bytes received", |s| {
+            s.rx_bytes
+        }),
+        (
+            "servicegate_port_tx_bytes",
+            "Driver: bytes transmitted",
+            |s| s.tx_bytes,
+        ),
         (
             "servicegate_port_rx_missed",
             "Driver: frames the NIC dropped because the rx ring was full (workers too slow)",
             |s| s.rx_missed,
         ),
-        ("servicegate_port_rx_errors", "Driver: erroneous frames received", |s| s.rx_errors),
-        ("servicegate_port_tx_errors", "Driver: failed transmissions", |s| s.tx_errors),
+        (
+            "servicegate_port_rx_errors",
+            "Driver: erroneous frames received",
+            |s| s.rx_errors,
+        ),
+        (
+            "servicegate_port_tx_errors",
+            "Driver: failed transmissions",
+            |s| s.tx_errors,
+        ),
         (
             "servicegate_port_rx_no_mbuf",
             "Driver: rx mbuf allocation failures (mempool too small)",
@@ -356,7 +419,9 @@ fn render_metrics(state: &AdminState) -> String {
     for (name, help, field) in driver {
         let family = counter_family();
         for (port, stats) in &port_stats {
-            family.get_or_create(&labels(&[("port", port)])).inc_by(field(stats));
+            family
+                .get_or_create(&labels(&[("port", port)]))
+                .inc_by(field(stats));
         }
         registry.register(name, help, family);
     }
@@ -390,7 +455,9 @@ fn render_metrics(state: &AdminState) -> String {
         ct_entries.get_or_create(&l).set(s.conntrack.entries as i64);
         ct_inserts.get_or_create(&l).inc_by(s.conntrack.inserts);
         ct_evictions.get_or_create(&l).inc_by(s.conntrack.evictions);
-        ct_expirations.get_or_create(&l).inc_by(s.conntrack.expirations);
+        ct_expirations
+            .get_or_create(&l)
+            .inc_by(s.conntrack.expirations);
         ct_full.get_or_create(&l).inc_by(s.conntrack.full);
         let ratio = if s.total_cycles > 0 {
             s.busy_cycles as f64 / s.total_cycles as f64
@@ -411,14 +478,26 @@ fn render_metrics(state: &AdminState) -> String {
                 .inc_by(v);
         }
     }
-    registry.register("servicegate_conntrack_entries", "Live conntrack entries, per worker shard", ct_entries);
-    registry.register("servicegate_conntrack_inserts", "Conntrack entries created", ct_inserts);
+    registry.register(
+        "servicegate_conntrack_entries",
+        "Live conntrack entries, per worker shard",
+        ct_entries,
+    );
+    registry.register(
+        "servicegate_conntrack_inserts",
+        "Conntrack entries created",
+        ct_inserts,
+    );
     registry.register(
         "servicegate_conntrack_evictions",
         "Conntrack entries evicted early to make room (table under pressure)",
         ct_evictions,
     );
-    registry.register("servicegate_conntrack_expirations", "Conntrack entries that timed out", ct_expirations);
+    registry.register(
+        "servicegate_conntrack_expirations",
+        "Conntrack entries that timed out",
+        ct_expirations,
+    );
     registry.register(
         "servicegate_conntrack_full",
         "New flows refused because the table was full of established flows",
@@ -429,8 +508,16 @@ fn render_metrics(state: &AdminState) -> String {
         "Share of a worker's cycles spent on non-empty bursts since start",
         busy,
     );
-    registry.register("servicegate_handoffs", "Frames handed between workers to the flow's owner", handoffs);
-    registry.register("servicegate_exception", "Frames to/from the exception (kernel) port", exception);
+    registry.register(
+        "servicegate_handoffs",
+        "Frames handed between workers to the flow's owner",
+        handoffs,
+    );
+    registry.register(
+        "servicegate_exception",
+        "Frames to/from the exception (kernel) port",
+        exception,
+    );
     registry.register("servicegate_bursts", "Non-empty bursts processed", bursts);
     registry.register(
         "servicegate_worker_snapshot_generation",
@@ -494,13 +581,25 @@ fn render_metrics(state: &AdminState) -> String {
 
     let generation: Gauge = Gauge::default();
     generation.set(snapshot.generation as i64);
-    registry.register("servicegate_snapshot_generation", "Generation of the installed snapshot (0: none yet)", generation);
+    registry.register(
+        "servicegate_snapshot_generation",
+        "Generation of the installed snapshot (0: none yet)",
+        generation,
+    );
     let frontends: Gauge = Gauge::default();
     frontends.set(i64::from(snapshot.frontend_count));
-    registry.register("servicegate_frontends", "Frontends in the installed snapshot", frontends);
+    registry.register(
+        "servicegate_frontends",
+        "Frontends in the installed snapshot",
+        frontends,
+    );
     let ready: Gauge = Gauge::default();
     ready.set(i64::from(state.ready.load(Ordering::Acquire)));
-    registry.register("servicegate_ready", "1 once the first complete snapshot is installed", ready);
+    registry.register(
+        "servicegate_ready",
+        "1 once the first complete snapshot is installed",
+        ready,
+    );
     {
         let sync = state.sync.lock();
         let latency: Gauge<f64, AtomicU64> = Gauge::default();
@@ -512,7 +611,11 @@ fn render_metrics(state: &AdminState) -> String {
         );
         let services: Gauge = Gauge::default();
         services.set(sync.services as i64);
-        registry.register("servicegate_services", "Services in the last snapshot", services);
+        registry.register(
+            "servicegate_services",
+            "Services in the last snapshot",
+            services,
+        );
         let warnings: Gauge = Gauge::default();
         warnings.set(sync.warnings.len() as i64);
         registry.register(
@@ -538,7 +641,11 @@ fn render_metrics(state: &AdminState) -> String {
         below = below.max(cumulative);
     }
     buckets.push((f64::INFINITY, count.saturating_sub(below)));
-    let sum = if count == 0 { 0.0 } else { hist.mean() * count as f64 / 1e9 };
+    let sum = if count == 0 {
+        0.0
+    } else {
+        hist.mean() * count as f64 / 1e9
+    };
     registry.register(
         "servicegate_burst_latency_seconds",
         "Processing time of non-empty bursts, all workers",
@@ -848,15 +955,19 @@ async fn conntrack(
 /// Parses `tcp 10.0.0.5:41000 -> 10.96.0.10:80` (what `FlowKey`'s `Display` prints).
 pub fn parse_flow(s: &str) -> Result<FlowKey, String> {
     let s = s.trim();
-    let (proto, rest) = s
-        .split_once(char::is_whitespace)
-        .ok_or_else(|| format!("flow must look like `tcp 10.0.0.5:41000 -> 10.96.0.10:80`, got {s:?}"))?;
+    let (proto, rest) = s.split_once(char::is_whitespace).ok_or_else(|| {
+        format!("flow must look like `tcp 10.0.0.5:41000 -> 10.96.0.10:80`, got {s:?}")
+    })?;
     let protocol = match proto.to_ascii_lowercase().as_str() {
         "tcp" => PROTO_TCP,
         "udp" => PROTO_UDP,
         "sctp" => PROTO_SCTP,
         "icmp" => PROTO_ICMP,
-        other => return Err(format!("unknown protocol {other:?} (tcp, udp, sctp or icmp)")),
+        other => {
+            return Err(format!(
+                "unknown protocol {other:?} (tcp, udp, sctp or icmp)"
+            ))
+        }
     };
     let (src, dst) = rest
         .split_once("->")
@@ -922,7 +1033,13 @@ pub fn explain(
         let translated = match dir {
             Direction::Original => {
                 let (src, sport) = nat.snat.unwrap_or((flow.src, flow.src_port));
-                FlowKey::new(flow.protocol, src, sport, nat.backend_addr, nat.backend_port)
+                FlowKey::new(
+                    flow.protocol,
+                    src,
+                    sport,
+                    nat.backend_addr,
+                    nat.backend_port,
+                )
             }
             Direction::Reply => FlowKey::new(
                 flow.protocol,
@@ -1032,7 +1149,10 @@ pub fn explain(
             steps.push(step(
                 "service",
                 "routed",
-                format!("{} is not a service address: no translation, routed", flow.dst),
+                format!(
+                    "{} is not a service address: no translation, routed",
+                    flow.dst
+                ),
             ));
             out["verdict"] = json!("routed");
             out["egress"] = egress_json(snapshot, flow.dst);
@@ -1061,7 +1181,11 @@ pub fn explain(
             steps.push(step(
                 "source_ranges",
                 "allow",
-                format!("{} is inside loadBalancerSourceRanges [{}]", flow.src, ranges.join(", ")),
+                format!(
+                    "{} is inside loadBalancerSourceRanges [{}]",
+                    flow.src,
+                    ranges.join(", ")
+                ),
             ));
         } else {
             steps.push(step(
@@ -1126,7 +1250,11 @@ pub fn explain(
         .map(|(i, b)| backend_json(set, i, b))
         .collect();
     out["endpoints"] = json!(endpoints);
-    let ready = set.backends.iter().filter(|b| b.state == EndpointState::Ready).count();
+    let ready = set
+        .backends
+        .iter()
+        .filter(|b| b.state == EndpointState::Ready)
+        .count();
     let listing: Vec<String> = set
         .backends
         .iter()
@@ -1137,7 +1265,11 @@ pub fn explain(
                 b.addr,
                 b.port,
                 b.state.as_str(),
-                if set.usable.contains(&(i as u32)) { " (usable)" } else { "" }
+                if set.usable.contains(&(i as u32)) {
+                    " (usable)"
+                } else {
+                    ""
+                }
             )
         })
         .collect();
@@ -1158,7 +1290,11 @@ pub fn explain(
     }
     steps.push(step(
         "endpoints",
-        if ready > 0 { "ready" } else { "fallback-terminating" },
+        if ready > 0 {
+            "ready"
+        } else {
+            "fallback-terminating"
+        },
         format!(
             "{} usable of {} [{}]{}",
             set.usable.len(),
@@ -1177,7 +1313,11 @@ pub fn explain(
     let slot = hash % size.max(1);
     let index = set.maglev.lookup(hash);
     let Some(backend) = set.pick(hash) else {
-        steps.push(step("maglev", "reject", "Maglev table is empty: no backend"));
+        steps.push(step(
+            "maglev",
+            "reject",
+            "Maglev table is empty: no backend",
+        ));
         out["verdict"] = json!("reject");
         out["drop_reason"] = json!(DropReason::NoEndpoints.as_str());
         out["steps"] = json!(steps);
@@ -1210,10 +1350,15 @@ pub fn explain(
                     flow.src
                 ),
             ));
-            out["affinity"] = json!({ "type": "ClientIP", "timeout_seconds": t, "predictable": false });
+            out["affinity"] =
+                json!({ "type": "ClientIP", "timeout_seconds": t, "predictable": false });
         }
         None => {
-            steps.push(step("session_affinity", "none", "no session affinity: the Maglev pick decides"));
+            steps.push(step(
+                "session_affinity",
+                "none",
+                "no session affinity: the Maglev pick decides",
+            ));
             out["affinity"] = json!(null);
         }
     }
@@ -1243,7 +1388,11 @@ pub fn explain(
     };
     steps.push(step(
         "snat",
-        if f.masquerade { "masquerade" } else { "keep-source" },
+        if f.masquerade {
+            "masquerade"
+        } else {
+            "keep-source"
+        },
         snat_detail,
     ));
     let proto = match flow.protocol {
@@ -1252,7 +1401,11 @@ pub fn explain(
         _ => "tcp",
     };
     let translated = format!("{proto} {src_text} -> {}:{}", backend.addr, backend.port);
-    steps.push(step("translation", "rewrite", format!("{flow}  =>  {translated}")));
+    steps.push(step(
+        "translation",
+        "rewrite",
+        format!("{flow}  =>  {translated}"),
+    ));
     let egress = egress_json(snapshot, backend.addr);
     steps.push(step(
         "egress",
@@ -1315,4 +1468,3 @@ pub fn human_ms(ms: u64) -> String {
     }
     s
 }
-

@@ -301,7 +301,11 @@ fn services_text(v: &Value) -> String {
         rows.len(),
         s(&v["generation"]),
         s(&v["source"]),
-        if v["ready"] == true { "" } else { " (NOT READY)" }
+        if v["ready"] == true {
+            ""
+        } else {
+            " (NOT READY)"
+        }
     ));
     for w in v["warnings"].as_array().into_iter().flatten() {
         out.push_str(&format!("warning: {}\n", s(w)));
@@ -332,7 +336,14 @@ fn conntrack_text(v: &Value) -> String {
         .collect();
     let mut out = table(
         &[
-            "WORKER", "FLOW", "BACKEND", "SNAT", "SERVICE", "STATE", "EXPIRES", "PKTS(O/R)",
+            "WORKER",
+            "FLOW",
+            "BACKEND",
+            "SNAT",
+            "SERVICE",
+            "STATE",
+            "EXPIRES",
+            "PKTS(O/R)",
         ],
         &rows,
     );

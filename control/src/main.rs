@@ -95,9 +95,10 @@ fn main() -> ExitCode {
         Command::Ctl { admin, json, what } => {
             let command = match what {
                 CtlWhat::Services => control::ctl::CtlCommand::Services,
-                CtlWhat::Conntrack { limit, service } => {
-                    control::ctl::CtlCommand::Conntrack { limit: Some(limit), service }
-                }
+                CtlWhat::Conntrack { limit, service } => control::ctl::CtlCommand::Conntrack {
+                    limit: Some(limit),
+                    service,
+                },
                 CtlWhat::Trace { flow } => control::ctl::CtlCommand::Trace {
                     flow: flow.join(" "),
                 },

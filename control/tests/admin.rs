@@ -446,7 +446,9 @@ fn check_exposition(text: &str) {
         assert!(name.starts_with("servicegate_"), "unprefixed {line:?}");
         let mut rest = &line[name_end..];
         if rest.starts_with('{') {
-            let close = rest.rfind('}').unwrap_or_else(|| panic!("unclosed labels {line:?}"));
+            let close = rest
+                .rfind('}')
+                .unwrap_or_else(|| panic!("unclosed labels {line:?}"));
             let labels = &rest[1..close];
             for pair in split_labels(labels) {
                 let (k, v) = pair
@@ -541,14 +543,17 @@ async fn metrics_have_the_promised_names() {
     for reason in DropReason::ALL {
         let line = format!("servicegate_drops_total{{reason=\"{}\"}}", reason.as_str());
         assert!(body.contains(&line), "missing {line}");
-        assert!(body.contains(reason.help()), "missing help of {}", reason.as_str());
+        assert!(
+            body.contains(reason.help()),
+            "missing help of {}",
+            reason.as_str()
+        );
     }
     // Per-frontend packets: only workers on the current generation count.
     let line = body
         .lines()
         .find(|l| {
-            l.starts_with("servicegate_service_packets_total{")
-                && l.contains("kind=\"ClusterIP\"")
+            l.starts_with("servicegate_service_packets_total{") && l.contains("kind=\"ClusterIP\"")
         })
         .expect("service packets");
     assert!(line.contains("service=\"default/web\""), "{line}");
@@ -644,31 +649,51 @@ async fn trace_conntrack_hit_both_directions() {
     assert_eq!(steps(&v)[0], ("conntrack".to_string(), "hit".to_string()));
     assert_eq!(v["conntrack"]["direction"], "original");
     assert_eq!(v["conntrack"]["state"], "ESTABLISHED");
-    assert_eq!(v["translation"]["to"], "tcp 10.0.0.5:41000 -> 10.244.1.6:8080");
+    assert_eq!(
+        v["translation"]["to"],
+        "tcp 10.0.0.5:41000 -> 10.244.1.6:8080"
+    );
     let v = get_json(&h, &trace_path("tcp 10.244.1.6:8080 -> 10.0.0.5:41000")).await;
     assert_eq!(v["conntrack"]["direction"], "reply");
-    assert_eq!(v["translation"]["to"], "tcp 10.96.0.10:80 -> 10.0.0.5:41000");
+    assert_eq!(
+        v["translation"]["to"],
+        "tcp 10.96.0.10:80 -> 10.0.0.5:41000"
+    );
 }
 
 #[tokio::test]
 async fn trace_node_port_masquerades() {
     let h = start().await;
-    let v = get_json(&h, &trace_path("tcp 198.51.100.7:50000 -> 192.168.1.10:30080")).await;
+    let v = get_json(
+        &h,
+        &trace_path("tcp 198.51.100.7:50000 -> 192.168.1.10:30080"),
+    )
+    .await;
     assert_eq!(v["verdict"], "forward");
     assert_eq!(v["frontend"]["kind"], "NodePort");
     assert_eq!(v["snat"]["masquerade"], true);
     assert_eq!(v["snat"]["client_address_preserved"], false);
     let to = v["translation"]["to"].as_str().unwrap();
-    assert!(to.starts_with("tcp <snat-address>:<snat-port> -> 10.244."), "{to}");
+    assert!(
+        to.starts_with("tcp <snat-address>:<snat-port> -> 10.244."),
+        "{to}"
+    );
     assert!(steps(&v).contains(&("snat".to_string(), "masquerade".to_string())));
 }
 
 #[tokio::test]
 async fn trace_load_balancer_source_ranges_and_affinity() {
     let h = start().await;
-    let v = get_json(&h, &trace_path("tcp 198.51.100.7:50000 -> 203.0.113.10:443")).await;
+    let v = get_json(
+        &h,
+        &trace_path("tcp 198.51.100.7:50000 -> 203.0.113.10:443"),
+    )
+    .await;
     assert_eq!(v["verdict"], "forward");
-    assert_eq!(v["backend"]["address"], "10.244.2.8", "the not-serving one is never picked");
+    assert_eq!(
+        v["backend"]["address"], "10.244.2.8",
+        "the not-serving one is never picked"
+    );
     assert_eq!(v["snat"]["client_address_preserved"], true);
     assert_eq!(v["affinity"]["predictable"], false);
     let all = steps(&v);
@@ -751,7 +776,10 @@ async fn ctl_prints_tables_and_explanations() {
     assert!(services.contains("default/web"), "{services}");
     assert!(services.contains("shop/checkout"), "{services}");
     assert!(services.contains("10.96.0.10:80"), "{services}");
-    assert!(conntrack.contains("tcp 10.0.0.5:41000 -> 10.96.0.10:80"), "{conntrack}");
+    assert!(
+        conntrack.contains("tcp 10.0.0.5:41000 -> 10.96.0.10:80"),
+        "{conntrack}"
+    );
     assert!(conntrack.contains("ESTABLISHED"), "{conntrack}");
     assert!(trace.contains("verdict  FORWARD"), "{trace}");
     assert!(trace.contains("maglev"), "{trace}");

@@ -21,11 +21,16 @@ pub fn servicegate_bin() -> PathBuf {
             return candidate;
         }
     }
-    panic!("servicegate binary not found: run `cargo build --release` first (or set SERVICEGATE_BIN)");
+    panic!(
+        "servicegate binary not found: run `cargo build --release` first (or set SERVICEGATE_BIN)"
+    );
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
 }
 
 /// Tests that need root, taps or namespaces: in CI (root) they always run; elsewhere they
@@ -38,7 +43,10 @@ pub fn require_root() {
         .find(|l| l.starts_with("Uid:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap_or("1");
-    assert_eq!(uid, "0", "this test needs root (network namespaces, taps, DPDK)");
+    assert_eq!(
+        uid, "0",
+        "this test needs root (network namespaces, taps, DPDK)"
+    );
 }
 
 static UNIQUE: AtomicU32 = AtomicU32::new(0);
@@ -115,12 +123,17 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "pids", &self.name]).output().map(|out| {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).output();
-            }
-        });
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|out| {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).output();
+                }
+            });
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -197,10 +210,15 @@ impl Gateway {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     let (out, err) = self.take_output();
-                    panic!("servicegate exited early with {status}\nstdout:\n{out}\nstderr:\n{err}");
+                    panic!(
+                        "servicegate exited early with {status}\nstdout:\n{out}\nstderr:\n{err}"
+                    );
                 }
             }
-            if http_get(&self.admin, "/readyz").map(|(code, _)| code == 200).unwrap_or(false) {
+            if http_get(&self.admin, "/readyz")
+                .map(|(code, _)| code == 200)
+                .unwrap_or(false)
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -214,8 +232,16 @@ impl Gateway {
         if let Some(mut child) = self.child.take() {
             let _ = child.wait();
         }
-        let out = self.stdout.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
-        let err = self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        let out = self
+            .stdout
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        let err = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
         (out, err)
     }
 
@@ -223,7 +249,9 @@ impl Gateway {
     pub fn stop(mut self) -> (bool, String, String) {
         let mut ok = false;
         if let Some(child) = self.child.as_mut() {
-            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).output();
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .output();
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 match child.try_wait() {
@@ -247,7 +275,9 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
-            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).output();
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .output();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -274,7 +304,10 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((code, body))
 }
 
