@@ -534,6 +534,7 @@ pub struct PortInfo {
     pub rx_offload_capa: u64,
     pub tx_offload_capa: u64,
     pub flow_type_rss_offloads: u64,
+    pub max_mtu: u16,
 }
 
 /// Counters the driver keeps for a port.
@@ -594,6 +595,7 @@ impl Port {
                 rx_offload_capa: info.rx_offload_capa,
                 tx_offload_capa: info.tx_offload_capa,
                 flow_type_rss_offloads: info.flow_type_rss_offloads,
+                max_mtu: info.max_mtu,
             },
             started: false,
         })
@@ -614,6 +616,17 @@ impl Port {
                 ),
                 code: 22,
             });
+        }
+        if let Some(mtu) = setup.mtu {
+            if self.info.max_mtu != 0 && mtu > self.info.max_mtu {
+                return Err(Error {
+                    operation: format!(
+                        "port {name}: mtu {mtu} exceeds what driver {} allows ({})",
+                        self.info.driver, self.info.max_mtu
+                    ),
+                    code: 22,
+                });
+            }
         }
         let mut conf = sys::rte_eth_conf::default();
         let rss_hf = RSS_IPV4_TCP_UDP & self.info.flow_type_rss_offloads;

@@ -77,8 +77,9 @@ impl Runtime {
             .map_err(|e| e.to_string())?;
         let mut ports = Vec::with_capacity(spec.ports.len());
         for port_spec in &spec.ports {
-            let port = Port::by_name(&eal, &port_spec.device_name)
+            let mut port = Port::by_name(&eal, &port_spec.device_name)
                 .map_err(|e| format!("port {}: {e}", port_spec.name))?;
+            port.name = port_spec.name.clone();
             ports.push(port);
         }
         let workers: Arc<[WorkerShared]> = (0..spec.workers.len())

@@ -46,11 +46,13 @@ say "servicegate check"
 say "starting servicegate (DPDK, net_tap ports)"
 "$bin" run --config "$work/gateway.yaml" > "$work/gateway.out" 2> "$work/gateway.log" &
 gw_pid=$!
-bash "$root/tests/lab/topology.sh" up "$prefix" sg-up sg-cl sg-up-k
-for _ in $(seq 1 100); do
+# The ports must be started (admin API up) before their taps move into namespaces.
+for _ in $(seq 1 200); do
   curl -sf "http://$admin/readyz" >/dev/null && break
+  kill -0 "$gw_pid" 2>/dev/null || { cat "$work/gateway.log" >&2; exit 1; }
   sleep 0.1
 done
+bash "$root/tests/lab/topology.sh" up "$prefix" sg-up sg-cl sg-up-k
 
 # requests NS URL N: N new connections, prints a per-pod count.
 requests() {

@@ -44,7 +44,7 @@ pod() {
   ip link set "h$short$name" netns "$prefix-$node"
   ns "$node" ip link set "h$short$name" master cni0 up
   ns "$name" ip addr add "$addr/24" dev eth0
-  ns "$name" ip link set eth0 up
+  ns "$name" ip link set eth0 mtu 1450 up
   ns "$name" ip route add default via "$gw"
   ip netns exec "$prefix-$name" python3 "$here/pod.py" "$name" >/dev/null 2>&1 &
 }
@@ -83,9 +83,12 @@ up() {
   ns underlay ip link set lo up
   ns gw ip link set lo up
 
+  # net_tap gives the kernel side of a tap the DPDK port's MAC: give the client and the
+  # underlay bridge their own, or the bridge would keep the gateway's MAC for itself.
   ip link set "$up_tap" netns "$prefix-client"
+  ns client ip link set "$up_tap" address 02:53:47:00:ff:01
   ns client ip addr add 192.168.100.2/24 dev "$up_tap"
-  ns client ip link set "$up_tap" up
+  ns client ip link set "$up_tap" mtu 1450 up
   ns client ip route add 192.0.2.0/24 via 192.168.100.1
   ns client ip route add 10.96.0.0/12 via 192.168.100.1
 
@@ -99,6 +102,7 @@ up() {
   ns underlay ip link add br0 type bridge
   ns underlay ip link set br0 up
   ip link set "$cl_tap" netns "$prefix-underlay"
+  ns underlay ip link set "$cl_tap" address 02:53:47:00:ff:02
   ns underlay ip link set "$cl_tap" master br0 up
 
   node node1 10.0.0.11 10.244.1.1 "$NODE1_VTEP_MAC"
