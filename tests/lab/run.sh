@@ -100,7 +100,7 @@ text = open(path).read()
 docs = text.split("\n---")
 for i, doc in enumerate(docs):
     if re.search(r"name: web\n", doc) and "kubernetes.io/service-name: web\n" in doc:
-        docs[i] = re.sub(r"\n  - addresses: \[10\.244\.2\.2\](?:\n    .*)*", "", doc)
+        docs[i] = re.sub(r'\n  - addresses: \["10\.244\.2\.2"\](?:\n    .*)*', "", doc)
 open(path, "w").write("\n---".join(docs))
 PY
 sleep 0.5
