@@ -45,6 +45,9 @@ pub const DEFAULT_CONNTRACK_LIMIT: usize = 1000;
 pub const MAX_CONNTRACK_LIMIT: usize = 100_000;
 
 /// A configured port, as the metrics and `ctl` name it.
+/// A driver counter exported per port: metric name, help, accessor.
+type DriverCounter = (&'static str, &'static str, fn(&PortStats) -> u64);
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortInfo {
     /// Name from the config (the `port` label).
@@ -375,7 +378,7 @@ fn render_metrics(state: &AdminState) -> String {
     );
 
     // Driver counters.
-    let driver: [(&str, &str, fn(&PortStats) -> u64); 8] = [
+    let driver: [DriverCounter; 8] = [
         (
             "servicegate_port_rx_packets",
             "Driver: frames received",
@@ -867,6 +870,7 @@ struct ConntrackQuery {
 }
 
 /// `ns/name` or `ns/name:port-name` → the matching frontends' ids.
+#[allow(clippy::result_large_err)] // the error is the finished HTTP answer
 fn service_filter(snapshot: &Snapshot, spec: &str) -> Result<Vec<u32>, Response> {
     let (svc, port) = match spec.split_once(':') {
         Some((s, p)) => (s, Some(p)),
@@ -883,7 +887,7 @@ fn service_filter(snapshot: &Snapshot, spec: &str) -> Result<Vec<u32>, Response>
         .filter(|f| {
             &*f.service.namespace == ns
                 && &*f.service.name == name
-                && port.map_or(true, |p| &*f.service.port_name == p)
+                && port.is_none_or(|p| &*f.service.port_name == p)
         })
         .map(|f| f.id)
         .collect();
@@ -932,7 +936,7 @@ async fn conntrack(
     })
     .await;
     let mut rows: Vec<ConntrackRow> = answers.into_iter().flat_map(|(_, r)| r).collect();
-    rows.sort_by(|a, b| (a.worker, a.original).cmp(&(b.worker, b.original)));
+    rows.sort_by_key(|r| (r.worker, r.original));
     let truncated = rows.len() > limit;
     rows.truncate(limit);
     let entries: Vec<Value> = rows.iter().map(|r| row_json(&snapshot, r)).collect();

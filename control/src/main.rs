@@ -85,7 +85,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => load(&config).and_then(|c| control::app::run(c)),
+        Command::Run { config } => load(&config).and_then(control::app::run),
         Command::Check { config } => load(&config).and_then(|c| control::app::check(&c)),
         Command::Replay {
             config,

@@ -139,12 +139,14 @@ fn snapshot() -> Snapshot {
         service_cidr: Some("10.96.0.0/12".parse().unwrap()),
         pod_routes: vec![
             PodCidrRoute {
+                vtep_mac: None,
                 cidr: "10.244.1.0/24".parse().unwrap(),
                 vtep: ip("192.168.1.21"),
                 vni: 1,
                 node: Some("node-a".into()),
             },
             PodCidrRoute {
+                vtep_mac: None,
                 cidr: "10.244.2.0/24".parse().unwrap(),
                 vtep: ip("192.168.1.22"),
                 vni: 1,
@@ -220,7 +222,7 @@ fn play_workers(workers: Arc<[WorkerShared]>, stop: Arc<AtomicBool>) -> JoinHand
                                     .filter(|r| {
                                         frontends
                                             .as_ref()
-                                            .map_or(true, |ids| ids.contains(&r.frontend_id))
+                                            .is_none_or(|ids| ids.contains(&r.frontend_id))
                                     })
                                     .take(limit)
                                     .collect()

@@ -1024,6 +1024,7 @@ endpoints:
 
 fn route(cidr: &str, vtep: &str, node: Option<&str>) -> PodCidrRoute {
     PodCidrRoute {
+        vtep_mac: None,
         cidr: cidr.parse().unwrap(),
         vtep: ip(vtep),
         vni: 1,
