@@ -1,0 +1,320 @@
+//! End-to-end on the lab topology (tests/lab/topology.sh): real kernel clients and servers in
+//! namespaces on both sides of a real servicegate (DPDK, net_tap), Services from the files
+//! source. Each test builds its own lab with unique names and tears it down, even on failure.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::harness::{http_get, require_root, unique_name, workspace_root, Gateway, TempDir};
+
+const POD1: &str = "10.244.1.2";
+const POD2: &str = "10.244.1.3";
+const POD3: &str = "10.244.2.2";
+
+/// One endpoint of the `web` EndpointSlice the tests rewrite.
+#[derive(Clone, Copy)]
+struct Ep {
+    addr: &'static str,
+    node: &'static str,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+const fn ready(addr: &'static str, node: &'static str) -> Ep {
+    Ep { addr, node, ready: true, serving: true, terminating: false }
+}
+
+struct Lab {
+    dir: TempDir,
+    prefix: String,
+    taps: [String; 3],
+    gateway: Option<Gateway>,
+    admin: String,
+}
+
+impl Lab {
+    fn start() -> Lab {
+        require_root();
+        let root = workspace_root();
+        let dir = TempDir::new("lab");
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir_all(&manifests).unwrap();
+        std::fs::copy(root.join("configs/lab/services.yaml"), manifests.join("services.yaml")).unwrap();
+        // The `web` slice lives in its own file so tests can rewrite it.
+        let slices = std::fs::read_to_string(root.join("configs/lab/endpointslices.yaml")).unwrap();
+        let others: Vec<&str> = slices.split("\n---\n").filter(|d| !d.contains("name: web-abc12")).collect();
+        std::fs::write(manifests.join("endpointslices.yaml"), others.join("\n---\n")).unwrap();
+
+        let n = unique_name("");
+        let short = &n[n.len().saturating_sub(5)..];
+        let prefix = format!("sg{short}");
+        let taps = [format!("{prefix}u"), format!("{prefix}c"), format!("{prefix}k")];
+        let admin = format!("127.0.0.1:{}", 30000 + std::process::id() % 20000);
+        let config = std::fs::read_to_string(root.join("configs/lab.yaml"))
+            .unwrap()
+            .replace("iface=sg-up,", &format!("iface={},", taps[0]))
+            .replace("iface=sg-cl,", &format!("iface={},", taps[1]))
+            .replace("iface=sg-up-k\"", &format!("iface={}\"", taps[2]))
+            .replace("file_prefix: sg-lab", &format!("file_prefix: {prefix}"))
+            .replace("127.0.0.1:9900", &admin)
+            .replace("path: lab ", &format!("path: {} ", manifests.display()))
+            .replace("  service_cidr: 10.96.0.0/12", "  service_cidr: 10.96.0.0/12\n  poll_ms: 50");
+        let config_path = dir.path().join("gateway.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut lab = Lab { dir, prefix, taps, gateway: None, admin: admin.clone() };
+        lab.write_web_slice(&[ready(POD1, "node-1"), ready(POD2, "node-1"), ready(POD3, "node-2")], 0);
+        let mut gateway = Gateway::start(&config_path, &admin);
+        gateway.wait_ready(Duration::from_secs(30));
+        lab.gateway = Some(gateway);
+        lab.topology("up");
+        lab
+    }
+
+    fn topology(&self, action: &str) {
+        let script = workspace_root().join("tests/lab/topology.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .args([action, &self.prefix, &self.taps[0], &self.taps[1], &self.taps[2]])
+            .output()
+            .expect("topology.sh");
+        if action == "up" {
+            assert!(
+                out.status.success(),
+                "topology up failed:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// Rewrites the `web` EndpointSlice; `generation` varies an annotation so every write
+    /// is a real change.
+    fn write_web_slice(&self, endpoints: &[Ep], generation: u64) {
+        let mut text = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc12\n  namespace: lab\n  labels:\n    kubernetes.io/service-name: web\n  annotations:\n    test/write: \"{generation}\"\naddressType: IPv4\nports:\n  - name: http\n    protocol: TCP\n    port: 9376\nendpoints:\n"
+        );
+        if endpoints.is_empty() {
+            text = text.replace("endpoints:\n", "endpoints: []\n");
+        }
+        for ep in endpoints {
+            text.push_str(&format!(
+                "  - addresses: [\"{}\"]\n    nodeName: {}\n    conditions: {{ready: {}, serving: {}, terminating: {}}}\n",
+                ep.addr, ep.node, ep.ready, ep.serving, ep.terminating
+            ));
+        }
+        let path = self.manifests().join("web-slice.yaml");
+        let tmp = self.manifests().join(".web-slice.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, path).unwrap();
+    }
+
+    fn manifests(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    /// Runs tests/lab/client.py in namespace `ns` (e.g. "cpod", "client").
+    fn client(&self, ns: &str, args: &[&str]) -> Value {
+        let script = workspace_root().join("tests/lab/client.py");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("{}-{ns}", self.prefix), "python3"])
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("client.py");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!("client {args:?}: {e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr))
+        })
+    }
+
+    fn spawn_client(&self, ns: &str, args: &[&str]) -> std::process::Child {
+        let script = workspace_root().join("tests/lab/client.py");
+        Command::new("ip")
+            .args(["netns", "exec", &format!("{}-{ns}", self.prefix), "python3"])
+            .arg(script)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("client.py")
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, body) = http_get(&self.admin, "/metrics").expect("metrics");
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until the snapshot generation passes `after`.
+    fn wait_generation(&self, after: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let generation = self.metric("servicegate_snapshot_generation");
+            if generation > after {
+                return generation;
+            }
+            assert!(Instant::now() < deadline, "no new snapshot after generation {after}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.topology("down");
+        if let Some(gateway) = self.gateway.take() {
+            let (ok, out, err) = gateway.stop();
+            if !std::thread::panicking() {
+                assert!(ok, "gateway did not exit 0:\n{out}\n{err}");
+                assert!(out.contains("mbufs in use after stop: 0"), "{out}");
+            }
+        }
+    }
+}
+
+fn counts(result: &Value) -> Vec<(String, u64)> {
+    let mut counts: Vec<(String, u64)> = result["counts"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
+        .unwrap_or_default();
+    counts.sort();
+    counts
+}
+
+fn assert_balanced(what: &str, result: &Value, total: u64) {
+    assert_eq!(result["failed"], 0, "{what}: failed requests: {result}");
+    let counts = counts(result);
+    assert_eq!(counts.len(), 3, "{what}: every pod answers: {result}");
+    for (pod, n) in &counts {
+        let share = *n as f64 / total as f64;
+        assert!((0.20..=0.47).contains(&share), "{what}: {pod} got {:.0}% of {total}: {result}", share * 100.0);
+    }
+    println!("{what}: {counts:?}");
+}
+
+#[test]
+fn tcp_and_udp_through_clusterip_nodeport_and_lb_are_balanced() {
+    let lab = Lab::start();
+    assert_balanced("ClusterIP from a pod over VXLAN", &lab.client("cpod", &["count", "http://10.96.0.10/", "300"]), 300);
+    assert_balanced("NodePort from outside", &lab.client("client", &["count", "http://192.168.100.1:30080/", "300"]), 300);
+    assert_balanced("LoadBalancer IP from outside", &lab.client("client", &["count", "http://192.0.2.100/", "300"]), 300);
+    assert_balanced("UDP ClusterIP from a pod", &lab.client("cpod", &["udp", "10.96.0.20", "53", "300"]), 300);
+}
+
+#[test]
+fn long_lived_connection_survives_churn_and_an_update_storm() {
+    let lab = Lab::start();
+    let out = lab.dir.path().join("stream.json");
+    let mut stream = lab.spawn_client("cpod", &["stream", "http://10.96.0.10/", "20", out.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_secs(1));
+    let all = [ready(POD1, "node-1"), ready(POD2, "node-1"), ready(POD3, "node-2")];
+    let generation = lab.metric("servicegate_snapshot_generation");
+    // Add a pod (a fourth endpoint that is not serving, so no new connection can fail on it)…
+    let extra = Ep { addr: "10.244.2.9", node: "node-2", ready: false, serving: false, terminating: false };
+    lab.write_web_slice(&[all[0], all[1], all[2], extra], 1);
+    let generation = lab.wait_generation(generation);
+    // …then 1,000 updates as fast as we can write them, while new connections keep working.
+    let started = Instant::now();
+    for i in 0..1000u64 {
+        if i % 2 == 0 {
+            lab.write_web_slice(&all, 2 + i);
+        } else {
+            lab.write_web_slice(&[all[0], all[1], all[2], extra], 2 + i);
+        }
+    }
+    let storm = started.elapsed();
+    let last = lab.wait_generation(generation);
+    println!("1,000 slice writes in {storm:?}; snapshot generations {generation} -> {last}");
+    assert_balanced_nonfailing(&lab);
+    let status = stream.wait().expect("stream client");
+    assert!(status.success());
+    let result: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    println!("long-lived connection: {result}");
+    assert_eq!(result["failed"], 0, "{result}");
+    assert!(result["requests"].as_u64().unwrap() > 100, "{result}");
+    assert_eq!(result["backends"].as_array().unwrap().len(), 1, "backend changed: {result}");
+}
+
+fn assert_balanced_nonfailing(lab: &Lab) {
+    let result = lab.client("cpod", &["count", "http://10.96.0.10/", "30"]);
+    assert_eq!(result["failed"], 0, "new connections during the storm: {result}");
+}
+
+#[test]
+fn terminating_pod_keeps_its_connection_and_removed_pod_gets_no_new_one() {
+    let lab = Lab::start();
+    // A long-lived connection pinned to whichever pod Maglev picks.
+    let out = lab.dir.path().join("stream.json");
+    let mut stream = lab.spawn_client("cpod", &["stream", "http://10.96.0.10/", "6", out.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(800));
+    let entries = http_get(&lab.admin, "/v1/conntrack?limit=100").unwrap().1;
+    let conntrack: Value = serde_json::from_str(&entries).unwrap();
+    let backend = conntrack["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["state"].as_str().unwrap_or("").contains("ESTABLISHED"))
+        .map(|e| e["backend"].as_str().unwrap().split(':').next().unwrap().to_string())
+        .expect("an established entry");
+    let pods = [POD1, POD2, POD3];
+    let pinned = pods.iter().position(|p| *p == backend).expect("backend is a pod");
+    let mut eps = [ready(POD1, "node-1"), ready(POD2, "node-1"), ready(POD3, "node-2")];
+    eps[pinned].ready = false;
+    eps[pinned].terminating = true;
+    let generation = lab.metric("servicegate_snapshot_generation");
+    lab.write_web_slice(&eps, 1);
+    lab.wait_generation(generation);
+    let fresh = lab.client("cpod", &["count", "http://10.96.0.10/", "60"]);
+    assert_eq!(fresh["failed"], 0, "{fresh}");
+    let names = ["pod1", "pod2", "pod3"];
+    assert!(fresh["counts"].get(names[pinned]).is_none(), "terminating {} got new connections: {fresh}", names[pinned]);
+    stream.wait().unwrap();
+    let result: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(result["failed"], 0, "{result}");
+    assert_eq!(result["backends"], serde_json::json!([names[pinned]]), "{result}");
+
+    // Removing a pod: no new connection reaches it within 1 s of the file change.
+    let removed = (pinned + 1) % 3;
+    let remaining: Vec<Ep> = (0..3).filter(|i| *i != removed).map(|i| ready(pods[i], if i == 2 { "node-2" } else { "node-1" })).collect();
+    lab.write_web_slice(&remaining, 2);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = lab.client("cpod", &["count", "http://10.96.0.10/", "60"]);
+    assert_eq!(after["failed"], 0, "{after}");
+    assert!(after["counts"].get(names[removed]).is_none(), "removed {} still gets connections: {after}", names[removed]);
+}
+
+#[test]
+fn no_endpoints_is_refused_fast_and_affinity_pins_a_client() {
+    let lab = Lab::start();
+    let generation = lab.metric("servicegate_snapshot_generation");
+    lab.write_web_slice(&[], 1);
+    lab.wait_generation(generation);
+    let refused = lab.client("cpod", &["connect", "10.96.0.10", "80"]);
+    println!("no endpoints: {refused}");
+    assert_eq!(refused["result"], "refused", "{refused}");
+    assert!(refused["seconds"].as_f64().unwrap() < 1.0, "{refused}");
+    let unknown_port = lab.client("client", &["connect", "192.0.2.100", "81"]);
+    assert_eq!(unknown_port["result"], "refused", "unknown port on a known VIP: {unknown_port}");
+
+    let sticky = lab.client("cpod", &["count", "http://10.96.0.30/", "50"]);
+    assert_eq!(sticky["failed"], 0, "{sticky}");
+    assert_eq!(counts(&sticky).len(), 1, "affinity pins one pod: {sticky}");
+}
+
+#[test]
+fn the_gateway_own_address_reaches_its_kernel_through_the_exception_path() {
+    let lab = Lab::start();
+    let ssh = lab.client("client", &["connect", "192.168.100.1", "2222"]);
+    assert_eq!(ssh["result"], "ok", "{ssh}");
+    // And a ping to an address behind the gateway (a pod), ARP resolved both ways.
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &format!("{}-cpod", lab.prefix), "ping", "-c", "2", "-W", "2", "10.96.0.10"])
+        .output()
+        .unwrap();
+    assert!(ping.status.success(), "ping a service address: {}", String::from_utf8_lossy(&ping.stdout));
+}
