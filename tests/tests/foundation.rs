@@ -58,6 +58,10 @@ fn io_config(
     path
 }
 
+fn admin_address() -> String {
+    format!("127.0.0.1:{}", 20000 + std::process::id() % 20000)
+}
+
 #[test]
 fn replay_forwards_ten_thousand_mixed_frames_byte_identical() {
     require_root();
@@ -132,7 +136,9 @@ fn two_tap_ports_carry_kernel_frames_both_ways() {
         &[1],
         "",
     );
-    let gateway = Gateway::start(&config, "127.0.0.1:1");
+    // Ports start before their taps may move into namespaces: wait for the admin API.
+    let mut gateway = Gateway::start(&config, &admin_address());
+    gateway.wait_ready(Duration::from_secs(30));
     wait_for_link(&left, Duration::from_secs(20));
     wait_for_link(&right, Duration::from_secs(20));
     let a = Netns::new("sga");
@@ -164,7 +170,7 @@ fn two_workers_account_for_every_packet_and_return_every_mbuf() {
         &[0, 1],
         "    queues: 2\n",
     );
-    let gateway = Gateway::start(&config, "127.0.0.1:1");
+    let gateway = Gateway::start(&config, &admin_address());
     std::thread::sleep(Duration::from_secs(4));
     let (ok, out, err) = gateway.stop();
     assert!(ok, "gateway did not exit 0:\n{out}\n{err}");

@@ -24,7 +24,13 @@ struct Ep {
 }
 
 const fn ready(addr: &'static str, node: &'static str) -> Ep {
-    Ep { addr, node, ready: true, serving: true, terminating: false }
+    Ep {
+        addr,
+        node,
+        ready: true,
+        serving: true,
+        terminating: false,
+    }
 }
 
 struct Lab {
@@ -42,16 +48,31 @@ impl Lab {
         let dir = TempDir::new("lab");
         let manifests = dir.path().join("manifests");
         std::fs::create_dir_all(&manifests).unwrap();
-        std::fs::copy(root.join("configs/lab/services.yaml"), manifests.join("services.yaml")).unwrap();
+        std::fs::copy(
+            root.join("configs/lab/services.yaml"),
+            manifests.join("services.yaml"),
+        )
+        .unwrap();
         // The `web` slice lives in its own file so tests can rewrite it.
         let slices = std::fs::read_to_string(root.join("configs/lab/endpointslices.yaml")).unwrap();
-        let others: Vec<&str> = slices.split("\n---\n").filter(|d| !d.contains("name: web-abc12")).collect();
-        std::fs::write(manifests.join("endpointslices.yaml"), others.join("\n---\n")).unwrap();
+        let others: Vec<&str> = slices
+            .split("\n---\n")
+            .filter(|d| !d.contains("name: web-abc12"))
+            .collect();
+        std::fs::write(
+            manifests.join("endpointslices.yaml"),
+            others.join("\n---\n"),
+        )
+        .unwrap();
 
         let n = unique_name("");
         let short = &n[n.len().saturating_sub(5)..];
         let prefix = format!("sg{short}");
-        let taps = [format!("{prefix}u"), format!("{prefix}c"), format!("{prefix}k")];
+        let taps = [
+            format!("{prefix}u"),
+            format!("{prefix}c"),
+            format!("{prefix}k"),
+        ];
         let admin = format!("127.0.0.1:{}", 30000 + std::process::id() % 20000);
         let config = std::fs::read_to_string(root.join("configs/lab.yaml"))
             .unwrap()
@@ -61,11 +82,27 @@ impl Lab {
             .replace("file_prefix: sg-lab", &format!("file_prefix: {prefix}"))
             .replace("127.0.0.1:9900", &admin)
             .replace("path: lab ", &format!("path: {} ", manifests.display()))
-            .replace("  service_cidr: 10.96.0.0/12", "  service_cidr: 10.96.0.0/12\n  poll_ms: 50");
+            .replace(
+                "  service_cidr: 10.96.0.0/12",
+                "  service_cidr: 10.96.0.0/12\n  poll_ms: 50",
+            );
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, config).unwrap();
-        let mut lab = Lab { dir, prefix, taps, gateway: None, admin: admin.clone() };
-        lab.write_web_slice(&[ready(POD1, "node-1"), ready(POD2, "node-1"), ready(POD3, "node-2")], 0);
+        let mut lab = Lab {
+            dir,
+            prefix,
+            taps,
+            gateway: None,
+            admin: admin.clone(),
+        };
+        lab.write_web_slice(
+            &[
+                ready(POD1, "node-1"),
+                ready(POD2, "node-1"),
+                ready(POD3, "node-2"),
+            ],
+            0,
+        );
         let mut gateway = Gateway::start(&config_path, &admin);
         gateway.wait_ready(Duration::from_secs(30));
         lab.gateway = Some(gateway);
@@ -77,7 +114,13 @@ impl Lab {
         let script = workspace_root().join("tests/lab/topology.sh");
         let out = Command::new("bash")
             .arg(script)
-            .args([action, &self.prefix, &self.taps[0], &self.taps[1], &self.taps[2]])
+            .args([
+                action,
+                &self.prefix,
+                &self.taps[0],
+                &self.taps[1],
+                &self.taps[2],
+            ])
             .output()
             .expect("topology.sh");
         if action == "up" {
@@ -126,7 +169,10 @@ impl Lab {
             .expect("client.py");
         let stdout = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-            panic!("client {args:?}: {e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr))
+            panic!(
+                "client {args:?}: {e}: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
         })
     }
 
@@ -158,7 +204,10 @@ impl Lab {
             if generation > after {
                 return generation;
             }
-            assert!(Instant::now() < deadline, "no new snapshot after generation {after}");
+            assert!(
+                Instant::now() < deadline,
+                "no new snapshot after generation {after}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -180,7 +229,11 @@ impl Drop for Lab {
 fn counts(result: &Value) -> Vec<(String, u64)> {
     let mut counts: Vec<(String, u64)> = result["counts"]
         .as_object()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
         .unwrap_or_default();
     counts.sort();
     counts
@@ -192,7 +245,11 @@ fn assert_balanced(what: &str, result: &Value, total: u64) {
     assert_eq!(counts.len(), 3, "{what}: every pod answers: {result}");
     for (pod, n) in &counts {
         let share = *n as f64 / total as f64;
-        assert!((0.20..=0.47).contains(&share), "{what}: {pod} got {:.0}% of {total}: {result}", share * 100.0);
+        assert!(
+            (0.20..=0.47).contains(&share),
+            "{what}: {pod} got {:.0}% of {total}: {result}",
+            share * 100.0
+        );
     }
     println!("{what}: {counts:?}");
 }
@@ -200,22 +257,51 @@ fn assert_balanced(what: &str, result: &Value, total: u64) {
 #[test]
 fn tcp_and_udp_through_clusterip_nodeport_and_lb_are_balanced() {
     let lab = Lab::start();
-    assert_balanced("ClusterIP from a pod over VXLAN", &lab.client("cpod", &["count", "http://10.96.0.10/", "300"]), 300);
-    assert_balanced("NodePort from outside", &lab.client("client", &["count", "http://192.168.100.1:30080/", "300"]), 300);
-    assert_balanced("LoadBalancer IP from outside", &lab.client("client", &["count", "http://192.0.2.100/", "300"]), 300);
-    assert_balanced("UDP ClusterIP from a pod", &lab.client("cpod", &["udp", "10.96.0.20", "53", "300"]), 300);
+    assert_balanced(
+        "ClusterIP from a pod over VXLAN",
+        &lab.client("cpod", &["count", "http://10.96.0.10/", "300"]),
+        300,
+    );
+    assert_balanced(
+        "NodePort from outside",
+        &lab.client("client", &["count", "http://192.168.100.1:30080/", "300"]),
+        300,
+    );
+    assert_balanced(
+        "LoadBalancer IP from outside",
+        &lab.client("client", &["count", "http://192.0.2.100/", "300"]),
+        300,
+    );
+    assert_balanced(
+        "UDP ClusterIP from a pod",
+        &lab.client("cpod", &["udp", "10.96.0.20", "53", "300"]),
+        300,
+    );
 }
 
 #[test]
 fn long_lived_connection_survives_churn_and_an_update_storm() {
     let lab = Lab::start();
     let out = lab.dir.path().join("stream.json");
-    let mut stream = lab.spawn_client("cpod", &["stream", "http://10.96.0.10/", "20", out.to_str().unwrap()]);
+    let mut stream = lab.spawn_client(
+        "cpod",
+        &["stream", "http://10.96.0.10/", "20", out.to_str().unwrap()],
+    );
     std::thread::sleep(Duration::from_secs(1));
-    let all = [ready(POD1, "node-1"), ready(POD2, "node-1"), ready(POD3, "node-2")];
+    let all = [
+        ready(POD1, "node-1"),
+        ready(POD2, "node-1"),
+        ready(POD3, "node-2"),
+    ];
     let generation = lab.metric("servicegate_snapshot_generation");
     // Add a pod (a fourth endpoint that is not serving, so no new connection can fail on it)…
-    let extra = Ep { addr: "10.244.2.9", node: "node-2", ready: false, serving: false, terminating: false };
+    let extra = Ep {
+        addr: "10.244.2.9",
+        node: "node-2",
+        ready: false,
+        serving: false,
+        terminating: false,
+    };
     lab.write_web_slice(&[all[0], all[1], all[2], extra], 1);
     let generation = lab.wait_generation(generation);
     // …then 1,000 updates as fast as we can write them, while new connections keep working.
@@ -237,12 +323,19 @@ fn long_lived_connection_survives_churn_and_an_update_storm() {
     println!("long-lived connection: {result}");
     assert_eq!(result["failed"], 0, "{result}");
     assert!(result["requests"].as_u64().unwrap() > 100, "{result}");
-    assert_eq!(result["backends"].as_array().unwrap().len(), 1, "backend changed: {result}");
+    assert_eq!(
+        result["backends"].as_array().unwrap().len(),
+        1,
+        "backend changed: {result}"
+    );
 }
 
 fn assert_balanced_nonfailing(lab: &Lab) {
     let result = lab.client("cpod", &["count", "http://10.96.0.10/", "30"]);
-    assert_eq!(result["failed"], 0, "new connections during the storm: {result}");
+    assert_eq!(
+        result["failed"], 0,
+        "new connections during the storm: {result}"
+    );
 }
 
 #[test]
@@ -250,7 +343,10 @@ fn terminating_pod_keeps_its_connection_and_removed_pod_gets_no_new_one() {
     let lab = Lab::start();
     // A long-lived connection pinned to whichever pod Maglev picks.
     let out = lab.dir.path().join("stream.json");
-    let mut stream = lab.spawn_client("cpod", &["stream", "http://10.96.0.10/", "6", out.to_str().unwrap()]);
+    let mut stream = lab.spawn_client(
+        "cpod",
+        &["stream", "http://10.96.0.10/", "6", out.to_str().unwrap()],
+    );
     std::thread::sleep(Duration::from_millis(800));
     let entries = http_get(&lab.admin, "/v1/conntrack?limit=100").unwrap().1;
     let conntrack: Value = serde_json::from_str(&entries).unwrap();
@@ -259,11 +355,26 @@ fn terminating_pod_keeps_its_connection_and_removed_pod_gets_no_new_one() {
         .unwrap()
         .iter()
         .find(|e| e["state"].as_str().unwrap_or("").contains("ESTABLISHED"))
-        .map(|e| e["backend"].as_str().unwrap().split(':').next().unwrap().to_string())
+        .map(|e| {
+            e["backend"]
+                .as_str()
+                .unwrap()
+                .split(':')
+                .next()
+                .unwrap()
+                .to_string()
+        })
         .expect("an established entry");
     let pods = [POD1, POD2, POD3];
-    let pinned = pods.iter().position(|p| *p == backend).expect("backend is a pod");
-    let mut eps = [ready(POD1, "node-1"), ready(POD2, "node-1"), ready(POD3, "node-2")];
+    let pinned = pods
+        .iter()
+        .position(|p| *p == backend)
+        .expect("backend is a pod");
+    let mut eps = [
+        ready(POD1, "node-1"),
+        ready(POD2, "node-1"),
+        ready(POD3, "node-2"),
+    ];
     eps[pinned].ready = false;
     eps[pinned].terminating = true;
     let generation = lab.metric("servicegate_snapshot_generation");
@@ -272,20 +383,35 @@ fn terminating_pod_keeps_its_connection_and_removed_pod_gets_no_new_one() {
     let fresh = lab.client("cpod", &["count", "http://10.96.0.10/", "60"]);
     assert_eq!(fresh["failed"], 0, "{fresh}");
     let names = ["pod1", "pod2", "pod3"];
-    assert!(fresh["counts"].get(names[pinned]).is_none(), "terminating {} got new connections: {fresh}", names[pinned]);
+    assert!(
+        fresh["counts"].get(names[pinned]).is_none(),
+        "terminating {} got new connections: {fresh}",
+        names[pinned]
+    );
     stream.wait().unwrap();
     let result: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(result["failed"], 0, "{result}");
-    assert_eq!(result["backends"], serde_json::json!([names[pinned]]), "{result}");
+    assert_eq!(
+        result["backends"],
+        serde_json::json!([names[pinned]]),
+        "{result}"
+    );
 
     // Removing a pod: no new connection reaches it within 1 s of the file change.
     let removed = (pinned + 1) % 3;
-    let remaining: Vec<Ep> = (0..3).filter(|i| *i != removed).map(|i| ready(pods[i], if i == 2 { "node-2" } else { "node-1" })).collect();
+    let remaining: Vec<Ep> = (0..3)
+        .filter(|i| *i != removed)
+        .map(|i| ready(pods[i], if i == 2 { "node-2" } else { "node-1" }))
+        .collect();
     lab.write_web_slice(&remaining, 2);
     std::thread::sleep(Duration::from_secs(1));
     let after = lab.client("cpod", &["count", "http://10.96.0.10/", "60"]);
     assert_eq!(after["failed"], 0, "{after}");
-    assert!(after["counts"].get(names[removed]).is_none(), "removed {} still gets connections: {after}", names[removed]);
+    assert!(
+        after["counts"].get(names[removed]).is_none(),
+        "removed {} still gets connections: {after}",
+        names[removed]
+    );
 }
 
 #[test]
@@ -299,7 +425,10 @@ fn no_endpoints_is_refused_fast_and_affinity_pins_a_client() {
     assert_eq!(refused["result"], "refused", "{refused}");
     assert!(refused["seconds"].as_f64().unwrap() < 1.0, "{refused}");
     let unknown_port = lab.client("client", &["connect", "192.0.2.100", "81"]);
-    assert_eq!(unknown_port["result"], "refused", "unknown port on a known VIP: {unknown_port}");
+    assert_eq!(
+        unknown_port["result"], "refused",
+        "unknown port on a known VIP: {unknown_port}"
+    );
 
     let sticky = lab.client("cpod", &["count", "http://10.96.0.30/", "50"]);
     assert_eq!(sticky["failed"], 0, "{sticky}");
@@ -313,8 +442,22 @@ fn the_gateway_own_address_reaches_its_kernel_through_the_exception_path() {
     assert_eq!(ssh["result"], "ok", "{ssh}");
     // And a ping to an address behind the gateway (a pod), ARP resolved both ways.
     let ping = Command::new("ip")
-        .args(["netns", "exec", &format!("{}-cpod", lab.prefix), "ping", "-c", "2", "-W", "2", "10.96.0.10"])
+        .args([
+            "netns",
+            "exec",
+            &format!("{}-cpod", lab.prefix),
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "2",
+            "10.96.0.10",
+        ])
         .output()
         .unwrap();
-    assert!(ping.status.success(), "ping a service address: {}", String::from_utf8_lossy(&ping.stdout));
+    assert!(
+        ping.status.success(),
+        "ping a service address: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
 }
