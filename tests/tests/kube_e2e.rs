@@ -176,7 +176,10 @@ fn metric(admin: &str, name: &str) -> BTreeMap<String, f64> {
                 Some((m, rest)) => (m, rest.trim_end_matches('}')),
                 None => (key, ""),
             };
-            (metric == name).then(|| (labels.to_owned(), value.parse().ok()?))?
+            if metric != name {
+                return None;
+            }
+            Some((labels.to_owned(), value.parse().ok()?))
         })
         .collect()
 }
@@ -230,7 +233,6 @@ fn wait_frontend(
         v.sort();
         v
     });
-    let mut last = BTreeMap::new();
     let deadline = since + timeout;
     loop {
         let s = services(admin);
@@ -238,10 +240,9 @@ fn wait_frontend(
         if now.get(frontend) == want.as_ref() {
             return (generation(&s), since.elapsed());
         }
-        last = now;
         assert!(
             Instant::now() < deadline,
-            "frontend {frontend} not {want:?} within {timeout:?}; last seen: {last:?}"
+            "frontend {frontend} not {want:?} within {timeout:?}; last seen: {now:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -128,8 +128,10 @@ fn metric(admin: &str, name: &str) -> Vec<(String, f64)> {
         .filter_map(|l| {
             let (key, value) = l.rsplit_once(' ')?;
             let (metric, labels) = key.split_once('{').unwrap_or((key, ""));
-            (metric == name)
-                .then(|| (labels.trim_end_matches('}').to_owned(), value.parse().ok()?))?
+            if metric != name {
+                return None;
+            }
+            Some((labels.trim_end_matches('}').to_owned(), value.parse().ok()?))
         })
         .collect()
 }
