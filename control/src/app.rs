@@ -166,8 +166,11 @@ fn runtime_spec(
             eal_args.push(format!("--vdev={device}"));
         }
         let index = ports.len();
+        // Port p's queue q goes to worker (p + q) % workers: multi-queue ports still spread
+        // over every worker, and single-queue ports (taps, pcap replay) spread over the
+        // workers instead of all landing on worker 0.
         for queue in 0..queues {
-            worker_specs[usize::from(queue) % workers]
+            worker_specs[(index + usize::from(queue)) % workers]
                 .rx
                 .push((index, queue));
         }
