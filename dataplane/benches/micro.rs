@@ -14,14 +14,17 @@ use dataplane::wire::{checksum, EthernetFrame, Ipv4Packet, MacAddr, TcpFlags, Tc
 const TCP: u8 = 6;
 
 fn frame64() -> Vec<u8> {
-    FrameBuilder::new(MacAddr([2, 0, 0, 0, 1, 2]), MacAddr([2, 0x70, 0x63, 0x61, 0x70, 0]))
-        .pad(true)
-        .tcp_v4(
-            SocketAddrV4::new(Ipv4Addr::new(192, 168, 100, 10), 40000),
-            SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80),
-            TcpFlags::ACK,
-            b"",
-        )
+    FrameBuilder::new(
+        MacAddr([2, 0, 0, 0, 1, 2]),
+        MacAddr([2, 0x70, 0x63, 0x61, 0x70, 0]),
+    )
+    .pad(true)
+    .tcp_v4(
+        SocketAddrV4::new(Ipv4Addr::new(192, 168, 100, 10), 40000),
+        SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80),
+        TcpFlags::ACK,
+        b"",
+    )
 }
 
 fn parse(c: &mut Criterion) {

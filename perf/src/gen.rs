@@ -40,6 +40,16 @@ fn client(base: Ipv4Addr, i: usize) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(addr), 1024 + (i % 60_000) as u16)
 }
 
+/// The worker owning flow `i` of uplink traffic to a service address: a mirror of the
+/// pipeline's `hash_ip_port(src, sport, workers)` (dataplane/src/pipeline/mod.rs), so a
+/// capture per rx queue can hold exactly the flows of that queue's worker (ideal steering,
+/// no hand-offs).
+pub fn owner(i: usize, workers: usize) -> usize {
+    let c = client(Ipv4Addr::new(192, 168, 100, 10), i);
+    let k = (u64::from(u32::from(*c.ip())) << 16) | u64::from(c.port());
+    (dataplane::maglev::fmix64(k ^ 0x6f77_6e65_7273_6869) % workers as u64) as usize
+}
+
 /// Address of generated Service `i` (of [`write_many_services`]).
 pub fn many_service_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 1)) + i as u32)

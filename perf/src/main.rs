@@ -97,7 +97,7 @@ fn scenarios(suite: Suite) -> Vec<Scenario> {
         masquerade: false,
         syn_timeout: Some(1),
         note: "SYN of a new flow; DNAT only; tcp_syn_sent timeout 1 s so replays are new again",
-        ..Scenario::new("d-new-conn", 1 << 20, Traffic::Syn)
+        ..Scenario::new("d-new-conn", 1 << 19, Traffic::Syn)
     });
     v.push(Scenario {
         note: "UDP ClusterIP 10.96.0.20:53, DNAT+SNAT",
@@ -111,7 +111,7 @@ fn scenarios(suite: Suite) -> Vec<Scenario> {
         });
         v.push(Scenario {
             workers: vec![0, 1],
-            note: "two workers (cores 0,1; control shares core 0), 2 pcap rx queues",
+            note: "two workers (cores 0,1; control shares core 0), 2 pcap rx queues, each holding the flows its worker owns",
             ..Scenario::new("g-2-workers", 10_000, Traffic::ClusterIpAck)
         });
     }
@@ -191,7 +191,12 @@ fn capture(ctx: &Ctx, s: &Scenario) -> anyhow::Result<Vec<PathBuf>> {
             .dir
             .join(format!("{:?}-{}-{q}of{queues}.pcap", traffic, s.flows));
         if !path.exists() {
-            gen::write_pcap(&path, traffic, (q..s.flows).step_by(queues))?;
+            // One capture per rx queue, holding the flows its worker owns.
+            gen::write_pcap(
+                &path,
+                traffic,
+                (0..s.flows).filter(|&i| queues == 1 || gen::owner(i, queues) == q),
+            )?;
         }
         files.push(path);
     }
@@ -289,8 +294,16 @@ fn fmt(v: f64, digits: usize) -> String {
 
 fn table(rows: &[Row]) -> String {
     let header = [
-        "scenario", "flows", "Mpps", "testpmd", "ratio", "cyc/pkt", "p50 us", "p99 us",
-        "p99.9 us", "conntrack",
+        "scenario",
+        "flows",
+        "Mpps",
+        "testpmd",
+        "ratio",
+        "cyc/pkt",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "conntrack",
     ];
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -414,13 +427,7 @@ fn today() -> String {
         .unwrap_or_default()
 }
 
-fn results_md(
-    rows: &[Row],
-    suite: &str,
-    runs: usize,
-    tsc_note: &str,
-    scen: &[Scenario],
-) -> String {
+fn results_md(rows: &[Row], suite: &str, runs: usize, tsc_note: &str, scen: &[Scenario]) -> String {
     let mut md = String::new();
     md.push_str("# servicegate performance results\n\n");
     md.push_str(&format!(

@@ -64,13 +64,13 @@ pub struct SgSetup {
 
 /// EAL memory (MB) for `mbufs` 2 KiB buffers plus slack.
 fn eal_megabytes(mbufs: u64) -> u64 {
-    (mbufs * 2560 / (1 << 20) + 1024).max(2048)
+    (mbufs * 5120 / (1 << 20) + 1024).max(2048)
 }
 
 impl SgSetup {
     fn mbufs(&self) -> u64 {
-        // A power of two minus one is the mempool's sweet spot.
-        (self.frames + 16384 + 8192).next_power_of_two() - 1
+        // Every replayed frame stays in an mbuf for the whole run (infinite_rx).
+        self.frames + 16384 + 8192
     }
 
     /// The config: configs/bench.yaml with this scenario's devices, cores and sizes.
@@ -236,6 +236,7 @@ pub struct SgMeasure {
 fn interrupt(child: &Child) {
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
+        .stderr(Stdio::null())
         .status();
 }
 
@@ -363,8 +364,16 @@ pub fn testpmd(
 ) -> anyhow::Result<f64> {
     let mbufs = frames + 16384 + 8192;
     let mut child = Command::new("dpdk-testpmd")
-        .args(["--no-huge", "-m", &eal_megabytes(mbufs).to_string(), "--no-pci"])
-        .arg(format!("--file-prefix=tp-perf-{}-{tag}", std::process::id()))
+        .args([
+            "--no-huge",
+            "-m",
+            &eal_megabytes(mbufs).to_string(),
+            "--no-pci",
+        ])
+        .arg(format!(
+            "--file-prefix=tp-perf-{}-{tag}",
+            std::process::id()
+        ))
         .args(["-l", "0,1", "--log-level=*:warning"])
         .arg(format!("--vdev={}", rx.spec(0)))
         .arg(format!("--vdev={}", tx.spec(1)))
@@ -375,7 +384,9 @@ pub fn testpmd(
         .arg(format!("--txq={}", rx.queues()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join(format!("{tag}.testpmd.err")))?)
+        .stderr(std::fs::File::create(
+            dir.join(format!("{tag}.testpmd.err")),
+        )?)
         .spawn()
         .context("spawn dpdk-testpmd")?;
     let stdout = child.stdout.take().expect("piped");
@@ -445,7 +456,10 @@ pub fn tsc_hz() -> (f64, String) {
         let text = String::from_utf8_lossy(&out.stdout);
         let mut best = None;
         for line in text.lines() {
-            for key in ["tsc: Refined TSC clocksource calibration: ", "tsc: Detected "] {
+            for key in [
+                "tsc: Refined TSC clocksource calibration: ",
+                "tsc: Detected ",
+            ] {
                 if let Some(rest) = line.split(key).nth(1) {
                     if let Some(mhz) = rest
                         .split_whitespace()
