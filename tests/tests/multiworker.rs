@@ -1,8 +1,8 @@
-//! Two workers, each polling one port (single-queue ports spread over the workers: port p's
-//! queue q goes to worker (p + q) % workers): worker 0 receives the uplink, worker 1 the
-//! cluster port. A NodePort+SNAT flow's request enters on the uplink and its reply on the
-//! cluster port, so every flow has its two directions arriving at different workers; the
-//! non-owner hands the frame to the flow's owner. Real kernels on both ends (taps in two
+//! Two workers on two queues per port (net_tap needs as many rx as tx queues, and every
+//! worker has a tx queue, so single-queue taps cannot serve two workers). Port p's queue q
+//! goes to worker (p + q) % workers; the kernel spreads flows over a tap's queues by flow
+//! hash, so a NodePort+SNAT flow's request (uplink) and reply (cluster port) often arrive at
+//! different workers, and the non-owner hands the frame to the flow's owner. Real kernels on both ends (taps in two
 //! namespaces): a client curling the NodePort, a backend pod's HTTP server.
 
 use std::path::{Path, PathBuf};
@@ -99,10 +99,12 @@ ports:
   - name: uplink
     device: \"net_tap0,iface={uplink},mac=02:53:47:00:00:01\"
     role: uplink
+    queues: 2
     addresses: [192.168.100.1/24]
   - name: cluster
     device: \"net_tap1,iface={cluster},mac=02:53:47:00:00:02\"
     role: cluster
+    queues: 2
     addresses: [10.0.0.1/24]
 services:
   source: files
