@@ -113,6 +113,8 @@ pub const LEARNED_CAPACITY: usize = 256;
 pub const CT_EXPIRE_BUDGET: usize = 256;
 /// Neighbor slots examined per [`Pipeline::housekeeping`] call.
 pub const NEIGHBOR_SWEEP_BUDGET: usize = 512;
+/// Slots of the per-worker route cache (a power of two).
+const ROUTE_CACHE_SLOTS: usize = 4096;
 /// VTEP → inner MAC entries remembered for re-encapsulation.
 const VTEP_MACS: usize = 64;
 
@@ -327,6 +329,8 @@ pub struct Pipeline {
     neighbor_timeout: Tick,
     learned: Vec<(u16, Ipv4Addr, MacAddr)>,
     vtep_macs: [(Ipv4Addr, MacAddr); VTEP_MACS],
+    /// (destination, snapshot generation + 1, hop); generation tag 0 never matches.
+    route_cache: Box<[(u32, u64, Option<Hop>)]>,
     vtep_mac_next: usize,
     worker_index: usize,
     workers: usize,
@@ -460,6 +464,7 @@ impl Pipeline {
             neighbor_timeout: config.neighbor_timeout_ms.max(1),
             learned: Vec::with_capacity(LEARNED_CAPACITY),
             vtep_macs: [(Ipv4Addr::UNSPECIFIED, MacAddr::ZERO); VTEP_MACS],
+            route_cache: vec![(0, 0, None); ROUTE_CACHE_SLOTS].into_boxed_slice(),
             vtep_mac_next: 0,
             worker_index: config.worker_index,
             workers: config.workers,
@@ -1238,7 +1243,23 @@ impl Pipeline {
 
     // ----- Routing and egress ----------------------------------------------------------
 
-    fn route(&self, dst: Ipv4Addr) -> Option<Hop> {
+    /// The hop toward `dst`, through a direct-mapped per-worker cache in front of the two
+    /// longest-prefix lookups (pod CIDRs, then routes). Entries are tagged with the
+    /// snapshot generation they were computed under, so a new snapshot invalidates them.
+    fn route(&mut self, dst: Ipv4Addr) -> Option<Hop> {
+        let tag = self.snap.generation.map_or(0, |g| g.wrapping_add(1));
+        let key = u32::from(dst);
+        let slot = (crate::maglev::fmix64(u64::from(key)) as usize) & (ROUTE_CACHE_SLOTS - 1);
+        let cached = self.route_cache[slot];
+        if cached.0 == key && cached.1 == tag && tag != 0 {
+            return cached.2;
+        }
+        let hop = self.route_uncached(dst);
+        self.route_cache[slot] = (key, tag, hop);
+        hop
+    }
+
+    fn route_uncached(&self, dst: Ipv4Addr) -> Option<Hop> {
         let host = Ipv4Net::from(dst);
         if self.vxlan.is_some() {
             if let Some((_, &vtep)) = self.snap.pod_routes.get_lpm(&host) {
