@@ -159,6 +159,12 @@ fn runtime_spec(
                         port: &crate::config::PortConfig,
                         eal_args: &mut Vec<String>| {
         let device_name = device.split(',').next().unwrap_or_default().to_string();
+        // net_tap requires as many rx as tx queues, and every worker has a tx queue.
+        let queues = if device_name.starts_with("net_tap") {
+            queues.max(workers as u16)
+        } else {
+            queues
+        };
         if looks_like_pci(&device_name) {
             eal_args.push("-a".into());
             eal_args.push(device.clone());
