@@ -22,6 +22,7 @@ test: deps
 	$(CARGO) build --release
 	$(CARGO) test --release --workspace --exclude tests
 	$(CARGO) test --release -p tests -- --test-threads=1
+	$(CARGO) build --release --manifest-path fuzz/Cargo.toml
 
 bench: deps build
 	$(CARGO) run --release -p perf -- --suite quick
