@@ -36,6 +36,7 @@ cp "$root"/configs/lab/*.yaml "$work/manifests/"
 sed -e "s#path: lab #path: $work/manifests #" "$root/configs/lab.yaml" > "$work/gateway.yaml"
 if [ $virtio = 1 ]; then
   modprobe vhost_net 2>/dev/null || true
+  [ -e /dev/vhost-net ] || { echo "the --virtio lab needs vhost-net (/dev/vhost-net); this kernel has none" >&2; exit 1; }
   sed -i -e 's#net_tap0,iface=sg-up,#net_virtio_user0,path=/dev/vhost-net,queue_size=1024,iface=sg-up,#' \
          -e 's#net_tap1,iface=sg-cl,#net_virtio_user1,path=/dev/vhost-net,queue_size=1024,iface=sg-cl,#' "$work/gateway.yaml"
 fi
