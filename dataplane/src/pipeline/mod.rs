@@ -840,8 +840,7 @@ impl Pipeline {
             }
             if let Some(p) = Protocol::from_ip_proto(protocol) {
                 if let Some(fe) = snap.match_frontend(dst, p, dport) {
-                    let fe = fe.clone();
-                    return self.new_flow(frame, ctx, snap, now, stats, &fe, key, tcp_flags);
+                    return self.new_flow(frame, ctx, snap, now, stats, fe, key, tcp_flags);
                 }
             }
         }
