@@ -310,8 +310,57 @@ impl Mbuf {
     pub fn prefetch(&self) {
         let m = self.raw();
         // SAFETY: buf_addr + data_off points inside the mbuf's data room.
-        unsafe { sys::rte_prefetch0(m.buf_addr.cast::<u8>().add(m.data_off as usize).cast()) };
+        prefetch_address(unsafe { m.buf_addr.cast::<u8>().add(m.data_off as usize) });
     }
+}
+
+/// Asks the CPU to bring the cache lines holding `value` closer (a hint: no effect on
+/// program state). Used by the burst prefetch stage for conntrack slots and entries.
+#[inline(always)]
+pub fn prefetch_read<T>(value: &T) {
+    let start = (value as *const T).cast::<u8>();
+    let mut offset = 0;
+    // Lines are 64 bytes on every CPU DPDK supports here; the loop unrolls (size is const).
+    while offset < std::mem::size_of::<T>().max(1) {
+        prefetch_address(start.wrapping_add(offset));
+        offset += 64;
+    }
+}
+
+/// Asks the kernel to back `region` with transparent huge pages (large per-worker tables:
+/// conntrack index and entries, so a lookup costs a cache miss, not also a TLB walk).
+/// Call it on a fresh, untouched allocation; a refusal (THP disabled) changes nothing.
+pub fn advise_huge_pages<T>(region: &mut [std::mem::MaybeUninit<T>]) {
+    const PAGE: usize = 4096;
+    let start = region.as_mut_ptr() as usize;
+    let end = start + std::mem::size_of_val(region);
+    let aligned = start.next_multiple_of(PAGE);
+    if end <= aligned + PAGE {
+        return;
+    }
+    // SAFETY: the range lies inside `region`, which we borrow mutably; MADV_HUGEPAGE only
+    // changes how the kernel backs these pages, never their contents.
+    unsafe {
+        libc::madvise(
+            aligned as *mut std::ffi::c_void,
+            (end - aligned) / PAGE * PAGE,
+            libc::MADV_HUGEPAGE,
+        );
+    }
+}
+
+/// The prefetch instruction itself, inlined (DPDK's `rte_prefetch0` is a static inline
+/// that reaches Rust only as an out-of-line wrapper call).
+#[inline(always)]
+fn prefetch_address(address: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `_mm_prefetch` only needs SSE, which every x86_64 CPU has; a prefetch is a
+    // hint that never faults and has no architectural effect, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = address;
 }
 
 impl Frame for Mbuf {
@@ -421,6 +470,41 @@ impl RxBurst {
         self.len == self.next
     }
 
+    /// The data of the frames not yet taken, in order (read-only; for the burst's
+    /// prefetch stage, which looks at headers before any frame is processed).
+    #[inline]
+    pub fn pending_data(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.mbufs[self.next..self.len].iter().map(|&ptr| {
+            // SAFETY: entries next..len are valid received single-segment mbufs this burst
+            // owns; the slice covers their initialised data and borrows `self`, so no frame
+            // can be taken (and mutated) while it lives.
+            unsafe {
+                let m = &*ptr;
+                std::slice::from_raw_parts(
+                    m.buf_addr.cast::<u8>().add(m.data_off as usize),
+                    m.data_len as usize,
+                )
+            }
+        })
+    }
+
+    /// Prefetches the first data line of every frame not yet taken, and the headroom line
+    /// before it, where an encapsulation writes its outer headers (writing a cold line
+    /// stalls as long as reading one).
+    #[inline]
+    pub fn prefetch_data(&self) {
+        for &ptr in &self.mbufs[self.next..self.len] {
+            // SAFETY: a valid received mbuf this burst owns; buf_addr + data_off points
+            // inside its data room.
+            let data = unsafe {
+                let m = &*ptr;
+                m.buf_addr.cast::<u8>().add(m.data_off as usize)
+            };
+            prefetch_address(data);
+            prefetch_address(data.wrapping_sub(64));
+        }
+    }
+
     /// Takes the next frame, prefetching the one after it.
     #[inline]
     pub fn pop(&mut self) -> Option<Mbuf> {
@@ -430,8 +514,7 @@ impl RxBurst {
         let ptr = self.mbufs[self.next];
         self.next += 1;
         if self.next < self.len {
-            // SAFETY: the entry is a valid received mbuf; prefetching reads nothing.
-            unsafe { sys::rte_prefetch0(self.mbufs[self.next].cast()) };
+            prefetch_address(self.mbufs[self.next].cast());
         }
         NonNull::new(ptr).map(|mbuf| Mbuf { mbuf })
     }

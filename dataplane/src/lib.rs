@@ -17,5 +17,14 @@ pub mod wire;
 pub mod dpdk;
 #[cfg(feature = "dpdk")]
 pub mod runtime;
+
+/// A cache prefetch hint and a huge-page hint; without DPDK (fuzzing) they do nothing.
+#[cfg(feature = "dpdk")]
+pub(crate) use dpdk::{advise_huge_pages, prefetch_read};
+#[cfg(not(feature = "dpdk"))]
+pub(crate) fn advise_huge_pages<T>(_region: &mut [std::mem::MaybeUninit<T>]) {}
+#[cfg(not(feature = "dpdk"))]
+#[inline(always)]
+pub(crate) fn prefetch_read<T>(_value: &T) {}
 #[cfg(feature = "dpdk")]
 pub mod worker;

@@ -163,6 +163,12 @@ impl Worker {
                 let (port, queue) = self.rx_queues[q];
                 let n = dpdk::rx_burst(port, queue, &mut burst);
                 received += n;
+                if let Mode::Gateway(pipeline) = &self.mode {
+                    if n > 1 {
+                        burst.prefetch_data();
+                        pipeline.prefetch_burst(burst.pending_data());
+                    }
+                }
                 while let Some(mut mbuf) = burst.pop() {
                     let in_port = port.0;
                     let p = usize::from(in_port) % MAX_PORTS;

@@ -469,6 +469,8 @@ fn main() -> anyhow::Result<()> {
     let mut suite = Suite::Quick;
     let mut suite_name = "quick".to_string();
     let mut runs = 1usize;
+    // One scenario only (profiling); the results files are then left as they are.
+    let mut only: Option<String> = None;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("workspace root")?
@@ -487,8 +489,11 @@ fn main() -> anyhow::Result<()> {
             }
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
             "--servicegate" => binary = PathBuf::from(args.next().context("--servicegate PATH")?),
+            "--only" => only = Some(args.next().context("--only NAME[:FLOWS]")?),
             "-h" | "--help" => {
-                println!("perf --suite quick|full [--runs N] [--servicegate PATH]");
+                println!(
+                    "perf --suite quick|full [--runs N] [--only NAME[:FLOWS]] [--servicegate PATH]"
+                );
                 return Ok(());
             }
             other => bail!("unknown argument {other:?}"),
@@ -503,7 +508,17 @@ fn main() -> anyhow::Result<()> {
     let tmp = tempfile::Builder::new().prefix("sg-perf-").tempdir()?;
     let (tsc_hz, tsc_note) = run::tsc_hz();
     let many = tmp.path().join("many-services");
-    let scen = scenarios(suite);
+    let mut scen = scenarios(suite);
+    if let Some(only) = &only {
+        let (name, flows) = match only.split_once(':') {
+            Some((n, f)) => (n, Some(f.parse::<usize>().context("--only NAME:FLOWS")?)),
+            None => (only.as_str(), None),
+        };
+        scen.retain(|s| s.name == name && flows.is_none_or(|f| f == s.flows));
+        if scen.is_empty() {
+            bail!("--only {only}: no such scenario in this suite");
+        }
+    }
     if scen.iter().any(|s| s.many_services) {
         gen::write_many_services(&many)?;
     }
@@ -539,6 +554,9 @@ fn main() -> anyhow::Result<()> {
                 r.notes.join("; ")
             );
         }
+    }
+    if only.is_some() {
+        return Ok(());
     }
     let perf_dir = root.join("perf");
     std::fs::create_dir_all(perf_dir.join("results"))?;

@@ -85,6 +85,7 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use prefix_trie::PrefixMap;
+use rustc_hash::FxHashMap;
 
 use crate::conntrack::{
     Affinity, Conntrack, ConntrackConfig, Direction, EntryId, FlowKey, InsertError, Nat, SnatPorts,
@@ -115,8 +116,12 @@ pub const CT_EXPIRE_BUDGET: usize = 256;
 pub const NEIGHBOR_SWEEP_BUDGET: usize = 512;
 /// Slots of the per-worker route cache (a power of two).
 const ROUTE_CACHE_SLOTS: usize = 4096;
-/// VTEP → inner MAC entries remembered for re-encapsulation.
-const VTEP_MACS: usize = 64;
+/// VTEP → inner MAC entries remembered for re-encapsulation (one per node; preallocated,
+/// so learning never allocates; when full, configured and known VTEPs keep their entries
+/// and new ones are sent with the broadcast inner MAC, which kernel VXLAN devices accept).
+const VTEP_MACS: usize = 4096;
+/// Frames per burst the prefetch stage looks ahead at (the rx burst size).
+pub const PREFETCH_BURST: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PortRole {
@@ -328,10 +333,9 @@ pub struct Pipeline {
     neighbors: NeighborTable,
     neighbor_timeout: Tick,
     learned: Vec<(u16, Ipv4Addr, MacAddr)>,
-    vtep_macs: [(Ipv4Addr, MacAddr); VTEP_MACS],
+    vtep_macs: FxHashMap<Ipv4Addr, MacAddr>,
     /// (destination, snapshot generation + 1, hop); generation tag 0 never matches.
     route_cache: Box<[(u32, u64, Option<Hop>)]>,
-    vtep_mac_next: usize,
     worker_index: usize,
     workers: usize,
     snap: SnapCache,
@@ -463,9 +467,12 @@ impl Pipeline {
             neighbors,
             neighbor_timeout: config.neighbor_timeout_ms.max(1),
             learned: Vec::with_capacity(LEARNED_CAPACITY),
-            vtep_macs: [(Ipv4Addr::UNSPECIFIED, MacAddr::ZERO); VTEP_MACS],
+            vtep_macs: {
+                let mut map = FxHashMap::default();
+                map.reserve(VTEP_MACS);
+                map
+            },
             route_cache: vec![(0, 0, None); ROUTE_CACHE_SLOTS].into_boxed_slice(),
-            vtep_mac_next: 0,
             worker_index: config.worker_index,
             workers: config.workers,
             snap: SnapCache::default(),
@@ -710,19 +717,22 @@ impl Pipeline {
     }
 
     fn remember_vtep_mac(&mut self, vtep: Ipv4Addr, mac: MacAddr) {
-        if let Some(slot) = self.vtep_macs.iter_mut().find(|(a, _)| *a == vtep) {
-            slot.1 = mac;
-            return;
+        let room = self.vtep_macs.len() < VTEP_MACS;
+        match self.vtep_macs.entry(vtep) {
+            std::collections::hash_map::Entry::Occupied(mut known) => *known.get_mut() = mac,
+            std::collections::hash_map::Entry::Vacant(slot) if room => {
+                slot.insert(mac);
+            }
+            std::collections::hash_map::Entry::Vacant(_) => {}
         }
-        self.vtep_macs[self.vtep_mac_next] = (vtep, mac);
-        self.vtep_mac_next = (self.vtep_mac_next + 1) % VTEP_MACS;
     }
 
+    #[inline]
     fn vtep_mac(&self, vtep: Ipv4Addr) -> MacAddr {
         self.vtep_macs
-            .iter()
-            .find(|(a, _)| *a == vtep)
-            .map_or(MacAddr::BROADCAST, |(_, m)| *m)
+            .get(&vtep)
+            .copied()
+            .unwrap_or(MacAddr::BROADCAST)
     }
 
     fn exception_or(&self, pidx: usize, reason: DropReason) -> Verdict {
@@ -1390,6 +1400,31 @@ impl Pipeline {
                 next_hop: hop.next_hop,
             },
         }
+    }
+
+    // ----- Burst prefetch --------------------------------------------------------------
+
+    /// Runs ahead of a burst (VPP/DPVS style): computes each frame's conntrack key from its
+    /// headers, prefetches the index slots, then the entries they point at, so that the
+    /// table misses of a whole burst overlap instead of stalling packet by packet. Frames
+    /// beyond [`PREFETCH_BURST`] are left alone. Changes nothing but cache contents.
+    pub fn prefetch_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) {
+        let mut keys = [None; PREFETCH_BURST];
+        for (key, data) in keys.iter_mut().zip(frames) {
+            *key = self.lookup_key(data);
+            if let Some(key) = key {
+                self.ct.prefetch_slot(key);
+            }
+        }
+        for key in keys.iter().flatten() {
+            self.ct.prefetch_entry(key);
+        }
+    }
+
+    /// The key a frame's conntrack lookup will use (the inner flow of VXLAN), or `None`.
+    fn lookup_key(&self, data: &[u8]) -> Option<FlowKey> {
+        let (protocol, src, sport, dst, dport, _) = self.flow_of(data)?;
+        Some(FlowKey::new(protocol, src, sport, dst, dport))
     }
 
     // ----- Ownership -------------------------------------------------------------------
