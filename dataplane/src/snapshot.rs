@@ -4,6 +4,8 @@
 //! snapshot, so a swap never invalidates a flow.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -211,13 +213,15 @@ pub struct Snapshot {
     /// Increases by one per published snapshot; 0 means "nothing installed yet".
     pub generation: u64,
     /// ClusterIP, LoadBalancer and externalIP frontends.
-    pub frontends: HashMap<FrontendKey, Arc<Frontend>>,
+    /// Fx-hashed (keys are not attacker-chosen: only the control plane inserts), looked up
+    /// for every new flow.
+    pub frontends: FxHashMap<FrontendKey, Arc<Frontend>>,
     /// NodePort frontends by (protocol, nodePort), matched on `node_port_addresses`.
-    pub node_ports: HashMap<(Protocol, u16), Arc<Frontend>>,
+    pub node_ports: FxHashMap<(Protocol, u16), Arc<Frontend>>,
     pub node_port_addresses: Vec<Ipv4Addr>,
     /// Every service address (ClusterIP, LB ingress, externalIP) with a frontend: a packet
     /// to one of these on an unknown port is rejected (kube-semantics item 8).
-    pub service_addresses: HashMap<Ipv4Addr, FrontendKind>,
+    pub service_addresses: FxHashMap<Ipv4Addr, FrontendKind>,
     /// The service CIDR, if configured: unallocated addresses inside it are dropped.
     pub service_cidr: Option<Ipv4Net>,
     /// Remote pod CIDRs behind node VTEPs.

@@ -60,6 +60,7 @@ pub struct SgSetup {
     pub manifests: PathBuf,
     pub masquerade_cluster_ip: bool,
     pub tcp_syn_sent_timeout: Option<u64>,
+    pub conntrack_capacity: u64,
 }
 
 /// EAL memory (MB) for `mbufs` 2 KiB buffers plus slack.
@@ -129,7 +130,7 @@ services:
   service_cidr: 10.96.0.0/12
   masquerade_cluster_ip: {masq}
 conntrack:
-  capacity: 2097152
+  capacity: {capacity}
 {timeouts}admin:
   listen: 127.0.0.1:{admin_port}
 "#,
@@ -137,6 +138,7 @@ conntrack:
             workers = workers.join(", "),
             manifests = self.manifests.display(),
             masq = self.masquerade_cluster_ip,
+            capacity = self.conntrack_capacity,
         )
     }
 
