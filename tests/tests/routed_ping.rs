@@ -45,6 +45,8 @@ fn capture_arp(ns: &Netns, link: &str, file: &Path) -> ChildGuard {
     let log = file.with_extension("log");
     let child = Command::new("ip")
         .args(["netns", "exec", &ns.name, "tcpdump", "-i", link, "-U", "-n"])
+        // Without it libpcap hands packets over per filled block or per second.
+        .arg("--immediate-mode")
         .args(["-Z", "root", "-w"])
         .arg(file)
         .arg("arp")
@@ -117,7 +119,7 @@ fn a_client_pings_a_host_behind_the_gateway() {
         ns.exec(&["ip", "link", "set", link, "up"]);
         ns.exec(&["ip", "route", "add", "default", "via", via]);
     }
-    // ARP as each side sees it, written packet by packet (-U) so a kill loses nothing.
+    // ARP as each side sees it.
     let client_arp = dir.path().join("client-arp.pcap");
     let far_arp = dir.path().join("far-arp.pcap");
     let captures = [
@@ -135,8 +137,14 @@ fn a_client_pings_a_host_behind_the_gateway() {
     // Read while the taps exist: stopping the gateway deletes them and their neighbors.
     let client_gateway_mac = neighbor_mac(&client, "192.168.100.1");
     let far_gateway_mac = neighbor_mac(&far, "10.0.0.1");
-    std::thread::sleep(Duration::from_millis(300));
-    drop(captures);
+    for mut capture in captures {
+        // SIGINT: tcpdump flushes and exits; the guard kills it if it does not.
+        sh("kill", &["-INT", &capture.0.id().to_string()]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while capture.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let (ok, out, err) = gateway.stop();
     assert!(
         ping.status.success() && ping_out.contains("3 received"),
