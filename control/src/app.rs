@@ -253,6 +253,31 @@ fn runtime_spec(
     })
 }
 
+/// The MAC the pipeline gives each configured port. Under replay a net_pcap port has a
+/// driver-chosen MAC it cannot change, and filters nothing: the pipeline uses the MAC the
+/// live device would have (its `mac=` devarg) instead, so replayed frames addressed to the
+/// gateway are accepted and outputs carry the live source MACs.
+fn pipeline_macs(config: &Config, runtime: &Runtime, replay: bool) -> Vec<[u8; 6]> {
+    let mut macs = runtime.port_macs();
+    if replay {
+        for (mac, port) in macs.iter_mut().zip(&config.ports) {
+            if let Some(configured) = devarg_mac(&port.device) {
+                *mac = configured;
+            }
+        }
+    }
+    macs
+}
+
+/// The `mac=` devarg of a vdev spec (`net_tap0,iface=sg-up,mac=02:53:47:00:00:01`).
+fn devarg_mac(device: &str) -> Option<[u8; 6]> {
+    device
+        .split(',')
+        .skip(1)
+        .find_map(|arg| arg.strip_prefix("mac="))
+        .and_then(parse_mac)
+}
+
 fn looks_like_pci(name: &str) -> bool {
     name.contains(':') && name.split(':').count() >= 2 && !name.starts_with("net_")
 }
@@ -261,10 +286,10 @@ fn looks_like_pci(name: &str) -> bool {
 fn pipeline_config(
     config: &Config,
     runtime: &Runtime,
+    macs: &[[u8; 6]],
     index: usize,
 ) -> anyhow::Result<PipelineConfig> {
     let ids = runtime.port_ids();
-    let macs = runtime.port_macs();
     let mut exception_ids = Vec::new();
     let mut next_exception = config.ports.len();
     for port in &config.ports {
@@ -359,7 +384,12 @@ fn pipeline_config(
     })
 }
 
-fn mode_for(config: &Config, runtime: &Runtime, index: usize) -> Result<Mode, String> {
+fn mode_for(
+    config: &Config,
+    runtime: &Runtime,
+    macs: &[[u8; 6]],
+    index: usize,
+) -> Result<Mode, String> {
     match config.mode {
         ForwardingMode::Io => {
             let ids = runtime.port_ids();
@@ -373,7 +403,7 @@ fn mode_for(config: &Config, runtime: &Runtime, index: usize) -> Result<Mode, St
         }
         ForwardingMode::Gateway => {
             let pipeline_config =
-                pipeline_config(config, runtime, index).map_err(|e| e.to_string())?;
+                pipeline_config(config, runtime, macs, index).map_err(|e| e.to_string())?;
             Pipeline::new(pipeline_config).map(|p| Mode::Gateway(Box::new(p)))
         }
     }
@@ -479,10 +509,12 @@ fn worker_modes(
     config: &Config,
     runtime: &Runtime,
     workers: usize,
+    replay: bool,
 ) -> anyhow::Result<Vec<Option<Mode>>> {
+    let macs = pipeline_macs(config, runtime, replay);
     (0..workers)
         .map(|i| {
-            mode_for(config, runtime, i)
+            mode_for(config, runtime, &macs, i)
                 .map(Some)
                 .map_err(|e| anyhow!(e))
         })
@@ -494,7 +526,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let spec = runtime_spec(&config, Devices::Configured, &config.eal.file_prefix)?;
     let mut runtime = Runtime::init(&spec).map_err(|e| anyhow!(e))?;
     let result = (|| -> anyhow::Result<()> {
-        let mut modes = worker_modes(&config, &runtime, spec.workers.len())?;
+        let mut modes = worker_modes(&config, &runtime, spec.workers.len(), false)?;
         runtime
             .launch(&spec, |i| {
                 modes[i]
@@ -586,34 +618,19 @@ async fn serve_control(
     Ok(())
 }
 
-/// Counts the frames of a pcap file (classic libpcap format, either byte order).
+/// Counts the frames of a classic pcap file (either byte order, µs or ns timestamps).
 pub fn pcap_frame_count(path: &Path) -> anyhow::Result<u64> {
-    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    if bytes.len() < 24 {
-        bail!("{}: not a pcap file (too short)", path.display());
-    }
-    let magic = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes"));
-    let little = match magic {
-        0xa1b2c3d4 | 0xa1b23c4d => true,
-        0xd4c3b2a1 | 0x4d3cb2a1 => false,
-        _ => bail!(
-            "{}: not a pcap file (magic {magic:#x}; pcapng is not supported)",
-            path.display()
-        ),
-    };
-    let mut offset = 24usize;
+    let file = std::fs::File::open(path).with_context(|| format!("read {}", path.display()))?;
+    let mut reader =
+        pcap_file::pcap::PcapReader::new(std::io::BufReader::new(file)).with_context(|| {
+            format!(
+                "{}: not a classic pcap file (pcapng is not supported)",
+                path.display()
+            )
+        })?;
     let mut frames = 0;
-    while offset + 16 <= bytes.len() {
-        let field: [u8; 4] = bytes[offset + 8..offset + 12].try_into().expect("4 bytes");
-        let caplen = if little {
-            u32::from_le_bytes(field)
-        } else {
-            u32::from_be_bytes(field)
-        } as usize;
-        offset += 16 + caplen;
-        if offset > bytes.len() {
-            bail!("{}: truncated record {}", path.display(), frames + 1);
-        }
+    while let Some(packet) = reader.next_raw_packet() {
+        packet.with_context(|| format!("{}: record {}", path.display(), frames + 1))?;
         frames += 1;
     }
     Ok(frames)
@@ -659,7 +676,7 @@ pub fn replay(config: Config, inputs: &[String], out_dir: &Path) -> anyhow::Resu
     let mut publisher = Publisher::new(&config, runtime.snapshot.clone());
     publisher.publish(&model);
     let result = (|| -> anyhow::Result<()> {
-        let mut modes = worker_modes(&config, &runtime, spec.workers.len())?;
+        let mut modes = worker_modes(&config, &runtime, spec.workers.len(), true)?;
         runtime
             .launch(&spec, |i| {
                 modes[i]
@@ -735,14 +752,27 @@ fn print_report(report: &dataplane::runtime::StopReport, config: &Config) {
     let _ = config;
 }
 
+/// A pcap file without frames: the rx side of ports that have no input.
 fn write_empty_pcap(path: &Path) -> anyhow::Result<()> {
-    let mut header = Vec::with_capacity(24);
-    header.extend_from_slice(&0xa1b2c3d4u32.to_le_bytes());
-    header.extend_from_slice(&2u16.to_le_bytes());
-    header.extend_from_slice(&4u16.to_le_bytes());
-    header.extend_from_slice(&0i32.to_le_bytes());
-    header.extend_from_slice(&0u32.to_le_bytes());
-    header.extend_from_slice(&65535u32.to_le_bytes());
-    header.extend_from_slice(&1u32.to_le_bytes());
-    std::fs::write(path, header).with_context(|| format!("write {}", path.display()))
+    let file = std::fs::File::create(path).with_context(|| format!("write {}", path.display()))?;
+    pcap_file::pcap::PcapWriter::new(file).with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::devarg_mac;
+
+    #[test]
+    fn replay_keeps_the_mac_devarg_of_the_configured_device() {
+        assert_eq!(
+            devarg_mac("net_tap0,iface=sg-up,mac=02:53:47:00:00:01"),
+            Some([0x02, 0x53, 0x47, 0, 0, 0x01])
+        );
+        assert_eq!(devarg_mac("net_tap0,mac=fixed,iface=x"), None);
+        assert_eq!(devarg_mac("net_tap0,iface=sg-up"), None);
+        // The device name itself is never a devarg.
+        assert_eq!(devarg_mac("mac=02:00:00:00:00:01"), None);
+        assert_eq!(devarg_mac("0000:03:00.0"), None);
+    }
 }

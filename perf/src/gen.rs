@@ -5,10 +5,12 @@ use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
 use dataplane::wire::build::FrameBuilder;
 use dataplane::wire::{MacAddr, TcpFlags};
+use pcap_file::pcap::{PcapPacket, PcapWriter};
 
 /// MAC DPDK's net_pcap gives its (only) port: `02:70:63:61:70:00` ("pcap").
 pub const PCAP_PORT_MAC: MacAddr = MacAddr([0x02, 0x70, 0x63, 0x61, 0x70, 0x00]);
@@ -104,33 +106,26 @@ pub fn frame(traffic: Traffic, i: usize) -> Vec<u8> {
     }
 }
 
-/// Writes a classic little-endian pcap (linktype Ethernet) with flows `range` of `traffic`.
+/// Writes a classic pcap (linktype Ethernet) with flows `flows` of `traffic`.
 pub fn write_pcap(
     path: &Path,
     traffic: Traffic,
     flows: impl Iterator<Item = usize>,
 ) -> anyhow::Result<u64> {
     let file = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    out.write_all(&0xa1b2_c3d4u32.to_le_bytes())?;
-    out.write_all(&2u16.to_le_bytes())?;
-    out.write_all(&4u16.to_le_bytes())?;
-    out.write_all(&0i32.to_le_bytes())?;
-    out.write_all(&0u32.to_le_bytes())?;
-    out.write_all(&65535u32.to_le_bytes())?;
-    out.write_all(&1u32.to_le_bytes())?;
+    let mut out = PcapWriter::new(BufWriter::with_capacity(1 << 20, file))?;
     let mut frames = 0u64;
     for i in flows {
         let f = frame(traffic, i);
-        let len = f.len() as u32;
-        out.write_all(&(frames as u32).to_le_bytes())?; // seconds: irrelevant to replay
-        out.write_all(&0u32.to_le_bytes())?;
-        out.write_all(&len.to_le_bytes())?;
-        out.write_all(&len.to_le_bytes())?;
-        out.write_all(&f)?;
+        // Timestamps are irrelevant to replay: one second per frame keeps them distinct.
+        out.write_packet(&PcapPacket::new(
+            Duration::from_secs(frames),
+            f.len() as u32,
+            &f,
+        ))?;
         frames += 1;
     }
-    out.flush()?;
+    out.into_writer().flush()?;
     Ok(frames)
 }
 

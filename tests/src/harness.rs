@@ -1,7 +1,7 @@
 //! What end-to-end tests share: the real `servicegate` binary, network namespaces and taps
 //! that clean up even when a test fails, pcap files in and out.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -293,7 +293,6 @@ impl Drop for Gateway {
 
 /// A minimal HTTP/1.0 GET: (status, body).
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    use std::io::Write;
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
@@ -311,47 +310,38 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     Ok((code, body))
 }
 
-/// Writes frames as a classic pcap file (Ethernet link type).
+/// Writes frames as a classic pcap file (Ethernet link type), one microsecond apart.
 pub fn write_pcap(path: &Path, frames: &[Vec<u8>]) {
-    let mut bytes = Vec::new();
-    bytes.extend_from_slice(&0xa1b2c3d4u32.to_le_bytes());
-    bytes.extend_from_slice(&2u16.to_le_bytes());
-    bytes.extend_from_slice(&4u16.to_le_bytes());
-    bytes.extend_from_slice(&0i32.to_le_bytes());
-    bytes.extend_from_slice(&0u32.to_le_bytes());
-    bytes.extend_from_slice(&65535u32.to_le_bytes());
-    bytes.extend_from_slice(&1u32.to_le_bytes());
+    let file =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let mut writer = pcap_file::pcap::PcapWriter::new(std::io::BufWriter::new(file))
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     for (i, frame) in frames.iter().enumerate() {
-        bytes.extend_from_slice(&((i / 1_000_000) as u32).to_le_bytes());
-        bytes.extend_from_slice(&((i % 1_000_000) as u32).to_le_bytes());
-        bytes.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(frame);
+        let packet = pcap_file::pcap::PcapPacket::new(
+            Duration::from_micros(i as u64),
+            frame.len() as u32,
+            frame,
+        );
+        writer
+            .write_packet(&packet)
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
-    std::fs::write(path, bytes).expect("write pcap");
+    writer
+        .into_writer()
+        .flush()
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
 
 /// Reads the frames of a classic pcap file.
 pub fn read_pcap(path: &Path) -> Vec<Vec<u8>> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    assert!(bytes.len() >= 24, "{} is not a pcap", path.display());
-    let little = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) == 0xa1b2c3d4
-        || u32::from_le_bytes(bytes[0..4].try_into().unwrap()) == 0xa1b23c4d;
-    let read_u32 = |b: &[u8]| {
-        let a: [u8; 4] = b.try_into().unwrap();
-        if little {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        }
-    };
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let mut reader = pcap_file::pcap::PcapReader::new(std::io::BufReader::new(file))
+        .unwrap_or_else(|e| panic!("{} is not a pcap: {e}", path.display()));
     let mut frames = Vec::new();
-    let mut offset = 24;
-    while offset + 16 <= bytes.len() {
-        let caplen = read_u32(&bytes[offset + 8..offset + 12]) as usize;
-        let start = offset + 16;
-        frames.push(bytes[start..start + caplen].to_vec());
-        offset = start + caplen;
+    while let Some(packet) = reader.next_packet() {
+        let packet = packet
+            .unwrap_or_else(|e| panic!("{}: record {}: {e}", path.display(), frames.len() + 1));
+        frames.push(packet.data.into_owned());
     }
     frames
 }

@@ -815,8 +815,11 @@ impl Pipeline {
     ) -> Verdict {
         let (src, dst, protocol, fragment, l4) = {
             let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
-            let first = ip.frag_offset() == 0;
-            let l4 = match rewrite::parse_l4(ip.protocol(), first, ip.payload()) {
+            // A fragment's transport header is not looked at: fragments are never
+            // translated, and a first fragment's UDP length covers bytes it does not carry
+            // (checking it would drop every first fragment as `malformed`).
+            let whole = !ip.is_fragment();
+            let l4 = match rewrite::parse_l4(ip.protocol(), whole, ip.payload()) {
                 Ok(l4) => l4,
                 Err(_) => return Verdict::Drop(DropReason::Malformed),
             };

@@ -1743,6 +1743,57 @@ fn fragments_and_echo_to_service_addresses() {
     assert_eq!(o.icmp, Some((icmp::TYPE_ECHO_REPLY, 0, 1)));
 }
 
+/// A first fragment as hosts send it: the UDP header's length covers the whole datagram,
+/// more bytes than the fragment carries. It used to fail the UDP length check and be
+/// dropped as `malformed`, routed or not.
+#[test]
+fn first_fragment_of_a_large_udp_datagram() {
+    let snap = svc_snapshot();
+    let first_fragment = |dst: &str| {
+        let whole = from_cluster().udp_v4(sa("10.244.9.9:5353"), sa(dst), &[0x5a; 1000]);
+        // The first 16 bytes of the datagram (its 8-byte UDP header and 8 data bytes).
+        let mut frag = whole[..14 + 20 + 16].to_vec();
+        let mut ipp = Ipv4Packet::new_unchecked(&mut frag[14..]);
+        ipp.set_total_len(20 + 16);
+        ipp.set_more_frags(true);
+        ipp.fill_checksum();
+        frag
+    };
+    let cases = [
+        (
+            "routed, untouched but for TTL",
+            first_fragment("203.0.113.5:53"),
+            Verdict::Transmit { port: UPLINK },
+        ),
+        (
+            "to a ClusterIP",
+            first_fragment("10.96.0.53:53"),
+            Verdict::Drop(DropReason::Fragment),
+        ),
+    ];
+    for (desc, frag, verdict) in cases {
+        let mut p = pipeline();
+        let mut stats = WorkerStats::default();
+        let r = run(&mut p, &snap, CLUSTER, &frag, 0, &mut stats);
+        assert_eq!(r.verdict, verdict, "{desc}");
+        match verdict {
+            Verdict::Drop(reason) => assert_drop(&stats, reason, 1),
+            _ => {
+                assert_eq!(r.out.len(), frag.len(), "{desc}");
+                assert_eq!(r.out[14 + 8], 63, "{desc}: TTL");
+                assert_eq!(
+                    r.out[14 + 20..],
+                    frag[14 + 20..],
+                    "{desc}: UDP bytes as sent"
+                );
+                assert!(Ipv4Packet::new_checked(&r.out[14..])
+                    .unwrap()
+                    .verify_checksum());
+            }
+        }
+    }
+}
+
 /// A frame from a pod behind node-3 (VTEP 10.0.0.3).
 fn from_node3(inner: &[u8]) -> Vec<u8> {
     FrameBuilder::new(NODE2_MAC, CLUSTER_MAC).vxlan_encap(
