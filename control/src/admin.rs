@@ -88,6 +88,8 @@ pub struct AdminState {
     /// The pipeline's flow hash (what Maglev is indexed with), for `trace`.
     pub flow_hash: fn(&FlowKey) -> u64,
     pub tsc_hz: u64,
+    /// Per-service and per-backend packet totals (the publisher registers snapshots).
+    pub packets: Arc<parking_lot::Mutex<crate::packets::PacketTotals>>,
 }
 
 /// Per-worker liveness: the last `total_cycles` seen and when it last moved.
@@ -530,21 +532,19 @@ fn render_metrics(state: &AdminState) -> String {
 
     // Services.
     let service_packets = counter_family();
+    let backend_packets = counter_family();
     let backend_info = gauge_family();
     let mut seen_sets: HashSet<String> = HashSet::new();
-    let mut current: Vec<u64> = Vec::new();
-    for s in &per_worker {
-        if s.generation == snapshot.generation {
-            if current.len() < s.frontend_packets.len() {
-                current.resize(s.frontend_packets.len(), 0);
-            }
-            for (c, v) in current.iter_mut().zip(&s.frontend_packets) {
-                *c += v;
-            }
-        }
-    }
+    let counts = state.packets.lock().counts(&snapshot);
     for f in snapshot.all_frontends() {
         let svc = service_label(f);
+        let name = crate::packets::FrontendName {
+            service: f.service.clone(),
+            kind: f.kind,
+            addr: f.addr,
+            protocol: f.protocol,
+            port: f.port,
+        };
         service_packets
             .get_or_create(&labels(&[
                 ("service", &svc),
@@ -553,10 +553,24 @@ fn render_metrics(state: &AdminState) -> String {
                 ("kind", f.kind.as_str()),
                 ("frontend", &frontend_label(f)),
             ]))
-            .inc_by(current.get(f.id as usize).copied().unwrap_or(0));
+            .inc_by(counts.frontends.get(&name).copied().unwrap_or(0));
         if seen_sets.insert(f.service.to_string()) {
             for (i, b) in f.backends.backends.iter().enumerate() {
                 let usable = f.backends.usable.contains(&(i as u32));
+                backend_packets
+                    .get_or_create(&labels(&[
+                        ("service", &svc),
+                        ("port", &f.service.port_name),
+                        ("protocol", f.protocol.as_str()),
+                        ("backend", &format!("{}:{}", b.addr, b.port)),
+                    ]))
+                    .inc_by(
+                        counts
+                            .backends
+                            .get(&(f.service.clone(), b.addr, b.port))
+                            .copied()
+                            .unwrap_or(0),
+                    );
                 backend_info
                     .get_or_create(&labels(&[
                         ("service", &svc),
@@ -573,12 +587,17 @@ fn render_metrics(state: &AdminState) -> String {
     }
     registry.register(
         "servicegate_service_packets",
-        "Packets of new and tracked flows per frontend, counted by workers running the current snapshot (resets when the snapshot changes)",
+        "Packets of new and tracked flows per frontend since start (kept across snapshot changes while the frontend is served)",
         service_packets,
     );
     registry.register(
+        "servicegate_backend_packets",
+        "Packets of flows to each backend of a Service port since start, both directions (kept across snapshot changes while the backend is listed)",
+        backend_packets,
+    );
+    registry.register(
         "servicegate_backend_info",
-        "Every endpoint of every served Service port with its state (always 1; per-backend packet counters are not kept yet)",
+        "Every endpoint of every served Service port with its state (always 1)",
         backend_info,
     );
 

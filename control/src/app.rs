@@ -416,20 +416,40 @@ pub struct Publisher {
     pub snapshot: Arc<arc_swap::ArcSwap<Snapshot>>,
     pub ready: Arc<AtomicBool>,
     pub sync: Arc<parking_lot::Mutex<crate::admin::SyncInfo>>,
+    /// Per-service/backend packet totals: every installed snapshot is registered here, so
+    /// counts workers took under it can be named.
+    pub packets: Arc<parking_lot::Mutex<crate::packets::PacketTotals>>,
 }
 
 impl Publisher {
     pub fn new(config: &Config, snapshot: Arc<arc_swap::ArcSwap<Snapshot>>) -> Publisher {
+        let source = format!("{:?}", config.services.source).to_lowercase();
+        Publisher::with_options(compile_options(config), &source, snapshot)
+    }
+
+    /// A publisher compiling with `options` (what `new` derives from the config), for a
+    /// service source named `source` (the admin API's sync info).
+    pub fn with_options(
+        options: CompileOptions,
+        source: &str,
+        snapshot: Arc<arc_swap::ArcSwap<Snapshot>>,
+    ) -> Publisher {
         Publisher {
-            compiler: Compiler::new(compile_options(config)),
+            compiler: Compiler::new(options),
             generation: 0,
             snapshot,
             ready: Arc::new(AtomicBool::new(false)),
             sync: Arc::new(parking_lot::Mutex::new(crate::admin::SyncInfo {
-                source: format!("{:?}", config.services.source).to_lowercase(),
+                source: source.to_string(),
                 ..Default::default()
             })),
+            packets: Arc::default(),
         }
+    }
+
+    /// The generation of the last snapshot installed (0: none yet).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Compiles and installs `model`. The previous snapshot is freed here, on the control
@@ -442,7 +462,9 @@ impl Publisher {
         compiled.snapshot.generation = self.generation;
         let services = compiled.stats.services;
         let frontends = compiled.stats.frontends;
-        let old = self.snapshot.swap(Arc::new(compiled.snapshot));
+        let snapshot = Arc::new(compiled.snapshot);
+        self.packets.lock().installed(snapshot.clone());
+        let old = self.snapshot.swap(snapshot);
         drop(old);
         let elapsed = started.elapsed();
         for warning in &compiled.warnings {
@@ -558,6 +580,7 @@ async fn serve_control(
 ) -> anyhow::Result<()> {
     let (tx, rx) = watch::channel(None);
     let publisher = Publisher::new(config, runtime.snapshot.clone());
+    publisher.packets.lock().attach(runtime.workers.clone());
     let ports: Vec<crate::admin::PortInfo> = spec
         .ports
         .iter()
@@ -598,6 +621,7 @@ async fn serve_control(
             )
         },
         tsc_hz: dataplane::dpdk::tsc_hz(),
+        packets: publisher.packets.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await

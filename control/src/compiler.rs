@@ -1,9 +1,19 @@
 //! The compiler: a pure function from the [`Model`] (Services and EndpointSlices as
 //! Kubernetes objects) to the dataplane [`Snapshot`], honouring every item of
-//! `kube-semantics.md`. It keeps one cache between compilations: the `BackendSet` (and its
-//! Maglev table) of every service port, keyed by exactly the inputs it was built from, so an
-//! unchanged port shares its `Arc<BackendSet>` with the previous snapshot and only changed
-//! ports pay for a Maglev build.
+//! `kube-semantics.md`. It is incremental: the [`Compiler`] keeps, per Service, the frontends
+//! it compiled (with their `Arc<BackendSet>`s and Maglev tables) and the exact inputs they
+//! came from (the Service and its EndpointSlices, by `Arc` identity, else by value). A
+//! compilation recompiles only Services whose inputs changed; every other Service's frontends
+//! and Maglev tables are reused as they are. Only conflict resolution, id assignment and the
+//! snapshot's maps are rebuilt each time (cheap: no parsing, no hashing of backend lists, no
+//! Maglev). The result is the same as compiling the model from scratch
+//! (`Compiler::new(..).compile(model)`), which a test checks over a sequence of changes.
+//!
+//! Maglev table size per backend set: the smallest prime ≥ 100 × its usable endpoints (the
+//! paper's M ≫ N keeps every backend's share within ~1%), at least [`MIN_TABLE_SIZE`], at most
+//! the configured `maglev.table_size` — unless the set has as many usable endpoints as the
+//! configured size, then the next prime ≥ 100 × usable. A 25-endpoint Service gets 2,503
+//! slots instead of 16,381: 6.5× less memory and build time at 10,000 Services.
 //!
 //! IP families: only IPv4 is compiled today. The family decisions are made in one place
 //! ([`IpFamily`] and the `*_for_family` helpers): a Service is compiled once per family it
@@ -96,18 +106,44 @@ pub struct Compiled {
     pub stats: CompileStats,
 }
 
-/// The inputs a `BackendSet` is a pure function of.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct SetKey {
-    backends: Vec<Backend>,
-    table_size: u32,
+/// Smallest Maglev table a backend set gets (a prime): tiny sets still spread well.
+pub const MIN_TABLE_SIZE: u32 = 211;
+
+/// What one Service compiled to, and the inputs it was compiled from.
+#[derive(Debug)]
+struct ServiceEntry {
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    candidates: Vec<Candidate>,
+    /// Backend sets of `candidates` (for reuse when the inputs change but a set does not).
+    sets: Vec<Arc<BackendSet>>,
+    warnings: Vec<String>,
+    backends: usize,
+    /// The compilation that last saw this Service in the model.
+    seen: u64,
 }
 
-/// Compiles models into snapshots, sharing unchanged backend sets between them.
+impl ServiceEntry {
+    /// True when `service` and `slices` are the inputs this entry was compiled from: the
+    /// same objects (the kube reflector keeps unchanged objects' `Arc`s), or equal ones (the
+    /// files source parses every object anew on a reload).
+    fn compiled_from(&self, service: &Arc<Service>, slices: &[&Arc<EndpointSlice>]) -> bool {
+        (Arc::ptr_eq(&self.service, service) || *self.service == **service)
+            && self.slices.len() == slices.len()
+            && self
+                .slices
+                .iter()
+                .zip(slices)
+                .all(|(a, b)| Arc::ptr_eq(a, b) || **a == ***b)
+    }
+}
+
+/// Compiles models into snapshots, recompiling only Services whose inputs changed.
 #[derive(Debug)]
 pub struct Compiler {
     options: CompileOptions,
-    cache: HashMap<SetKey, Arc<BackendSet>>,
+    services: HashMap<ObjectKey, ServiceEntry>,
+    compilations: u64,
 }
 
 /// An address family the compiler serves.
@@ -136,6 +172,7 @@ impl IpFamily {
 }
 
 /// One frontend before conflict resolution and id assignment.
+#[derive(Debug)]
 struct Candidate {
     age: (Option<Time>, ObjectKey),
     service: ServicePortName,
@@ -229,7 +266,8 @@ impl Compiler {
     pub fn new(options: CompileOptions) -> Compiler {
         Compiler {
             options,
-            cache: HashMap::new(),
+            services: HashMap::new(),
+            compilations: 0,
         }
     }
 
@@ -240,9 +278,11 @@ impl Compiler {
     /// Compiles `model` into a snapshot (generation 0). Never fails: anything unusable is
     /// skipped with a warning.
     pub fn compile(&mut self, model: &Model) -> Compiled {
+        self.compilations += 1;
+        let compilation = self.compilations;
         let mut run = Run {
-            old_cache: &self.cache,
-            new_cache: HashMap::new(),
+            sets_by_hash: HashMap::new(),
+            table_sizes: HashMap::new(),
             warnings: Vec::new(),
             stats: CompileStats::default(),
             table_size: self.options.maglev_table_size,
@@ -263,38 +303,50 @@ impl Compiler {
         }
 
         let slices_by_service = index_slices(model);
-        let mut candidates = Vec::new();
         for (key, service) in &model.services {
             let slices = slices_by_service
-                .get(key)
+                .get(&(key.namespace.as_str(), key.name.as_str()))
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            for &family in FAMILIES {
-                run.compile_service(key, service, slices, family, &mut candidates);
+            let previous = self.services.get_mut(key);
+            if let Some(entry) = previous {
+                if entry.compiled_from(service, slices) {
+                    entry.seen = compilation;
+                    run.warnings.extend(entry.warnings.iter().cloned());
+                    run.stats.backends += entry.backends;
+                    run.stats.backend_sets_reused += entry.sets.len();
+                    continue;
+                }
+                *entry = run.compile_entry(key, service, slices, &entry.sets, compilation);
+            } else {
+                let entry = run.compile_entry(key, service, slices, &[], compilation);
+                self.services.insert(key.clone(), entry);
             }
         }
+        // Services gone from the model.
+        self.services.retain(|_, entry| entry.seen == compilation);
+
+        let candidates: Vec<&Candidate> = model
+            .services
+            .keys()
+            .filter_map(|key| self.services.get(key))
+            .flat_map(|entry| &entry.candidates)
+            .collect();
         let (snapshot, services) = run.assemble(candidates);
         run.stats.services = services;
         run.stats.frontends = snapshot.frontend_count as usize;
-        let Run {
-            new_cache,
-            warnings,
-            stats,
-            ..
-        } = run;
-        self.cache = new_cache;
         Compiled {
             snapshot,
-            warnings,
-            stats,
+            warnings: run.warnings,
+            stats: run.stats,
         }
     }
 }
 
-/// The slices of each Service (label `kubernetes.io/service-name`, same namespace), in
-/// model order.
-fn index_slices(model: &Model) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
-    let mut by_service: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+/// The slices of each Service (label `kubernetes.io/service-name`, same namespace) by
+/// (namespace, name), in model order.
+fn index_slices(model: &Model) -> HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> {
+    let mut by_service: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
     for (key, slice) in &model.endpoint_slices {
         let Some(service) = slice
             .metadata
@@ -305,7 +357,7 @@ fn index_slices(model: &Model) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
             continue;
         };
         by_service
-            .entry(ObjectKey::new(key.namespace.clone(), service.clone()))
+            .entry((key.namespace.as_str(), service.as_str()))
             .or_default()
             .push(slice);
     }
@@ -318,11 +370,23 @@ type MergedEndpoint = (EndpointState, Option<Arc<str>>);
 /// State of one compilation.
 struct Run<'a> {
     options: &'a CompileOptions,
-    old_cache: &'a HashMap<SetKey, Arc<BackendSet>>,
-    new_cache: HashMap<SetKey, Arc<BackendSet>>,
+    /// Sets built or reused in this compilation by a hash of their backends: identical
+    /// ports of different Services share one set.
+    sets_by_hash: HashMap<u64, Vec<Arc<BackendSet>>>,
+    /// Table size by usable endpoint count (finding a prime is not free).
+    table_sizes: HashMap<usize, u32>,
     warnings: Vec<String>,
     stats: CompileStats,
+    /// The configured table size, corrected to a prime: the largest a table gets.
     table_size: u32,
+}
+
+/// A hash of a backend list (the key of [`Run::sets_by_hash`]; equality is checked too).
+fn backends_hash(backends: &[Backend]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    backends.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Run<'_> {
@@ -330,38 +394,102 @@ impl Run<'_> {
         self.warnings.push(message);
     }
 
-    /// The shared backend set for `backends` (sorted by addr, port).
-    fn backend_set(&mut self, backends: Vec<Backend>) -> Arc<BackendSet> {
-        let usable = usable_indices(&backends);
-        let mut table_size = self.table_size;
-        if usable.len() >= table_size as usize {
-            table_size = next_prime((usable.len() as u32).saturating_mul(100));
+    /// Compiles one Service into a cache entry. `previous` are the sets of its last
+    /// compilation: a port whose endpoints did not change keeps its set and Maglev table.
+    fn compile_entry(
+        &mut self,
+        key: &ObjectKey,
+        service: &Arc<Service>,
+        slices: &[&Arc<EndpointSlice>],
+        previous: &[Arc<BackendSet>],
+        compilation: u64,
+    ) -> ServiceEntry {
+        let warnings_before = self.warnings.len();
+        let backends_before = self.stats.backends;
+        let mut candidates = Vec::new();
+        let mut sets = Vec::new();
+        for &family in FAMILIES {
+            self.compile_service(
+                key,
+                service,
+                slices,
+                family,
+                previous,
+                &mut candidates,
+                &mut sets,
+            );
         }
-        let key = SetKey {
-            backends,
-            table_size,
+        ServiceEntry {
+            service: service.clone(),
+            slices: slices.iter().map(|s| (*s).clone()).collect(),
+            candidates,
+            sets,
+            warnings: self.warnings[warnings_before..].to_vec(),
+            backends: self.stats.backends - backends_before,
+            seen: compilation,
+        }
+    }
+
+    /// Slots of the Maglev table over `usable` endpoints (see the module docs).
+    fn table_size_for(&mut self, usable: usize) -> u32 {
+        let configured = self.table_size;
+        *self.table_sizes.entry(usable).or_insert_with(|| {
+            let wanted = u32::try_from(usable)
+                .unwrap_or(u32::MAX)
+                .saturating_mul(100)
+                .max(MIN_TABLE_SIZE);
+            if usable >= configured as usize {
+                next_prime(wanted)
+            } else if wanted >= configured {
+                configured
+            } else {
+                next_prime(wanted)
+            }
+        })
+    }
+
+    /// The backend set for `backends` (sorted by addr, port): one of `previous` or of this
+    /// compilation when equal, else built.
+    fn backend_set(
+        &mut self,
+        backends: Vec<Backend>,
+        previous: &[Arc<BackendSet>],
+        sets: &mut Vec<Arc<BackendSet>>,
+    ) -> Arc<BackendSet> {
+        let hash = backends_hash(&backends);
+        let found = self
+            .sets_by_hash
+            .get(&hash)
+            .and_then(|same| same.iter().find(|s| s.backends == backends))
+            .or_else(|| previous.iter().find(|s| s.backends == backends))
+            .cloned();
+        let set = match found {
+            Some(set) => {
+                self.stats.backend_sets_reused += 1;
+                set
+            }
+            None => {
+                self.stats.backend_sets_built += 1;
+                let usable = usable_indices(&backends);
+                let table_size = self.table_size_for(usable.len());
+                let pairs: Vec<(Ipv4Addr, u16)> = usable
+                    .iter()
+                    .map(|&i| (backends[i as usize].addr, backends[i as usize].port))
+                    .collect();
+                Arc::new(BackendSet {
+                    maglev: MaglevTable::build(&pairs, table_size),
+                    backends,
+                    usable,
+                })
+            }
         };
-        if let Some(set) = self.new_cache.get(&key) {
-            self.stats.backend_sets_reused += 1;
-            return set.clone();
+        let same = self.sets_by_hash.entry(hash).or_default();
+        if !same.iter().any(|s| Arc::ptr_eq(s, &set)) {
+            same.push(set.clone());
         }
-        if let Some(set) = self.old_cache.get(&key) {
-            self.stats.backend_sets_reused += 1;
-            let set = set.clone();
-            self.new_cache.insert(key, set.clone());
-            return set;
+        if !sets.iter().any(|s| Arc::ptr_eq(s, &set)) {
+            sets.push(set.clone());
         }
-        self.stats.backend_sets_built += 1;
-        let pairs: Vec<(Ipv4Addr, u16)> = usable
-            .iter()
-            .map(|&i| (key.backends[i as usize].addr, key.backends[i as usize].port))
-            .collect();
-        let set = Arc::new(BackendSet {
-            backends: key.backends.clone(),
-            maglev: MaglevTable::build(&pairs, table_size),
-            usable,
-        });
-        self.new_cache.insert(key, set.clone());
         set
     }
 
@@ -370,7 +498,7 @@ impl Run<'_> {
     fn endpoints_for_family(
         &mut self,
         key: &ObjectKey,
-        slices: &[&EndpointSlice],
+        slices: &[&Arc<EndpointSlice>],
         port_name: &str,
         protocol: Protocol,
         family: IpFamily,
@@ -453,13 +581,16 @@ impl Run<'_> {
             .collect()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn compile_service(
         &mut self,
         key: &ObjectKey,
         service: &Service,
-        slices: &[&EndpointSlice],
+        slices: &[&Arc<EndpointSlice>],
         family: IpFamily,
+        previous: &[Arc<BackendSet>],
         out: &mut Vec<Candidate>,
+        sets: &mut Vec<Arc<BackendSet>>,
     ) {
         let Some(spec) = service.spec.as_ref() else {
             return;
@@ -538,13 +669,13 @@ impl Run<'_> {
                         .filter(|b| b.node.as_deref() == Some(&**node))
                         .cloned()
                         .collect();
-                    by_node.insert(node.clone(), self.backend_set(local));
+                    by_node.insert(node.clone(), self.backend_set(local, previous, sets));
                 }
                 InternalPolicy::Local { by_node }
             } else {
                 InternalPolicy::Cluster
             };
-            let set = self.backend_set(backends);
+            let set = self.backend_set(backends, previous, sets);
             let service_port_name = ServicePortName {
                 namespace: Arc::from(key.namespace.as_str()),
                 name: Arc::from(key.name.as_str()),
@@ -724,7 +855,7 @@ impl Run<'_> {
 
     /// Resolves conflicts, assigns dense ids and builds the snapshot. Returns the number of
     /// Services with at least one frontend.
-    fn assemble(&mut self, mut candidates: Vec<Candidate>) -> (Snapshot, usize) {
+    fn assemble(&mut self, candidates: Vec<&Candidate>) -> (Snapshot, usize) {
         // Claim keys oldest Service first.
         let mut order: Vec<usize> = (0..candidates.len()).collect();
         order.sort_by(|&a, &b| {
@@ -780,8 +911,8 @@ impl Run<'_> {
                 }
             }
         }
-        let mut kept: Vec<Candidate> = candidates
-            .drain(..)
+        let mut kept: Vec<&Candidate> = candidates
+            .into_iter()
             .zip(keep)
             .filter_map(|(c, k)| k.then_some(c))
             .collect();
@@ -826,16 +957,16 @@ impl Run<'_> {
             services.insert((c.service.namespace.clone(), c.service.name.clone()));
             let frontend = Arc::new(Frontend {
                 id: id as u32,
-                service: c.service,
+                service: c.service.clone(),
                 kind: c.kind,
                 addr: c.addr,
                 protocol: c.protocol,
                 port: c.port,
-                backends: c.backends,
+                backends: c.backends.clone(),
                 masquerade: c.masquerade,
-                source_ranges: c.source_ranges,
+                source_ranges: c.source_ranges.clone(),
                 affinity_timeout_secs: c.affinity_timeout_secs,
-                internal_policy: c.internal_policy,
+                internal_policy: c.internal_policy.clone(),
             });
             if c.kind == FrontendKind::NodePort {
                 snapshot.node_ports.insert((c.protocol, c.port), frontend);
@@ -852,6 +983,7 @@ impl Run<'_> {
             }
             snapshot.frontend_count = id as u32 + 1;
         }
+        snapshot.index_counters();
         (snapshot, services.len())
     }
 }

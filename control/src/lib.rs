@@ -10,3 +10,4 @@ pub mod ctl;
 pub mod kube_source;
 pub mod manifests;
 pub mod model;
+pub mod packets;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use control::admin::{self, AdminState, PortInfo, SyncInfo};
 use control::ctl::{self, CtlCommand};
+use control::packets::PacketTotals;
 use dataplane::conntrack::{Direction, FlowKey, Nat, PROTO_TCP};
 use dataplane::dpdk::PortStats;
 use dataplane::maglev::MaglevTable;
@@ -18,7 +19,7 @@ use dataplane::snapshot::{
     Backend, BackendSet, EndpointState, Frontend, FrontendKey, FrontendKind, InternalPolicy,
     PodCidrRoute, Protocol, ServicePortName, Snapshot,
 };
-use dataplane::stats::DropReason;
+use dataplane::stats::{DropReason, RetiredCounters};
 use dataplane::worker::{ConntrackRow, Request, WorkerShared};
 use ipnet::Ipv4Net;
 use serde_json::Value;
@@ -130,7 +131,7 @@ fn snapshot() -> Snapshot {
     let mut service_addresses = HashMap::new();
     service_addresses.insert(ip("10.96.0.10"), FrontendKind::ClusterIp);
     service_addresses.insert(ip("203.0.113.10"), FrontendKind::LoadBalancer);
-    Snapshot {
+    let mut snapshot = Snapshot {
         generation: GENERATION,
         frontends,
         node_ports,
@@ -154,7 +155,10 @@ fn snapshot() -> Snapshot {
             },
         ],
         frontend_count: 3,
-    }
+        ..Snapshot::default()
+    };
+    snapshot.index_counters();
+    snapshot
 }
 
 /// The established ClusterIP flow worker 0 holds.
@@ -262,6 +266,15 @@ async fn start() -> Harness {
         let mut s = workers[0].stats.lock();
         s.generation = GENERATION;
         s.frontend_packets = vec![100, 20, 3];
+        // ClusterIP's backends are counters 0..3, NodePort's 3..6 (same service port).
+        s.backend_packets = vec![60, 30, 10, 15, 5, 0, 3, 0];
+        // Counts of the previous generation this worker left: folded into the totals
+        // while that snapshot is kept (it is not here: they must not appear).
+        s.retired.push(RetiredCounters {
+            generation: GENERATION - 1,
+            frontend_packets: vec![1_000_000],
+            backend_packets: vec![1_000_000],
+        });
         s.rx_packets[0] = 1000;
         s.rx_bytes[0] = 64_000;
         s.tx_packets[1] = 990;
@@ -283,8 +296,13 @@ async fn start() -> Harness {
         s.total_cycles = 10;
     }
     let ready = Arc::new(AtomicBool::new(false));
+    let installed = Arc::new(snapshot());
+    let packets = Arc::new(parking_lot::Mutex::new(PacketTotals::default()));
+    packets.lock().attach(Arc::clone(&workers));
+    packets.lock().installed(Arc::clone(&installed));
     let state = Arc::new(AdminState {
-        snapshot: Arc::new(ArcSwap::from_pointee(snapshot())),
+        packets,
+        snapshot: Arc::new(ArcSwap::new(installed)),
         workers: Arc::clone(&workers),
         ports: vec![
             PortInfo {
@@ -561,6 +579,18 @@ async fn metrics_have_the_promised_names() {
     assert!(line.contains("service=\"default/web\""), "{line}");
     assert!(line.contains("frontend=\"10.96.0.10:80/TCP\""), "{line}");
     assert!(line.ends_with(" 100"), "{line}");
+    // Per-backend packets: summed over the port's frontends (ClusterIP 60 + NodePort 15).
+    for (backend, n) in [
+        ("10.244.1.5:8080", 75),
+        ("10.244.1.6:8080", 35),
+        ("10.244.2.7:8080", 10),
+        ("10.244.2.8:8443", 3),
+    ] {
+        let line = format!("servicegate_backend_packets_total{{service=\"{}\",port=\"{}\",protocol=\"TCP\",backend=\"{backend}\"}} {n}",
+            if n == 3 { "shop/checkout" } else { "default/web" },
+            if n == 3 { "https" } else { "http" });
+        assert!(body.contains(&line), "missing {line:?} in\n{body}");
+    }
 }
 
 #[tokio::test]

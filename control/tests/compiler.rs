@@ -896,9 +896,59 @@ endpoints:
         fa.backends.maglev, fb.backends.maglev,
         "same set → same table on every gateway"
     );
-    let expected = MaglevTable::build(&[(ip("10.0.0.1"), 8080), (ip("10.0.0.3"), 8080)], 251);
+    // Two usable endpoints: the smallest prime ≥ 100 × 2 (and ≥ MIN_TABLE_SIZE), under
+    // the configured 251.
+    let expected = MaglevTable::build(&[(ip("10.0.0.1"), 8080), (ip("10.0.0.3"), 8080)], 211);
     assert_eq!(fa.backends.maglev, expected);
-    assert_eq!(fa.backends.maglev.size(), 251);
+    assert_eq!(fa.backends.maglev.size(), 211);
+}
+
+/// A Service `s` with `n` ready endpoints 10.1.x.y:8080.
+fn sized(n: usize) -> String {
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s-x\n  labels: {kubernetes.io/service-name: s}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n",
+    );
+    for i in 0..n {
+        yaml.push_str(&format!(
+            "  - {{addresses: [10.1.{}.{}]}}\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    yaml
+}
+
+#[test]
+fn maglev_table_sized_per_set_and_capped_by_the_configured_size() {
+    let size = |n: usize, configured: u32| {
+        let c = compile_with(
+            CompileOptions {
+                maglev_table_size: configured,
+                ..CompileOptions::default()
+            },
+            &sized(n),
+        );
+        let set = fe(&c.snapshot, "10.96.0.10", Tcp, 80).backends.clone();
+        assert_eq!(set.usable.len(), n);
+        set.maglev.size() as u32
+    };
+    // Smallest prime ≥ max(100 × n, 211) below the configured size.
+    assert_eq!(size(1, 16381), 211);
+    assert_eq!(size(25, 16381), 2503);
+    assert_eq!(size(100, 16381), 10007);
+    // Capped: 200 endpoints would want 20,011 slots.
+    assert_eq!(size(200, 16381), 16381);
+    // More usable endpoints than the configured size: next prime ≥ 100 × n regardless.
+    assert_eq!(size(20, 13), 2003);
+    // Balance at the chosen size stays within the paper's bound (M ≥ 100 N → ≤ ~1%+1 slot).
+    let c = compile(&sized(25));
+    let set = &fe(&c.snapshot, "10.96.0.10", Tcp, 80).backends;
+    let mut shares = vec![0usize; 25];
+    for &slot in set.maglev.slots() {
+        shares[slot as usize] += 1;
+    }
+    let (min, max) = (shares.iter().min().unwrap(), shares.iter().max().unwrap());
+    assert!(max - min <= 1, "{shares:?}");
 }
 
 #[test]
@@ -913,11 +963,19 @@ fn maglev_table_size_not_prime_is_warned_and_corrected() {
         "{:?}",
         c.warnings
     );
+    // 1000 → 1009 caps the tables: 20 usable endpoints would want 2003 slots.
+    let c = compile_with(
+        CompileOptions {
+            maglev_table_size: 1000,
+            ..CompileOptions::default()
+        },
+        &sized(20),
+    );
     let size = fe(&c.snapshot, "10.96.0.10", Tcp, 80)
         .backends
         .maglev
         .size() as u32;
-    assert!(dataplane::maglev::is_prime(size) && size > 1000);
+    assert_eq!(size, 1009);
 }
 
 #[test]
@@ -1300,4 +1358,205 @@ fn item_05_node_port_addresses_never_loopback() {
     );
     assert_eq!(c.snapshot.node_port_addresses, vec![ip("192.168.1.10")]);
     assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+}
+
+/// Everything a snapshot says, in a canonical order (maps sorted, tables by content).
+fn describe(c: &Compiled) -> Vec<String> {
+    let s = &c.snapshot;
+    let set = |b: &dataplane::snapshot::BackendSet| {
+        format!(
+            "backends {:?} usable {:?} maglev {:?}",
+            b.backends,
+            b.usable,
+            b.maglev.slots()
+        )
+    };
+    let mut out: Vec<String> = s
+        .all_frontends()
+        .into_iter()
+        .map(|f| {
+            let policy = match &f.internal_policy {
+                InternalPolicy::Cluster => "cluster".to_string(),
+                InternalPolicy::Local { by_node } => {
+                    let mut nodes: Vec<String> = by_node
+                        .iter()
+                        .map(|(node, b)| format!("{node}: {}", set(b)))
+                        .collect();
+                    nodes.sort();
+                    format!("local {nodes:?}")
+                }
+            };
+            format!(
+                "#{} {} {:?} {}:{}/{} masq {} ranges {:?} affinity {:?} {} {}",
+                f.id,
+                f.service,
+                f.kind,
+                f.addr,
+                f.port,
+                f.protocol,
+                f.masquerade,
+                f.source_ranges,
+                f.affinity_timeout_secs,
+                policy,
+                set(&f.backends)
+            )
+        })
+        .collect();
+    let mut addresses: Vec<String> = s
+        .service_addresses
+        .iter()
+        .map(|(a, k)| format!("address {a} {k:?}"))
+        .collect();
+    addresses.sort();
+    out.extend(addresses);
+    out.push(format!(
+        "count {} node-port addresses {:?} warnings {:?} services {} frontends {} backends {}",
+        s.frontend_count,
+        s.node_port_addresses,
+        c.warnings,
+        c.stats.services,
+        c.stats.frontends,
+        c.stats.backends
+    ));
+    out
+}
+
+/// A small deterministic generator (tests must not depend on the run).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+fn parse_one<T: serde::de::DeserializeOwned>(yaml: &str) -> Arc<T> {
+    Arc::new(serde_yaml::from_str(yaml).expect("valid object"))
+}
+
+/// Service `svc{i}` in namespace `ns{i % 2}`; `variant` changes type, ports and policies.
+fn random_service(i: u64, variant: u64, created: u64) -> Arc<Service> {
+    let extra = match variant % 4 {
+        0 => "".to_string(),
+        1 => format!("  type: NodePort\n  externalTrafficPolicy: Local\n  ports: [{{name: http, port: 80, nodePort: {}}}]\n", 30000 + i % 3),
+        2 => "  internalTrafficPolicy: Local\n  sessionAffinity: ClientIP\n  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]\n".to_string(),
+        _ => "  type: LoadBalancer\n  loadBalancerSourceRanges: [\"192.0.2.0/24\", \"bad\"]\n  ports: [{name: http, port: 80, nodePort: 31000}]\n".to_string(),
+    };
+    let ports = if extra.contains("ports:") {
+        String::new()
+    } else {
+        "  ports: [{name: http, port: 80}]\n".to_string()
+    };
+    // Services 0 and 1 share a clusterIP: a conflict the older one wins.
+    let cluster_ip = format!("10.96.0.{}", if i == 1 { 0 } else { i });
+    parse_one(&format!(
+        "metadata:\n  name: svc{i}\n  namespace: ns{}\n  creationTimestamp: \"2024-01-01T00:00:{:02}Z\"\nspec:\n  clusterIP: {cluster_ip}\n{extra}{ports}status:\n  loadBalancer:\n    ingress: [{{ip: 203.0.113.{i}}}]\n",
+        i % 2,
+        created % 60
+    ))
+}
+
+/// Slice `svc{i}-{part}` with endpoints chosen by `seed` from a small pool (so moves
+/// between slices and duplicates happen).
+fn random_slice(i: u64, part: u64, seed: u64) -> Arc<EndpointSlice> {
+    let mut rng = Lcg(seed);
+    let mut endpoints = String::new();
+    for _ in 0..rng.below(5) {
+        let host = rng.below(6) + 1;
+        let state = match rng.below(4) {
+            0 => "{ready: false, serving: true, terminating: true}",
+            1 => "{ready: false}",
+            _ => "{ready: true}",
+        };
+        endpoints.push_str(&format!(
+            "  - {{addresses: [10.244.{i}.{host}], nodeName: node-{}, conditions: {state}}}\n",
+            host % 2
+        ));
+    }
+    if endpoints.is_empty() {
+        endpoints.push_str("  []\n");
+    }
+    parse_one(&format!(
+        "metadata:\n  name: svc{i}-{part}\n  namespace: ns{}\n  labels: {{kubernetes.io/service-name: svc{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: dns, port: 5353, protocol: UDP}}]\nendpoints:\n{endpoints}",
+        i % 2
+    ))
+}
+
+#[test]
+fn incremental_compilation_equals_compiling_from_scratch() {
+    let options = CompileOptions {
+        node_port_addresses: vec![ip("192.168.1.10")],
+        pod_routes: vec![
+            route("10.244.0.0/24", "192.168.2.10", Some("node-0")),
+            route("10.244.1.0/24", "192.168.2.11", Some("node-1")),
+        ],
+        ..CompileOptions::default()
+    };
+    let mut rng = Lcg(7);
+    let mut model = Model::default();
+    let key = |i: u64, name: String| ObjectKey::new(format!("ns{}", i % 2), name);
+    for i in 0..8 {
+        model
+            .services
+            .insert(key(i, format!("svc{i}")), random_service(i, i, i));
+        for part in 0..2 {
+            model.endpoint_slices.insert(
+                key(i, format!("svc{i}-{part}")),
+                random_slice(i, part, i * 10 + part),
+            );
+        }
+    }
+    let mut incremental = Compiler::new(options.clone());
+    let (mut rebuilt, mut reused) = (0, 0);
+    for step in 0..300u64 {
+        let i = rng.below(8);
+        match rng.below(10) {
+            // Most changes are endpoint changes, as in a cluster.
+            0..=5 => {
+                let part = rng.below(2);
+                model.endpoint_slices.insert(
+                    key(i, format!("svc{i}-{part}")),
+                    random_slice(i, part, step * 1000 + i),
+                );
+            }
+            6 => {
+                model.endpoint_slices.remove(&key(i, format!("svc{i}-1")));
+            }
+            7 => {
+                model.services.insert(
+                    key(i, format!("svc{i}")),
+                    random_service(i, rng.below(4), step),
+                );
+            }
+            8 => {
+                model.services.remove(&key(i, format!("svc{i}")));
+            }
+            // The same objects parsed again: equal by value, not by pointer.
+            _ => {
+                let slice = model
+                    .endpoint_slices
+                    .get(&key(i, format!("svc{i}-0")))
+                    .cloned();
+                if let Some(slice) = slice {
+                    model
+                        .endpoint_slices
+                        .insert(key(i, format!("svc{i}-0")), Arc::new((*slice).clone()));
+                }
+            }
+        }
+        let got = incremental.compile(&model);
+        let want = Compiler::new(options.clone()).compile(&model);
+        assert_eq!(describe(&got), describe(&want), "step {step}");
+        rebuilt += got.stats.backend_sets_built;
+        reused += got.stats.backend_sets_reused;
+    }
+    println!("300 changes: {rebuilt} backend sets built, {reused} reused");
+    assert!(
+        reused > 4 * rebuilt,
+        "unchanged Services are not recompiled"
+    );
 }

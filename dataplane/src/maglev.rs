@@ -58,31 +58,41 @@ impl MaglevTable {
     pub fn build_weighted(backends: &[(Ipv4Addr, u16)], weights: &[u32], size: u32) -> MaglevTable {
         assert_eq!(backends.len(), weights.len(), "one weight per backend");
         let active: Vec<usize> = (0..backends.len()).filter(|&i| weights[i] > 0).collect();
+        assert!(size <= u32::MAX / 2, "maglev table size {size} too large");
         if active.is_empty() || size < 2 {
             return MaglevTable::default();
         }
         let size_usize = size as usize;
-        let perms: Vec<(u32, u32)> = active
-            .iter()
-            .map(|&i| permutation(backends[i].0, backends[i].1, size))
-            .collect();
-        let mut next = vec![0u32; active.len()];
+        // Each backend walks its permutation `offset + j·skip (mod size)` by repeated
+        // addition: the same sequence as the paper's formula without a multiply and a
+        // 64-bit division per probe (the build's cost is almost all probes).
+        let mut position: Vec<u32> = Vec::with_capacity(active.len());
+        let mut skips: Vec<u32> = Vec::with_capacity(active.len());
+        for &i in &active {
+            let (offset, skip) = permutation(backends[i].0, backends[i].1, size);
+            position.push(offset);
+            skips.push(skip);
+        }
         let mut slots = vec![u32::MAX; size_usize];
         let mut filled = 0usize;
         'fill: loop {
             for (n, &index) in active.iter().enumerate() {
                 for _ in 0..weights[index] {
-                    let (offset, skip) = perms[n];
+                    let skip = skips[n];
                     let mut candidate;
                     loop {
-                        candidate = ((u64::from(offset) + u64::from(skip) * u64::from(next[n]))
-                            % u64::from(size)) as usize;
-                        next[n] += 1;
-                        if slots[candidate] == u32::MAX {
+                        candidate = position[n];
+                        // offset, skip < size ≤ u32::MAX / 2 never overflows (size is a
+                        // table size, far below 2^31).
+                        position[n] += skip;
+                        if position[n] >= size {
+                            position[n] -= size;
+                        }
+                        if slots[candidate as usize] == u32::MAX {
                             break;
                         }
                     }
-                    slots[candidate] = index as u32;
+                    slots[candidate as usize] = index as u32;
                     filled += 1;
                     if filled == size_usize {
                         break 'fill;

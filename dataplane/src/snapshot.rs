@@ -144,10 +144,15 @@ impl BackendSet {
 
     /// The state of `addr:port` in this set, or `None` when it is gone entirely.
     pub fn state_of(&self, addr: Ipv4Addr, port: u16) -> Option<EndpointState> {
+        self.position(addr, port).map(|i| self.backends[i].state)
+    }
+
+    /// Index of `addr:port` in `backends` (sorted, so a binary search).
+    #[inline]
+    pub fn position(&self, addr: Ipv4Addr, port: u16) -> Option<usize> {
         self.backends
             .binary_search_by(|b| (b.addr, b.port).cmp(&(addr, port)))
             .ok()
-            .map(|i| self.backends[i].state)
     }
 }
 
@@ -228,6 +233,12 @@ pub struct Snapshot {
     pub pod_routes: Vec<PodCidrRoute>,
     /// Number of frontends (ids are `0..frontend_count`).
     pub frontend_count: u32,
+    /// Every frontend by id (filled by [`Snapshot::index_counters`]).
+    pub frontends_by_id: Vec<Arc<Frontend>>,
+    /// Per-backend packet counters of this snapshot: frontend `id`'s backend `i` (index in
+    /// its `backends.backends`) counts at `backend_counter_base[id] + i`; the last entry is
+    /// the number of counters. Filled by [`Snapshot::index_counters`].
+    pub backend_counter_base: Vec<u32>,
 }
 
 impl Snapshot {
@@ -251,6 +262,40 @@ impl Snapshot {
             return self.node_ports.get(&(protocol, port));
         }
         None
+    }
+
+    /// Fills `frontends_by_id` and `backend_counter_base` from the frontend maps; the
+    /// compiler calls it once the frontends are in place.
+    pub fn index_counters(&mut self) {
+        let mut by_id: Vec<Arc<Frontend>> = self
+            .frontends
+            .values()
+            .chain(self.node_ports.values())
+            .cloned()
+            .collect();
+        by_id.sort_by_key(|f| f.id);
+        let mut bases = Vec::with_capacity(by_id.len() + 1);
+        let mut next = 0u32;
+        for f in &by_id {
+            bases.push(next);
+            next += f.backends.backends.len() as u32;
+        }
+        bases.push(next);
+        self.frontends_by_id = by_id;
+        self.backend_counter_base = bases;
+    }
+
+    /// Number of per-backend packet counters (see `backend_counter_base`).
+    pub fn backend_counter_count(&self) -> usize {
+        self.backend_counter_base.last().copied().unwrap_or(0) as usize
+    }
+
+    /// The per-backend counter of flows of frontend `frontend_id` to `addr:port`.
+    #[inline]
+    pub fn backend_counter(&self, frontend_id: u32, addr: Ipv4Addr, port: u16) -> Option<usize> {
+        let frontend = self.frontends_by_id.get(frontend_id as usize)?;
+        let base = *self.backend_counter_base.get(frontend_id as usize)?;
+        Some(base as usize + frontend.backends.position(addr, port)?)
     }
 
     /// Every frontend, address-bound ones first, in a stable order (for the admin API).

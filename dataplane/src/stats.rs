@@ -7,6 +7,8 @@ use std::sync::Arc;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
+use crate::snapshot::Snapshot;
+
 /// Most ports a gateway drives (counters are fixed arrays indexed by port id).
 pub const MAX_PORTS: usize = 16;
 
@@ -82,7 +84,21 @@ pub struct WorkerStats {
     pub burst_latency_ns: Histogram<u64>,
     /// Per-frontend packets (index = frontend id of `generation`'s snapshot).
     pub frontend_packets: Vec<u64>,
+    /// Per-backend packets (index = `Snapshot::backend_counter` of `generation`'s snapshot).
+    pub backend_packets: Vec<u64>,
+    /// Published cell only: the per-frontend/backend counts of generations the worker has
+    /// left, for the control side to fold into its totals (it takes them; so the vectors
+    /// are freed on the control side).
+    pub retired: Vec<RetiredCounters>,
     pub conntrack: ConntrackCounters,
+}
+
+/// Per-frontend and per-backend packets a worker counted under one snapshot generation.
+#[derive(Clone, Debug, Default)]
+pub struct RetiredCounters {
+    pub generation: u64,
+    pub frontend_packets: Vec<u64>,
+    pub backend_packets: Vec<u64>,
 }
 
 /// Conntrack figures a worker reports (copied from its table).
@@ -113,6 +129,8 @@ impl Default for WorkerStats {
             generation: 0,
             burst_latency_ns: new_latency_histogram(),
             frontend_packets: Vec::new(),
+            backend_packets: Vec::new(),
+            retired: Vec::new(),
             conntrack: ConntrackCounters::default(),
         }
     }
@@ -127,6 +145,61 @@ impl WorkerStats {
     #[inline]
     pub fn drop(&mut self, reason: DropReason) {
         self.drops[reason as usize] += 1;
+    }
+
+    /// Counts a packet of a flow of frontend `frontend_id` to backend `addr:port` (a
+    /// binary search in the frontend's backend list; nothing shared is touched).
+    #[inline]
+    pub fn count_backend(
+        &mut self,
+        snapshot: &Snapshot,
+        frontend_id: u32,
+        addr: std::net::Ipv4Addr,
+        port: u16,
+    ) {
+        if let Some(c) = snapshot
+            .backend_counter(frontend_id, addr, port)
+            .and_then(|i| self.backend_packets.get_mut(i))
+        {
+            *c += 1;
+        }
+    }
+
+    /// Makes the per-frontend/backend counter arrays as long as `snapshot` needs (they
+    /// grow only when a new snapshot arrives).
+    #[inline]
+    pub fn size_for(&mut self, snapshot: &Snapshot) {
+        let frontends = snapshot.frontend_count as usize;
+        if self.frontend_packets.len() < frontends {
+            self.frontend_packets.resize(frontends, 0);
+        }
+        let backends = snapshot.backend_counter_count();
+        if self.backend_packets.len() < backends {
+            self.backend_packets.resize(backends, 0);
+        }
+    }
+
+    /// A worker starts counting under `snapshot`: the counts of its previous generation go
+    /// to the published cell's `retired` list (the ids of one snapshot mean nothing in
+    /// another), and the cell shows the new generation with no counts yet. Runs once per
+    /// snapshot change, never per packet.
+    pub fn begin_generation(&mut self, cell: &StatsCell, snapshot: &Snapshot) {
+        let counted = self.frontend_packets.iter().any(|&c| c != 0)
+            || self.backend_packets.iter().any(|&c| c != 0);
+        let retired = RetiredCounters {
+            generation: self.generation,
+            frontend_packets: std::mem::take(&mut self.frontend_packets),
+            backend_packets: std::mem::take(&mut self.backend_packets),
+        };
+        self.generation = snapshot.generation;
+        self.size_for(snapshot);
+        let mut shared = cell.lock();
+        if counted {
+            shared.retired.push(retired);
+        }
+        shared.generation = snapshot.generation;
+        shared.frontend_packets.clear();
+        shared.backend_packets.clear();
     }
 
     pub fn drops_of(&self, reason: DropReason) -> u64 {
@@ -168,6 +241,12 @@ impl WorkerStats {
         {
             *mine += theirs;
         }
+        if self.backend_packets.len() < other.backend_packets.len() {
+            self.backend_packets.resize(other.backend_packets.len(), 0);
+        }
+        for (mine, theirs) in self.backend_packets.iter_mut().zip(&other.backend_packets) {
+            *mine += theirs;
+        }
         self.conntrack.entries += other.conntrack.entries;
         self.conntrack.inserts += other.conntrack.inserts;
         self.conntrack.evictions += other.conntrack.evictions;
@@ -199,6 +278,7 @@ impl WorkerStats {
         self.from_exception = local.from_exception;
         self.generation = local.generation;
         self.frontend_packets.clone_from(&local.frontend_packets);
+        self.backend_packets.clone_from(&local.backend_packets);
         self.conntrack = local.conntrack;
         let _ = self.burst_latency_ns.add(&local.burst_latency_ns);
         local.burst_latency_ns.reset();

@@ -138,11 +138,7 @@ impl Worker {
             let now: Tick = (u128::from(loop_start - start_tsc) * 1000 / u128::from(hz)) as Tick;
             let snapshot = self.snapshot.load();
             if stats.generation != snapshot.generation {
-                stats.generation = snapshot.generation;
-                let frontends = snapshot.frontend_count as usize;
-                if stats.frontend_packets.len() < frontends {
-                    stats.frontend_packets.resize(frontends, 0);
-                }
+                stats.begin_generation(&self.peers[self.index].stats, &snapshot);
             }
             let mut received = 0usize;
 

@@ -7,7 +7,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::harness::{http_get, require_root, unique_name, workspace_root, Gateway, TempDir};
+use tests::harness::{
+    http_get, require_root, servicegate_bin, unique_name, workspace_root, Gateway, TempDir,
+};
 
 const POD1: &str = "10.244.1.2";
 const POD2: &str = "10.244.1.3";
@@ -459,5 +461,140 @@ fn the_gateway_own_address_reaches_its_kernel_through_the_exception_path() {
         ping.status.success(),
         "ping a service address: {}",
         String::from_utf8_lossy(&ping.stdout)
+    );
+}
+
+impl Lab {
+    /// `servicegate ctl trace FLOW` against this lab's gateway: the text it prints.
+    fn ctl_trace(&self, flow: &str) -> String {
+        let out = Command::new(servicegate_bin())
+            .args(["ctl", "--admin", &self.admin, "trace", flow])
+            .output()
+            .expect("servicegate ctl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "ctl trace {flow}: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("$ servicegate ctl trace '{flow}'\n{text}");
+        text
+    }
+
+    /// The value of the metric line starting with `prefix` (name and labels).
+    fn metric_line(&self, prefix: &str) -> Option<f64> {
+        let (_, body) = http_get(&self.admin, "/metrics").expect("metrics");
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+#[test]
+fn ctl_trace_explains_cluster_ip_node_port_and_rejected_flows() {
+    let lab = Lab::start();
+    let pods = [POD1, POD2, POD3].map(|p| format!("{p}:9376"));
+
+    let cluster_ip = lab.ctl_trace("tcp 10.244.2.50:41000 -> 10.96.0.10:80");
+    assert!(cluster_ip.contains("verdict  FORWARD"), "{cluster_ip}");
+    assert!(cluster_ip.contains("service  lab/web"), "{cluster_ip}");
+    for pod in &pods {
+        assert!(
+            cluster_ip.contains(pod.as_str()),
+            "endpoint {pod} considered: {cluster_ip}"
+        );
+    }
+    assert!(
+        cluster_ip.contains("maglev"),
+        "the pick and why: {cluster_ip}"
+    );
+    let rewrite = cluster_ip
+        .lines()
+        .find(|l| l.starts_with("rewrite"))
+        .unwrap_or_else(|| panic!("a translation: {cluster_ip}"));
+    assert!(
+        pods.iter().any(|p| rewrite.contains(p.as_str())),
+        "DNAT to one of the pods: {rewrite}"
+    );
+
+    let node_port = lab.ctl_trace("tcp 192.168.100.2:50000 -> 192.168.100.1:30080");
+    assert!(node_port.contains("verdict  FORWARD"), "{node_port}");
+    assert!(
+        node_port.contains("service  lab/web-nodeport"),
+        "{node_port}"
+    );
+    assert!(node_port.contains("NodePort"), "{node_port}");
+    assert!(
+        node_port.contains("[masquerade]"),
+        "externalTrafficPolicy Cluster: SNAT: {node_port}"
+    );
+    let rewrite = node_port
+        .lines()
+        .find(|l| l.starts_with("rewrite"))
+        .unwrap_or_else(|| panic!("a translation: {node_port}"));
+    assert!(
+        pods.iter().any(|p| rewrite.contains(p.as_str())),
+        "DNAT to one of the pods: {rewrite}"
+    );
+
+    let generation = lab.metric("servicegate_snapshot_generation");
+    lab.write_web_slice(&[], 1);
+    lab.wait_generation(generation);
+    let rejected = lab.ctl_trace("tcp 10.244.2.50:41000 -> 10.96.0.10:80");
+    assert!(rejected.contains("verdict  REJECT"), "{rejected}");
+    assert!(rejected.contains("no_endpoints"), "{rejected}");
+    assert!(rejected.contains("service  lab/web"), "{rejected}");
+}
+
+#[test]
+fn service_and_backend_packet_counters_follow_real_traffic() {
+    let lab = Lab::start();
+    let backend = |pod: &str| {
+        format!(
+            "servicegate_backend_packets_total{{service=\"lab/web\",port=\"http\",protocol=\"TCP\",backend=\"{pod}:9376\"}}"
+        )
+    };
+    let before: Vec<f64> = [POD1, POD2, POD3]
+        .iter()
+        .map(|p| lab.metric_line(&backend(p)).expect("a counter per backend"))
+        .collect();
+    assert_balanced(
+        "ClusterIP from a pod over VXLAN",
+        &lab.client("cpod", &["count", "http://10.96.0.10/", "90"]),
+        90,
+    );
+    // A snapshot change between the traffic and the scrape must not lose counts.
+    let generation = lab.metric("servicegate_snapshot_generation");
+    lab.write_web_slice(
+        &[
+            ready(POD1, "node-1"),
+            ready(POD2, "node-1"),
+            ready(POD3, "node-2"),
+        ],
+        1,
+    );
+    lab.wait_generation(generation);
+    std::thread::sleep(Duration::from_millis(100)); // one stats publish period and more
+    let after: Vec<f64> = [POD1, POD2, POD3]
+        .iter()
+        .map(|p| lab.metric_line(&backend(p)).expect("a counter per backend"))
+        .collect();
+    println!("backend packets before {before:?} after {after:?}");
+    // 90 HTTP connections of ≥ 5 packets each way; every pod got 20–47% of them.
+    for (b, a) in before.iter().zip(&after) {
+        assert!(
+            a - b >= 90.0 * 0.2 * 5.0,
+            "before {before:?} after {after:?}"
+        );
+    }
+    let service = lab
+        .metric_line("servicegate_service_packets_total{service=\"lab/web\",port=\"http\",protocol=\"TCP\",kind=\"ClusterIP\"")
+        .expect("service counter");
+    let sum: f64 = after.iter().sum();
+    assert!(service >= 90.0 * 10.0, "service packets {service}");
+    assert!(
+        (service - sum).abs() <= service * 0.05,
+        "a ClusterIP-only port: service packets {service} ≈ the sum over its backends {sum}"
     );
 }

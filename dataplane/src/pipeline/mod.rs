@@ -620,11 +620,7 @@ impl Pipeline {
             return Verdict::Drop(DropReason::NotForUs);
         };
         self.sync_snapshot(snap);
-        if stats.frontend_packets.len() < snap.frontend_count as usize {
-            stats
-                .frontend_packets
-                .resize(snap.frontend_count as usize, 0);
-        }
+        stats.size_for(snap);
         if self.workers > 1 {
             let owner = self.owner(frame, in_port, snap);
             if owner != self.worker_index {
@@ -966,6 +962,7 @@ impl Pipeline {
         if let Some(c) = stats.frontend_packets.get_mut(fid as usize) {
             *c += 1;
         }
+        stats.count_backend(snap, fid, nat.backend_addr, nat.backend_port);
         Some(self.forward(frame, ctx, now, stats, rw, None))
     }
 
@@ -1082,6 +1079,7 @@ impl Pipeline {
             src: snat,
             dst: Some(backend),
         };
+        stats.count_backend(snap, fe.id, backend.0, backend.1);
         self.forward(frame, ctx, now, stats, rw, Some(hop))
     }
 
