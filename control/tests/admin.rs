@@ -1,7 +1,7 @@
 //! The admin API end to end over real TCP: a hand-made snapshot, two `WorkerShared`s whose
 //! requests a test thread answers like a worker would, and `ctl` as the client.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -115,7 +115,7 @@ fn snapshot() -> Snapshot {
         affinity_timeout_secs: Some(10800),
         internal_policy: InternalPolicy::Cluster,
     });
-    let mut frontends = HashMap::new();
+    let mut frontends = HashMap::default();
     for f in [&cluster_ip, &load_balancer] {
         frontends.insert(
             FrontendKey {
@@ -126,9 +126,9 @@ fn snapshot() -> Snapshot {
             Arc::clone(f),
         );
     }
-    let mut node_ports = HashMap::new();
+    let mut node_ports = HashMap::default();
     node_ports.insert((Protocol::Tcp, 30080), node_port);
-    let mut service_addresses = HashMap::new();
+    let mut service_addresses = HashMap::default();
     service_addresses.insert(ip("10.96.0.10"), FrontendKind::ClusterIp);
     service_addresses.insert(ip("203.0.113.10"), FrontendKind::LoadBalancer);
     let mut snapshot = Snapshot {
