@@ -330,6 +330,9 @@ impl Default for ConntrackConfig {
     }
 }
 
+/// `Entry::backend_counter` when the backend has no counter.
+const NO_COUNTER: u32 = u32::MAX;
+
 /// A handle to a live entry. Valid until the entry is removed (by [`Conntrack::remove`],
 /// expiry, early drop or reclaim); ids are then reused. Handles are meant to live for the
 /// processing of one packet.
@@ -351,8 +354,11 @@ pub struct Entry {
     nat: Nat,
     frontend_id: u32,
     /// Snapshot generation at which the backend was last validated. The pipeline compares
-    /// it with the current snapshot's and re-validates lazily, then stores the new value.
+    /// it with the current snapshot's and re-validates lazily ([`Conntrack::revalidate`]).
     pub generation: u64,
+    /// The backend's per-backend packet counter in the snapshot of `generation`
+    /// ([`NO_COUNTER`]: none), so that counting a packet is one array index.
+    backend_counter: u32,
     state: State,
     seen_reply: bool,
     assured: bool,
@@ -382,6 +388,7 @@ impl Entry {
             },
             frontend_id: 0,
             generation: 0,
+            backend_counter: NO_COUNTER,
             state: State::Other,
             seen_reply: false,
             assured: false,
@@ -413,6 +420,10 @@ impl Entry {
     }
     pub fn frontend_id(&self) -> u32 {
         self.frontend_id
+    }
+    /// The backend's packet counter index under the snapshot of `generation`.
+    pub fn backend_counter(&self) -> Option<usize> {
+        (self.backend_counter != NO_COUNTER).then_some(self.backend_counter as usize)
     }
     pub fn state(&self) -> State {
         self.state
@@ -761,6 +772,26 @@ impl Conntrack {
         e
     }
 
+    /// Records that the entry's backend is still valid under snapshot `generation`, where
+    /// its frontend has id `frontend_id` (ids are per snapshot) and its backend counts
+    /// packets at `backend_counter`.
+    #[inline]
+    pub fn revalidate(
+        &mut self,
+        id: EntryId,
+        generation: u64,
+        frontend_id: u32,
+        backend_counter: Option<usize>,
+    ) {
+        let e = &mut self.entries[id.index()];
+        debug_assert!(e.live, "stale conntrack handle");
+        e.generation = generation;
+        e.frontend_id = frontend_id;
+        e.backend_counter = backend_counter
+            .and_then(|c| u32::try_from(c).ok())
+            .unwrap_or(NO_COUNTER);
+    }
+
     /// The entry behind a handle if it is live.
     pub fn get(&self, id: EntryId) -> Option<&Entry> {
         self.entries.get(id.index()).filter(|e| e.live)
@@ -820,6 +851,7 @@ impl Conntrack {
             nat,
             frontend_id,
             generation,
+            backend_counter: NO_COUNTER,
             state,
             seen_reply: false,
             assured: false,
@@ -1384,8 +1416,15 @@ mod tests {
         assert_eq!((e.frontend_id(), e.generation), (42, 9));
         assert_eq!(e.key(Direction::Reply), &reply);
         assert_eq!(e.state(), State::Tcp(TcpState::None));
-        t.entry_mut(id).generation = 10;
-        assert_eq!(t.entry(id).generation, 10);
+        assert_eq!(e.backend_counter(), None);
+        t.revalidate(id, 10, 7, Some(3));
+        let e = t.entry(id);
+        assert_eq!(
+            (e.generation, e.frontend_id(), e.backend_counter()),
+            (10, 7, Some(3))
+        );
+        t.revalidate(id, 11, 8, None);
+        assert_eq!(t.entry(id).backend_counter(), None);
         assert_eq!(
             original.to_string(),
             "tcp 192.168.1.10:40000 -> 10.96.0.10:80"

@@ -147,20 +147,14 @@ impl WorkerStats {
         self.drops[reason as usize] += 1;
     }
 
-    /// Counts a packet of a flow of frontend `frontend_id` to backend `addr:port` (a
-    /// binary search in the frontend's backend list; nothing shared is touched).
+    /// Counts a packet of frontend `frontend_id`, to the backend counter at `backend` (both
+    /// indexes of the current snapshot).
     #[inline]
-    pub fn count_backend(
-        &mut self,
-        snapshot: &Snapshot,
-        frontend_id: u32,
-        addr: std::net::Ipv4Addr,
-        port: u16,
-    ) {
-        if let Some(c) = snapshot
-            .backend_counter(frontend_id, addr, port)
-            .and_then(|i| self.backend_packets.get_mut(i))
-        {
+    pub fn count_packet(&mut self, frontend_id: u32, backend: Option<usize>) {
+        if let Some(c) = self.frontend_packets.get_mut(frontend_id as usize) {
+            *c += 1;
+        }
+        if let Some(c) = backend.and_then(|i| self.backend_packets.get_mut(i)) {
             *c += 1;
         }
     }

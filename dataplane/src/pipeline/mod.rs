@@ -250,22 +250,12 @@ struct Hop {
     vtep: Option<Ipv4Addr>,
 }
 
-/// A frontend as identified in a conntrack entry, per id of the current snapshot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FrontendIdent {
-    node_port: bool,
-    addr: Ipv4Addr,
-    protocol: Protocol,
-    port: u16,
-}
-
 /// Indexes derived from the snapshot, rebuilt when its generation changes.
 #[derive(Default)]
 struct SnapCache {
     generation: Option<u64>,
     pod_routes: PrefixMap<Ipv4Net, Ipv4Addr>,
     vtep_nodes: HashMap<Ipv4Addr, Arc<str>>,
-    by_id: Vec<Option<FrontendIdent>>,
 }
 
 /// Per-packet context through the stages.
@@ -279,6 +269,9 @@ struct Ctx {
     prev_mac: MacAddr,
     /// Outer source of a decapsulated VXLAN frame.
     outer_src: Option<Ipv4Addr>,
+    /// Transport ports of the packet as received (TCP, UDP, SCTP), once parsed, so that
+    /// egress need not parse them again for the VXLAN entropy port.
+    ports: Option<(u16, u16)>,
 }
 
 /// Token bucket in thousandths of a token.
@@ -564,22 +557,10 @@ impl Pipeline {
                 vtep_nodes.insert(r.vtep, node.clone());
             }
         }
-        let mut by_id = vec![None; snap.frontend_count as usize];
-        for f in snap.frontends.values().chain(snap.node_ports.values()) {
-            if let Some(slot) = by_id.get_mut(f.id as usize) {
-                *slot = Some(FrontendIdent {
-                    node_port: f.kind == FrontendKind::NodePort,
-                    addr: f.addr,
-                    protocol: f.protocol,
-                    port: f.port,
-                });
-            }
-        }
         self.snap = SnapCache {
             generation: Some(snap.generation),
             pod_routes,
             vtep_nodes,
-            by_id,
         };
     }
 
@@ -644,6 +625,7 @@ impl Pipeline {
             l2,
             prev_mac: src_mac,
             outer_src: None,
+            ports: None,
         };
         if let Err(reason) = check_ipv4(frame, l2) {
             return Verdict::Drop(reason);
@@ -804,7 +786,7 @@ impl Pipeline {
     fn ip_stage<F: Frame>(
         &mut self,
         frame: &mut F,
-        ctx: Ctx,
+        mut ctx: Ctx,
         snap: &Snapshot,
         now: Tick,
         stats: &mut WorkerStats,
@@ -839,6 +821,7 @@ impl Pipeline {
             tcp_flags,
         } = l4
         {
+            ctx.ports = Some((sport, dport));
             let key = FlowKey::new(protocol, src, sport, dst, dport);
             if let Some((id, dir)) = self.ct.lookup(&key, now) {
                 // `None`: UDP to a gone backend, handled as a new flow below.
@@ -909,25 +892,28 @@ impl Pipeline {
         dir: Direction,
         tcp_flags: Option<u8>,
     ) -> Option<Verdict> {
-        let (nat, original, mut fid, generation) = {
+        let (nat, original, mut fid, generation, mut counter) = {
             let e = self.ct.entry(id);
-            (*e.nat(), *e.original(), e.frontend_id(), e.generation)
-        };
-        let protocol = Protocol::from_ip_proto(original.protocol);
-        let fe_ident = |fid: u32| self.snap.by_id.get(fid as usize).copied().flatten();
-        let matches_entry = |f: &FrontendIdent| {
-            Some(f.protocol) == protocol
-                && f.port == nat.frontend_port
-                && (f.node_port || f.addr == nat.frontend_addr)
+            (
+                *e.nat(),
+                *e.original(),
+                e.frontend_id(),
+                e.generation,
+                e.backend_counter(),
+            )
         };
         if generation != snap.generation {
+            // Frontend ids and counter slots are per snapshot: find the frontend again and
+            // check the backend is still one of its endpoints.
+            let protocol = Protocol::from_ip_proto(original.protocol);
             let fe =
                 protocol.and_then(|p| snap.match_frontend(nat.frontend_addr, p, nat.frontend_port));
             let present = fe.and_then(|f| f.backends.state_of(nat.backend_addr, nat.backend_port));
             match (fe, present) {
                 (Some(f), Some(_)) => {
                     fid = f.id;
-                    self.ct.entry_mut(id).generation = snap.generation;
+                    counter = snap.backend_counter(fid, nat.backend_addr, nat.backend_port);
+                    self.ct.revalidate(id, snap.generation, fid, counter);
                 }
                 _ => {
                     self.ct.remove(id);
@@ -936,13 +922,6 @@ impl Pipeline {
                     }
                     return Some(Verdict::Drop(DropReason::BackendGone));
                 }
-            }
-        } else if !fe_ident(fid).is_some_and(|f| matches_entry(&f)) {
-            // The entry's frontend id is from an older snapshot (ids are per snapshot).
-            if let Some(f) =
-                protocol.and_then(|p| snap.match_frontend(nat.frontend_addr, p, nat.frontend_port))
-            {
-                fid = f.id;
             }
         }
         let rw = match dir {
@@ -959,10 +938,7 @@ impl Pipeline {
         // Packets the TCP state machine calls invalid are still forwarded (no window
         // tracking here; the backend judges them).
         self.ct.on_packet(id, dir, tcp_flags, len, now);
-        if let Some(c) = stats.frontend_packets.get_mut(fid as usize) {
-            *c += 1;
-        }
-        stats.count_backend(snap, fid, nat.backend_addr, nat.backend_port);
+        stats.count_packet(fid, counter);
         Some(self.forward(frame, ctx, now, stats, rw, None))
     }
 
@@ -1035,6 +1011,7 @@ impl Pipeline {
                 return Verdict::Drop(DropReason::SnatExhausted);
             }
         }
+        let counter = snap.backend_counter(fe.id, backend.0, backend.1);
         let mut attempt = 0;
         let id = loop {
             let nat = Nat {
@@ -1047,7 +1024,10 @@ impl Pipeline {
             let (ra, rp) = snat.unwrap_or((key.src, key.src_port));
             let reply = FlowKey::new(key.protocol, backend.0, backend.1, ra, rp);
             match self.ct.insert(key, reply, nat, fe.id, snap.generation, now) {
-                Ok(id) => break id,
+                Ok(id) => {
+                    self.ct.revalidate(id, snap.generation, fe.id, counter);
+                    break id;
+                }
                 Err(InsertError::Full) => return Verdict::Drop(DropReason::CtFull),
                 Err(InsertError::Clash) => {
                     attempt += 1;
@@ -1079,7 +1059,9 @@ impl Pipeline {
             src: snat,
             dst: Some(backend),
         };
-        stats.count_backend(snap, fe.id, backend.0, backend.1);
+        if let Some(c) = counter.and_then(|i| stats.backend_packets.get_mut(i)) {
+            *c += 1;
+        }
         self.forward(frame, ctx, now, stats, rw, Some(hop))
     }
 
@@ -1125,7 +1107,9 @@ impl Pipeline {
         let (id, dir) = self.ct.lookup(&key, now)?;
         let (nat, original, fid) = {
             let e = self.ct.entry(id);
-            (*e.nat(), *e.original(), e.frontend_id())
+            // A frontend id from another snapshot would count toward the wrong frontend.
+            let fid = (e.generation == snap.generation).then_some(e.frontend_id());
+            (*e.nat(), *e.original(), fid)
         };
         // The translated key K' of a packet with key `key` travelling in `dir`.
         let (new_src, new_dst) = match dir {
@@ -1164,8 +1148,7 @@ impl Pipeline {
         };
         // Addresses only: an ICMP error has no ports (`nat` leaves ICMP errors' bodies).
         rewrite::nat(data, rw.src, rw.dst);
-        let _ = snap;
-        if let Some(c) = stats.frontend_packets.get_mut(fid as usize) {
+        if let Some(c) = fid.and_then(|f| stats.frontend_packets.get_mut(f as usize)) {
             *c += 1;
         }
         Some(self.forward(frame, ctx, now, stats, Rewrite::default(), None))
@@ -1248,7 +1231,7 @@ impl Pipeline {
             e.set_src_addr(port.mac);
             return Verdict::Transmit { port: port.id };
         }
-        self.egress(frame, ctx, now, hop)
+        self.egress(frame, Ctx { ports: None, ..ctx }, now, hop)
     }
 
     // ----- Routing and egress ----------------------------------------------------------
@@ -1353,21 +1336,33 @@ impl Pipeline {
             }
             rewrite::decrement_ttl(ip);
         }
-        self.egress(frame, ctx, now, hop)
+        let ports = ctx.ports.map(|(sport, dport)| {
+            (
+                rw.src.map_or(sport, |(_, p)| p),
+                rw.dst.map_or(dport, |(_, p)| p),
+            )
+        });
+        self.egress(frame, Ctx { ports, ..ctx }, now, hop)
     }
 
-    /// Encapsulates when the hop says so, then sets MACs.
+    /// Encapsulates when the hop says so, then sets MACs. `ctx.ports` are the packet's
+    /// current transport ports when known.
     fn egress<F: Frame>(&mut self, frame: &mut F, ctx: Ctx, now: Tick, hop: Hop) -> Verdict {
         let port_mac = self.ports[hop.port].mac;
         if let (Some(vtep), Some(vx)) = (hop.vtep, &self.vxlan) {
             let entropy = {
                 let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
-                let (sport, dport) =
-                    match rewrite::parse_l4(ip.protocol(), ip.frag_offset() == 0, ip.payload()) {
-                        Ok(L4::Ports { sport, dport, .. }) => (sport, dport),
-                        Ok(L4::Echo { ident, .. }) => (ident, ident),
-                        _ => (0, 0),
-                    };
+                let (sport, dport) = match ctx.ports {
+                    Some(ports) => ports,
+                    None => {
+                        match rewrite::parse_l4(ip.protocol(), ip.frag_offset() == 0, ip.payload())
+                        {
+                            Ok(L4::Ports { sport, dport, .. }) => (sport, dport),
+                            Ok(L4::Echo { ident, .. }) => (ident, ident),
+                            _ => (0, 0),
+                        }
+                    }
+                };
                 rewrite::flow_hash(ip.protocol(), ip.src(), sport, ip.dst(), dport)
             };
             {

@@ -282,35 +282,39 @@ pub fn vxlan_encap(frame: &mut impl crate::frame::Frame, inner_ip: usize, e: &En
         (p.dont_frag(), p.dscp_ecn())
     };
     let inner_len = frame.len();
+    let ip_len = VXLAN_OVERHEAD - ethernet::HEADER_LEN + inner_len;
+    let (Ok(ip_len), Ok(udp_len)) = (
+        u16::try_from(ip_len),
+        u16::try_from(ip_len - ipv4::HEADER_LEN),
+    ) else {
+        return false;
+    };
+    // Built on the stack and copied in one go: the outer headers are fixed but for a few
+    // fields, and writing them through the views costs a bounds check per field.
+    let mut outer = [0u8; VXLAN_OVERHEAD];
+    let (eth, rest) = outer.split_at_mut(ethernet::HEADER_LEN);
+    eth[6..12].copy_from_slice(e.src_mac.as_bytes());
+    eth[12..14].copy_from_slice(&ethernet::ETHERTYPE_IPV4.to_be_bytes());
+    let (ip, rest) = rest.split_at_mut(ipv4::HEADER_LEN);
+    ip[0] = 0x45;
+    ip[1] = tos;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[6] = if df { 0x40 } else { 0 };
+    ip[8] = 64;
+    ip[9] = ipv4::PROTO_UDP;
+    ip[12..16].copy_from_slice(&e.local_vtep.octets());
+    ip[16..20].copy_from_slice(&e.remote_vtep.octets());
+    let ip_checksum = checksum::compute(0, ip);
+    ip[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
+    let (udp, vxlan) = rest.split_at_mut(8);
+    udp[0..2].copy_from_slice(&(49152 + (e.entropy % 16384) as u16).to_be_bytes());
+    udp[2..4].copy_from_slice(&e.udp_port.to_be_bytes());
+    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    // UDP checksum 0: allowed for VXLAN over IPv4 (RFC 7348 §5).
+    VxlanPacket::new_unchecked(&mut vxlan[..]).init(e.vni);
     if !frame.prepend(VXLAN_OVERHEAD) {
         return false;
     }
-    let data = frame.data_mut();
-    let mut eth = EthernetFrame::new_unchecked(&mut data[..ethernet::HEADER_LEN]);
-    eth.set_dst_addr(MacAddr::ZERO);
-    eth.set_src_addr(e.src_mac);
-    eth.set_ethertype(ethernet::ETHERTYPE_IPV4);
-    let ip_len = VXLAN_OVERHEAD - ethernet::HEADER_LEN + inner_len;
-    let mut p = Ipv4Packet::new_unchecked(&mut data[ethernet::HEADER_LEN..]);
-    p.set_version(4);
-    p.set_header_len(ipv4::HEADER_LEN);
-    p.set_dscp_ecn(tos);
-    p.set_total_len(ip_len as u16);
-    p.set_ident(0);
-    p.clear_flags();
-    p.set_dont_frag(df);
-    p.set_ttl(64);
-    p.set_protocol(ipv4::PROTO_UDP);
-    p.set_src(e.local_vtep);
-    p.set_dst(e.remote_vtep);
-    p.fill_checksum();
-    let udp_at = ethernet::HEADER_LEN + ipv4::HEADER_LEN;
-    let mut u = UdpPacket::new_unchecked(&mut data[udp_at..udp_at + 8]);
-    u.set_src_port(49152 + (e.entropy % 16384) as u16);
-    u.set_dst_port(e.udp_port);
-    u.set_len((ip_len - ipv4::HEADER_LEN) as u16);
-    u.set_checksum(0);
-    let mut v = VxlanPacket::new_unchecked(&mut data[udp_at + 8..udp_at + 16]);
-    v.init(e.vni);
+    frame.data_mut()[..VXLAN_OVERHEAD].copy_from_slice(&outer);
     true
 }

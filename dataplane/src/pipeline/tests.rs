@@ -241,6 +241,7 @@ pub(super) fn snapshot(generation: u64, fes: Vec<Fe>) -> Snapshot {
         }
         s.frontend_count += 1;
     }
+    s.index_counters();
     s
 }
 
@@ -1648,6 +1649,76 @@ fn backend_removed_udp_repicked_tcp_dropped() {
     assert_drop(&stats, DropReason::BackendGone, 1);
     let key = FlowKey::new(ipv4::PROTO_TCP, ip("10.244.9.9"), 41000, ip(CIP), 80);
     assert!(p.conntrack().peek(&key, 10).is_none(), "entry removed");
+}
+
+/// Per-frontend and per-backend counters are indexes of one snapshot: an established flow
+/// must count under the new snapshot's frontend id and backend slot once it changes.
+#[test]
+fn packet_counters_follow_a_snapshot_change() {
+    let web0 = web();
+    let snap1 = services(1, &web0, &dns());
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let (tc, tvip) = ("10.244.9.9:41000", "10.96.0.10:80");
+    let tb = maglev(&web0, ipv4::PROTO_TCP, tc, tvip);
+    let slot1 = snap1.backend_counter(0, *tb.ip(), tb.port()).unwrap();
+    let syn = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::SYN, b"");
+    let ack = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::ACK, b"data");
+    run(&mut p, &snap1, CLUSTER, &syn, 0, &mut stats);
+    run(&mut p, &snap1, CLUSTER, &ack, 1, &mut stats);
+    assert_eq!(
+        (stats.frontend_packets[0], stats.backend_packets[slot1]),
+        (2, 2)
+    );
+
+    // Generation 2: another frontend comes first (the ClusterIP's id becomes 1) and a
+    // backend sorting before the flow's joins the set (its slot moves).
+    let mut backends: Vec<(String, u16)> = web0
+        .backends
+        .iter()
+        .map(|b| (b.addr.to_string(), b.port))
+        .collect();
+    backends.push(("10.244.1.1".to_string(), 8080));
+    let web2 = set_of(
+        &backends
+            .iter()
+            .map(|(a, port)| ready(a, *port))
+            .collect::<Vec<_>>(),
+    );
+    let first = fe(
+        FrontendKind::ClusterIp,
+        "10.96.0.200",
+        Protocol::Tcp,
+        80,
+        &dns(),
+    );
+    let snap2 = snapshot(
+        2,
+        vec![
+            first,
+            fe(FrontendKind::ClusterIp, CIP, Protocol::Tcp, 80, &web2),
+        ],
+    );
+    let slot2 = snap2.backend_counter(1, *tb.ip(), tb.port()).unwrap();
+    assert_ne!(slot1, slot2, "the test must move the backend's slot");
+    let before = (
+        stats.frontend_packets.clone(),
+        stats.backend_packets.clone(),
+    );
+    for now in 2..5 {
+        let r = run(&mut p, &snap2, CLUSTER, &ack, now, &mut stats);
+        assert_eq!(sock(&parse(&r.out)).1, tb, "the flow keeps its backend");
+    }
+    let grew =
+        |after: &[u64], before: &[u64], i: usize| after[i] - before.get(i).copied().unwrap_or(0);
+    assert_eq!(grew(&stats.frontend_packets, &before.0, 1), 3);
+    assert_eq!(grew(&stats.frontend_packets, &before.0, 0), 0);
+    assert_eq!(grew(&stats.backend_packets, &before.1, slot2), 3);
+    let moved: u64 = (0..stats.backend_packets.len())
+        .filter(|&i| i != slot2)
+        .map(|i| grew(&stats.backend_packets, &before.1, i))
+        .sum();
+    assert_eq!(moved, 0, "no other backend counted");
 }
 
 #[test]
