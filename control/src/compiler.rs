@@ -45,10 +45,10 @@ use dataplane::snapshot::{
     PodCidrRoute, Protocol, ServicePortName, Snapshot,
 };
 use ipnet::{IpNet, Ipv4Net};
-use rustc_hash::FxHashMap;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use rustc_hash::FxHashMap;
 
 use crate::model::{Model, ObjectKey};
 
