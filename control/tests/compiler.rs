@@ -1561,6 +1561,11 @@ fn incremental_compilation_equals_compiling_from_scratch() {
     );
 }
 
+/// `lab/{name}`.
+fn lab_key(name: &str) -> ObjectKey {
+    ObjectKey::new("lab", name)
+}
+
 /// Service `lab/{name}` on `cluster_ip`:80.
 fn lab_service(name: &str, cluster_ip: &str) -> Arc<Service> {
     parse_one(&format!(
@@ -1622,7 +1627,7 @@ fn endpoint_change_replaces_only_its_frontend_and_keeps_every_id() {
 
 #[test]
 fn slices_moved_between_services_and_services_after_their_slices_compile_as_from_scratch() {
-    let key = |name: &str| ObjectKey::new("lab", name);
+    let key = lab_key;
     let mut model = Model::default();
     model
         .services
@@ -1641,33 +1646,34 @@ fn slices_moved_between_services_and_services_after_their_slices_compile_as_from
         .endpoint_slices
         .insert(key("c-x"), lab_slice("c-x", "c", &[4]));
     let mut compiler = Compiler::new(CompileOptions::default());
-    let steps: Vec<Box<dyn Fn(&mut Model)>> = vec![
+    let steps: [fn(&mut Model); 6] = [
         // b-x now belongs to a.
-        Box::new(move |m| {
+        |m| {
             m.endpoint_slices
-                .insert(key("b-x"), lab_slice("b-x", "a", &[3]));
-        }),
+                .insert(lab_key("b-x"), lab_slice("b-x", "a", &[3]));
+        },
         // c arrives and finds its slice.
-        Box::new(move |m| {
-            m.services.insert(key("c"), lab_service("c", "10.96.0.3"));
-        }),
+        |m| {
+            m.services
+                .insert(lab_key("c"), lab_service("c", "10.96.0.3"));
+        },
         // a second slice of c, then a's first slice gone.
-        Box::new(move |m| {
+        |m| {
             m.endpoint_slices
-                .insert(key("c-y"), lab_slice("c-y", "c", &[5, 4]));
-            m.endpoint_slices.remove(&key("a-x"));
-        }),
+                .insert(lab_key("c-y"), lab_slice("c-y", "c", &[5, 4]));
+            m.endpoint_slices.remove(&lab_key("a-x"));
+        },
         // b-x back to b; a left without slices.
-        Box::new(move |m| {
+        |m| {
             m.endpoint_slices
-                .insert(key("b-x"), lab_slice("b-x", "b", &[3]));
-        }),
+                .insert(lab_key("b-x"), lab_slice("b-x", "b", &[3]));
+        },
         // c gone, its slices stay.
-        Box::new(move |m| {
-            m.services.remove(&key("c"));
-        }),
+        |m| {
+            m.services.remove(&lab_key("c"));
+        },
         // nothing changed.
-        Box::new(|_| {}),
+        |_| {},
     ];
     assert_eq!(
         describe(&compiler.compile(&model)),
