@@ -409,8 +409,11 @@ fn mode_for(
     }
 }
 
-/// How often the reclaim thread looks again at snapshots a worker still holds.
-const RECLAIM_POLL: Duration = Duration::from_millis(5);
+/// How soon the reclaim thread looks again at snapshots still held elsewhere (a worker's
+/// guard for one loop; the packet totals until every worker reported a newer generation);
+/// doubled up to [`RECLAIM_POLL_MAX`] while nothing could be freed.
+const RECLAIM_POLL: Duration = Duration::from_millis(2);
+const RECLAIM_POLL_MAX: Duration = Duration::from_millis(200);
 
 /// After the publisher is gone, how long the reclaim thread waits for the last holders.
 const RECLAIM_GRACE: Duration = Duration::from_secs(1);
@@ -436,27 +439,35 @@ fn reclaim(rx: std::sync::mpsc::Receiver<Arc<Snapshot>>) {
     use std::sync::mpsc::RecvTimeoutError;
     let mut pending: Vec<Arc<Snapshot>> = Vec::new();
     let mut closed: Option<Instant> = None;
+    let mut poll = RECLAIM_POLL;
     loop {
         let received = if closed.is_some() {
-            std::thread::sleep(RECLAIM_POLL);
+            std::thread::sleep(poll);
             Err(RecvTimeoutError::Disconnected)
         } else if pending.is_empty() {
             rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
         } else {
-            rx.recv_timeout(RECLAIM_POLL)
+            rx.recv_timeout(poll)
         };
         match received {
-            Ok(snapshot) => pending.push(snapshot),
+            Ok(snapshot) => {
+                pending.push(snapshot);
+                poll = RECLAIM_POLL;
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 closed.get_or_insert_with(Instant::now);
             }
         }
         // Only the unique holder can free a snapshot here; the others stay for later.
+        let held = pending.len();
         pending = pending
             .into_iter()
             .filter_map(|snapshot| Arc::try_unwrap(snapshot).map(drop).err())
             .collect();
+        if pending.len() == held {
+            poll = (poll * 2).min(RECLAIM_POLL_MAX);
+        }
         if closed.is_some_and(|at| pending.is_empty() || at.elapsed() > RECLAIM_GRACE) {
             return;
         }
