@@ -4,10 +4,11 @@
 //! worker reports the new generation (p50/p99). Prints figures; asserts nothing.
 //!
 //! The workers are the real ones (DPDK EAL, `--no-huge`, no ports, so they only poll the
-//! snapshot): a worker loads the snapshot once per loop and publishes its generation with
-//! its counters every 10 ms, so "installed in every worker" as observed here includes up to
-//! 10 ms of that publish period. Needs root (EAL); without EAL it says so and reports the
-//! compile + swap time only.
+//! snapshot): a worker loads the snapshot once per loop and, on a new generation, shows it
+//! in its published stats cell at once (`WorkerStats::begin_generation`), so "installed in
+//! every worker" is the swap plus at most one worker loop (idle sleep 50 µs) and the 100 µs
+//! polling here. Needs root (EAL); without EAL it says so and reports the compile + swap
+//! time only.
 //!
 //!   cargo run --release -p control --example compile_scale [SERVICES] [ENDPOINTS_PER_SERVICE] [CHANGES]
 

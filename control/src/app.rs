@@ -409,10 +409,77 @@ fn mode_for(
     }
 }
 
+/// How soon the reclaim thread looks again at snapshots still held elsewhere (a worker's
+/// guard for one loop; the packet totals until every worker reported a newer generation);
+/// doubled up to [`RECLAIM_POLL_MAX`] while nothing could be freed.
+const RECLAIM_POLL: Duration = Duration::from_millis(2);
+const RECLAIM_POLL_MAX: Duration = Duration::from_millis(200);
+
+/// After the publisher is gone, how long the reclaim thread waits for the last holders.
+const RECLAIM_GRACE: Duration = Duration::from_secs(1);
+
+/// Frees the snapshots the publisher replaced, on its own thread: off the publish path
+/// (freeing 10,000 frontends takes milliseconds) and never on a worker. A worker's
+/// arc-swap guard can outlive the swap by one loop; were the guard the last reference, the
+/// worker would free the snapshot. So the thread keeps each replaced snapshot until its
+/// reference is the only one left (`Arc::try_unwrap`), then drops it.
+fn spawn_reclaimer() -> std::sync::mpsc::Sender<Arc<Snapshot>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Arc<Snapshot>>();
+    let spawned = std::thread::Builder::new()
+        .name("sg-reclaim".into())
+        .spawn(move || reclaim(rx));
+    if let Err(err) = spawned {
+        // Without the thread the receiver is gone: `publish` then drops snapshots itself.
+        tracing::warn!("cannot start the snapshot reclaim thread: {err}");
+    }
+    tx
+}
+
+fn reclaim(rx: std::sync::mpsc::Receiver<Arc<Snapshot>>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut pending: Vec<Arc<Snapshot>> = Vec::new();
+    let mut closed: Option<Instant> = None;
+    let mut poll = RECLAIM_POLL;
+    loop {
+        let received = if closed.is_some() {
+            std::thread::sleep(poll);
+            Err(RecvTimeoutError::Disconnected)
+        } else if pending.is_empty() {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            rx.recv_timeout(poll)
+        };
+        match received {
+            Ok(snapshot) => {
+                pending.push(snapshot);
+                poll = RECLAIM_POLL;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                closed.get_or_insert_with(Instant::now);
+            }
+        }
+        // Only the unique holder can free a snapshot here; the others stay for later.
+        let held = pending.len();
+        pending = pending
+            .into_iter()
+            .filter_map(|snapshot| Arc::try_unwrap(snapshot).map(drop).err())
+            .collect();
+        if pending.len() == held {
+            poll = (poll * 2).min(RECLAIM_POLL_MAX);
+        }
+        if closed.is_some_and(|at| pending.is_empty() || at.elapsed() > RECLAIM_GRACE) {
+            return;
+        }
+    }
+}
+
 /// Compiles each model the source publishes and swaps it in; marks `ready` after the first.
 pub struct Publisher {
     compiler: Compiler,
     generation: u64,
+    /// Replaced snapshots go to the reclaim thread (see [`spawn_reclaimer`]).
+    reclaim: std::sync::mpsc::Sender<Arc<Snapshot>>,
     pub snapshot: Arc<arc_swap::ArcSwap<Snapshot>>,
     pub ready: Arc<AtomicBool>,
     pub sync: Arc<parking_lot::Mutex<crate::admin::SyncInfo>>,
@@ -437,6 +504,7 @@ impl Publisher {
         Publisher {
             compiler: Compiler::new(options),
             generation: 0,
+            reclaim: spawn_reclaimer(),
             snapshot,
             ready: Arc::new(AtomicBool::new(false)),
             sync: Arc::new(parking_lot::Mutex::new(crate::admin::SyncInfo {
@@ -452,9 +520,9 @@ impl Publisher {
         self.generation
     }
 
-    /// Compiles and installs `model`. The previous snapshot is freed here, on the control
-    /// thread, once the last worker's guard of it is gone (arc-swap's read guards are
-    /// released at the end of each burst).
+    /// Compiles and installs `model`. The previous snapshot is handed to the reclaim
+    /// thread, which frees it once the last worker's guard of it is gone (arc-swap's read
+    /// guards are released at the end of each worker loop).
     pub fn publish(&mut self, model: &Model) {
         let started = Instant::now();
         let mut compiled = self.compiler.compile(model);
@@ -465,7 +533,8 @@ impl Publisher {
         let snapshot = Arc::new(compiled.snapshot);
         self.packets.lock().installed(snapshot.clone());
         let old = self.snapshot.swap(snapshot);
-        drop(old);
+        // Should the reclaim thread be gone, the snapshot is dropped here.
+        let _ = self.reclaim.send(old);
         let elapsed = started.elapsed();
         for warning in &compiled.warnings {
             tracing::warn!("{warning}");

@@ -4,9 +4,13 @@
 //! it compiled (with their `Arc<BackendSet>`s and Maglev tables) and the exact inputs they
 //! came from (the Service and its EndpointSlices, by `Arc` identity, else by value). A
 //! compilation recompiles only Services whose inputs changed; every other Service's frontends
-//! and Maglev tables are reused as they are. Only conflict resolution, id assignment and the
-//! snapshot's maps are rebuilt each time (cheap: no parsing, no hashing of backend lists, no
-//! Maglev). The result is the same as compiling the model from scratch
+//! and Maglev tables are reused as they are. The model is walked in step with the previous
+//! one (both are sorted by key), so an unchanged object costs a key comparison and an `Arc`
+//! identity check. When the recompiled Services claim exactly the frontends they claimed
+//! before (an endpoint or policy change), the previous frontend tables are patched: only
+//! their frontends get new `Arc<Frontend>`s, every id stays. Otherwise (a Service or frontend
+//! added, removed or re-keyed) conflict resolution and id assignment run anew over every
+//! frontend. Either way the result is the same as compiling the model from scratch
 //! (`Compiler::new(..).compile(model)`), which a test checks over a sequence of changes.
 //!
 //! Maglev table size per backend set: the smallest prime ≥ 100 × its usable endpoints (the
@@ -44,6 +48,7 @@ use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use rustc_hash::FxHashMap;
 
 use crate::model::{Model, ObjectKey};
 
@@ -115,12 +120,14 @@ struct ServiceEntry {
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
     candidates: Vec<Candidate>,
+    /// Id of each of `candidates` in the last assembled snapshot (`None`: lost a conflict).
+    ids: Vec<Option<u32>>,
     /// Backend sets of `candidates` (for reuse when the inputs change but a set does not).
     sets: Vec<Arc<BackendSet>>,
     warnings: Vec<String>,
     backends: usize,
-    /// The compilation that last saw this Service in the model.
-    seen: u64,
+    /// One of the Service's slices changed since the entry was compiled.
+    dirty: bool,
 }
 
 impl ServiceEntry {
@@ -138,12 +145,92 @@ impl ServiceEntry {
     }
 }
 
+/// An EndpointSlice of the last model and the Service it names (its
+/// `kubernetes.io/service-name` label).
+#[derive(Debug)]
+struct SliceEntry {
+    slice: Arc<EndpointSlice>,
+    service: Option<String>,
+}
+
+/// The frontend tables of the last compilation, kept so that a change that adds, removes or
+/// moves no frontend (an endpoint change, a policy change) patches them: unchanged frontends
+/// keep their `Arc<Frontend>` and their id.
+#[derive(Debug)]
+struct Assembly {
+    frontends: FxHashMap<FrontendKey, Arc<Frontend>>,
+    node_ports: FxHashMap<(Protocol, u16), Arc<Frontend>>,
+    service_addresses: FxHashMap<Ipv4Addr, FrontendKind>,
+    by_id: Vec<Arc<Frontend>>,
+    /// Backends of frontend `id` (the per-backend counter bases are their prefix sums).
+    backend_counts: Vec<u32>,
+    node_port_addresses: Vec<Ipv4Addr>,
+    /// Warnings of conflict resolution and of the node-port addresses.
+    warnings: Vec<String>,
+    /// Services with at least one frontend.
+    services: usize,
+}
+
+impl Assembly {
+    /// Replaces frontend `frontend.id` (same key, same kind) by `frontend`.
+    fn replace(&mut self, frontend: Arc<Frontend>) {
+        let id = frontend.id as usize;
+        self.backend_counts[id] = frontend.backends.backends.len() as u32;
+        if frontend.kind == FrontendKind::NodePort {
+            self.node_ports
+                .insert((frontend.protocol, frontend.port), frontend.clone());
+        } else {
+            self.frontends.insert(
+                FrontendKey {
+                    addr: frontend.addr,
+                    protocol: frontend.protocol,
+                    port: frontend.port,
+                },
+                frontend.clone(),
+            );
+        }
+        self.by_id[id] = frontend;
+    }
+
+    /// The snapshot of these tables (generation 0).
+    fn snapshot(&self, options: &CompileOptions) -> Snapshot {
+        let mut bases = Vec::with_capacity(self.backend_counts.len() + 1);
+        let mut next = 0u32;
+        for &count in &self.backend_counts {
+            bases.push(next);
+            next += count;
+        }
+        bases.push(next);
+        Snapshot {
+            generation: 0,
+            frontends: self.frontends.clone(),
+            node_ports: self.node_ports.clone(),
+            node_port_addresses: self.node_port_addresses.clone(),
+            service_addresses: self.service_addresses.clone(),
+            service_cidr: options.service_cidr,
+            pod_routes: options.pod_routes.clone(),
+            frontend_count: self.by_id.len() as u32,
+            frontends_by_id: self.by_id.clone(),
+            backend_counter_base: bases,
+        }
+    }
+}
+
+/// The labelled slices of each (namespace, Service name), by slice name.
+type SlicesOf = HashMap<(String, String), BTreeMap<String, Arc<EndpointSlice>>>;
+
 /// Compiles models into snapshots, recompiling only Services whose inputs changed.
 #[derive(Debug)]
 pub struct Compiler {
     options: CompileOptions,
-    services: HashMap<ObjectKey, ServiceEntry>,
-    compilations: u64,
+    /// Every Service of the last model, in model order.
+    services: BTreeMap<ObjectKey, ServiceEntry>,
+    /// Every EndpointSlice of the last model, in model order.
+    slices: BTreeMap<ObjectKey, SliceEntry>,
+    /// The labelled slices of each (namespace, Service name), by slice name (model order).
+    slices_of: SlicesOf,
+    /// The tables of the last compilation.
+    assembly: Option<Assembly>,
 }
 
 /// An address family the compiler serves.
@@ -185,6 +272,25 @@ struct Candidate {
     source_ranges: Vec<Ipv4Net>,
     affinity_timeout_secs: Option<u32>,
     internal_policy: InternalPolicy,
+}
+
+impl Candidate {
+    /// The frontend this candidate becomes under `id`.
+    fn frontend(&self, id: u32) -> Arc<Frontend> {
+        Arc::new(Frontend {
+            id,
+            service: self.service.clone(),
+            kind: self.kind,
+            addr: self.addr,
+            protocol: self.protocol,
+            port: self.port,
+            backends: self.backends.clone(),
+            masquerade: self.masquerade,
+            source_ranges: self.source_ranges.clone(),
+            affinity_timeout_secs: self.affinity_timeout_secs,
+            internal_policy: self.internal_policy.clone(),
+        })
+    }
 }
 
 fn kind_rank(kind: FrontendKind) -> u8 {
@@ -266,8 +372,10 @@ impl Compiler {
     pub fn new(options: CompileOptions) -> Compiler {
         Compiler {
             options,
-            services: HashMap::new(),
-            compilations: 0,
+            services: BTreeMap::new(),
+            slices: BTreeMap::new(),
+            slices_of: HashMap::new(),
+            assembly: None,
         }
     }
 
@@ -277,9 +385,12 @@ impl Compiler {
 
     /// Compiles `model` into a snapshot (generation 0). Never fails: anything unusable is
     /// skipped with a warning.
+    ///
+    /// The model is walked in step with the previous one (both sorted by key): an object
+    /// whose `Arc` did not change costs a key comparison, nothing more. When no frontend was
+    /// added, removed or re-keyed, the previous frontend tables are patched instead of
+    /// rebuilt.
     pub fn compile(&mut self, model: &Model) -> Compiled {
-        self.compilations += 1;
-        let compilation = self.compilations;
         let mut run = Run {
             sets_by_hash: HashMap::new(),
             table_sizes: HashMap::new(),
@@ -302,38 +413,92 @@ impl Compiler {
             run.table_size = size;
         }
 
-        let slices_by_service = index_slices(model);
-        for (key, service) in &model.services {
-            let slices = slices_by_service
-                .get(&(key.namespace.as_str(), key.name.as_str()))
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            let previous = self.services.get_mut(key);
-            if let Some(entry) = previous {
-                if entry.compiled_from(service, slices) {
-                    entry.seen = compilation;
-                    run.warnings.extend(entry.warnings.iter().cloned());
-                    run.stats.backends += entry.backends;
-                    run.stats.backend_sets_reused += entry.sets.len();
-                    continue;
-                }
-                *entry = run.compile_entry(key, service, slices, &entry.sets, compilation);
-            } else {
-                let entry = run.compile_entry(key, service, slices, &[], compilation);
-                self.services.insert(key.clone(), entry);
-            }
-        }
-        // Services gone from the model.
-        self.services.retain(|_, entry| entry.seen == compilation);
+        sync_slices(
+            model,
+            &mut self.slices,
+            &mut self.slices_of,
+            &mut self.services,
+        );
 
-        let candidates: Vec<&Candidate> = model
-            .services
-            .keys()
-            .filter_map(|key| self.services.get(key))
-            .flat_map(|entry| &entry.candidates)
-            .collect();
-        let (snapshot, services) = run.assemble(candidates);
-        run.stats.services = services;
+        // Frontends added, removed or re-keyed: conflicts and ids are resolved anew.
+        let mut structural = self.assembly.is_none();
+        let mut added: Vec<(ObjectKey, ServiceEntry)> = Vec::new();
+        let mut removed: Vec<ObjectKey> = Vec::new();
+        let no_slices = BTreeMap::new();
+        let slices_of = &self.slices_of;
+        let slices_for = |key: &ObjectKey| -> Vec<&Arc<EndpointSlice>> {
+            slices_of
+                .get(&(key.namespace.clone(), key.name.clone()))
+                .unwrap_or(&no_slices)
+                .values()
+                .collect()
+        };
+        let mut previous = self.services.iter_mut().peekable();
+        for (key, service) in &model.services {
+            // Services of the last model that sort before this one are gone.
+            while let Some((old_key, _)) = previous.next_if(|(k, _)| *k < key) {
+                removed.push(old_key.clone());
+            }
+            let Some((_, entry)) = previous.next_if(|(k, _)| *k == key) else {
+                let slices = slices_for(key);
+                let entry = run.compile_entry(key, service, &slices, &[]);
+                added.push((key.clone(), entry));
+                continue;
+            };
+            if !entry.dirty && Arc::ptr_eq(&entry.service, service) {
+                run.reuse_entry(entry);
+                continue;
+            }
+            entry.dirty = false;
+            let slices = slices_for(key);
+            if entry.compiled_from(service, &slices) {
+                // Equal objects parsed anew: keep the new ones for the next comparison.
+                entry.service = service.clone();
+                entry.slices = slices.into_iter().cloned().collect();
+                run.reuse_entry(entry);
+                continue;
+            }
+            let mut fresh = run.compile_entry(key, service, &slices, &entry.sets);
+            if same_frontends(&entry.candidates, &fresh.candidates) {
+                fresh.ids = entry.ids.clone();
+                if let Some(assembly) = self.assembly.as_mut() {
+                    for (c, id) in fresh.candidates.iter().zip(&fresh.ids) {
+                        if let Some(id) = *id {
+                            assembly.replace(c.frontend(id));
+                        }
+                    }
+                }
+            } else {
+                structural = true;
+            }
+            *entry = fresh;
+        }
+        removed.extend(previous.map(|(k, _)| k.clone()));
+        structural |= !added.is_empty() || !removed.is_empty();
+        for key in removed {
+            self.services.remove(&key);
+        }
+        self.services.extend(added);
+
+        if structural {
+            let candidates: Vec<&Candidate> = self
+                .services
+                .values()
+                .flat_map(|entry| &entry.candidates)
+                .collect();
+            let (assembly, ids) = run.assemble(candidates);
+            let mut ids = ids.into_iter();
+            for entry in self.services.values_mut() {
+                entry.ids = ids.by_ref().take(entry.candidates.len()).collect();
+            }
+            self.assembly = Some(assembly);
+        }
+        let assembly = self.assembly.as_ref().expect("assembled above");
+        if !structural {
+            run.warnings.extend(assembly.warnings.iter().cloned());
+        }
+        let snapshot = assembly.snapshot(&self.options);
+        run.stats.services = assembly.services;
         run.stats.frontends = snapshot.frontend_count as usize;
         Compiled {
             snapshot,
@@ -343,25 +508,107 @@ impl Compiler {
     }
 }
 
-/// The slices of each Service (label `kubernetes.io/service-name`, same namespace) by
-/// (namespace, name), in model order.
-fn index_slices(model: &Model) -> HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> {
-    let mut by_service: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
+/// True when `a` and `b` claim the same frontends in the same order (same Service age,
+/// service port, kind, address, protocol and port): conflict resolution and ids are then
+/// unchanged, only what the frontends do may differ.
+fn same_frontends(a: &[Candidate], b: &[Candidate]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.kind == y.kind
+                && x.addr == y.addr
+                && x.protocol == y.protocol
+                && x.port == y.port
+                && x.service == y.service
+                && x.age == y.age
+        })
+}
+
+/// The `kubernetes.io/service-name` label of a slice.
+fn service_label(slice: &EndpointSlice) -> Option<String> {
+    slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        .cloned()
+}
+
+/// Brings `slices` and `slices_of` in line with the model's EndpointSlices (walking both in
+/// key order, so an unchanged slice costs a comparison) and marks the Services whose slices
+/// changed dirty.
+fn sync_slices(
+    model: &Model,
+    slices: &mut BTreeMap<ObjectKey, SliceEntry>,
+    slices_of: &mut SlicesOf,
+    services: &mut BTreeMap<ObjectKey, ServiceEntry>,
+) {
+    let mut changed: Vec<(&ObjectKey, &Arc<EndpointSlice>)> = Vec::new();
+    let mut removed: Vec<ObjectKey> = Vec::new();
+    let mut previous = slices.iter().peekable();
     for (key, slice) in &model.endpoint_slices {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        by_service
-            .entry((key.namespace.as_str(), service.as_str()))
-            .or_default()
-            .push(slice);
+        while let Some((old_key, _)) = previous.next_if(|(k, _)| *k < key) {
+            removed.push(old_key.clone());
+        }
+        match previous.next_if(|(k, _)| *k == key) {
+            Some((_, old)) if Arc::ptr_eq(&old.slice, slice) => {}
+            _ => changed.push((key, slice)),
+        }
     }
-    by_service
+    removed.extend(previous.map(|(k, _)| k.clone()));
+    if changed.is_empty() && removed.is_empty() {
+        return;
+    }
+    fn mark(services: &mut BTreeMap<ObjectKey, ServiceEntry>, namespace: &str, service: &str) {
+        if let Some(entry) = services.get_mut(&ObjectKey::new(namespace, service)) {
+            entry.dirty = true;
+        }
+    }
+    fn unlink(slices_of: &mut SlicesOf, key: &ObjectKey, service: &str) {
+        let owner = (key.namespace.clone(), service.to_string());
+        if let Some(of) = slices_of.get_mut(&owner) {
+            of.remove(&key.name);
+            if of.is_empty() {
+                slices_of.remove(&owner);
+            }
+        }
+    }
+    for key in removed {
+        if let Some(SliceEntry {
+            service: Some(service),
+            ..
+        }) = slices.remove(&key)
+        {
+            unlink(slices_of, &key, &service);
+            mark(services, &key.namespace, &service);
+        }
+    }
+    for (key, slice) in changed {
+        let service = service_label(slice);
+        let old = slices.insert(
+            key.clone(),
+            SliceEntry {
+                slice: slice.clone(),
+                service: service.clone(),
+            },
+        );
+        if let Some(SliceEntry {
+            service: Some(old_service),
+            ..
+        }) = old
+        {
+            if service.as_ref() != Some(&old_service) {
+                unlink(slices_of, key, &old_service);
+            }
+            mark(services, &key.namespace, &old_service);
+        }
+        if let Some(service) = service {
+            mark(services, &key.namespace, &service);
+            slices_of
+                .entry((key.namespace.clone(), service))
+                .or_default()
+                .insert(key.name.clone(), slice.clone());
+        }
+    }
 }
 
 /// State and node of one endpoint while slices are merged.
@@ -402,7 +649,6 @@ impl Run<'_> {
         service: &Arc<Service>,
         slices: &[&Arc<EndpointSlice>],
         previous: &[Arc<BackendSet>],
-        compilation: u64,
     ) -> ServiceEntry {
         let warnings_before = self.warnings.len();
         let backends_before = self.stats.backends;
@@ -423,11 +669,19 @@ impl Run<'_> {
             service: service.clone(),
             slices: slices.iter().map(|s| (*s).clone()).collect(),
             candidates,
+            ids: Vec::new(),
             sets,
             warnings: self.warnings[warnings_before..].to_vec(),
             backends: self.stats.backends - backends_before,
-            seen: compilation,
+            dirty: false,
         }
+    }
+
+    /// Counts an entry compiled earlier, whose inputs did not change, into this run.
+    fn reuse_entry(&mut self, entry: &ServiceEntry) {
+        self.warnings.extend(entry.warnings.iter().cloned());
+        self.stats.backends += entry.backends;
+        self.stats.backend_sets_reused += entry.sets.len();
     }
 
     /// Slots of the Maglev table over `usable` endpoints (see the module docs).
@@ -853,9 +1107,10 @@ impl Run<'_> {
         self.addresses_for_family(key, "loadBalancer ingress IP", ips.into_iter(), family)
     }
 
-    /// Resolves conflicts, assigns dense ids and builds the snapshot. Returns the number of
-    /// Services with at least one frontend.
-    fn assemble(&mut self, candidates: Vec<&Candidate>) -> (Snapshot, usize) {
+    /// Resolves conflicts, assigns dense ids and builds the frontend tables. Returns them
+    /// and the id of each candidate (`None`: it lost a conflict).
+    fn assemble(&mut self, candidates: Vec<&Candidate>) -> (Assembly, Vec<Option<u32>>) {
+        let warnings_before = self.warnings.len();
         // Claim keys oldest Service first.
         let mut order: Vec<usize> = (0..candidates.len()).collect();
         order.sort_by(|&a, &b| {
@@ -911,12 +1166,9 @@ impl Run<'_> {
                 }
             }
         }
-        let mut kept: Vec<&Candidate> = candidates
-            .into_iter()
-            .zip(keep)
-            .filter_map(|(c, k)| k.then_some(c))
-            .collect();
-        kept.sort_by(|a, b| {
+        let mut kept: Vec<usize> = (0..candidates.len()).filter(|&i| keep[i]).collect();
+        kept.sort_by(|&a, &b| {
+            let (a, b) = (candidates[a], candidates[b]);
             (
                 &a.service.namespace,
                 &a.service.name,
@@ -945,46 +1197,46 @@ impl Run<'_> {
                 node_port_addresses.push(addr);
             }
         }
-        let mut snapshot = Snapshot {
-            generation: 0,
+        let mut assembly = Assembly {
+            frontends: FxHashMap::default(),
+            node_ports: FxHashMap::default(),
+            service_addresses: FxHashMap::default(),
+            by_id: Vec::with_capacity(kept.len()),
+            backend_counts: Vec::with_capacity(kept.len()),
             node_port_addresses,
-            service_cidr: self.options.service_cidr,
-            pod_routes: self.options.pod_routes.clone(),
-            ..Snapshot::default()
+            warnings: Vec::new(),
+            services: 0,
         };
+        let mut ids = vec![None; candidates.len()];
         let mut services = BTreeSet::new();
-        for (id, c) in kept.into_iter().enumerate() {
-            services.insert((c.service.namespace.clone(), c.service.name.clone()));
-            let frontend = Arc::new(Frontend {
-                id: id as u32,
-                service: c.service.clone(),
-                kind: c.kind,
-                addr: c.addr,
-                protocol: c.protocol,
-                port: c.port,
-                backends: c.backends.clone(),
-                masquerade: c.masquerade,
-                source_ranges: c.source_ranges.clone(),
-                affinity_timeout_secs: c.affinity_timeout_secs,
-                internal_policy: c.internal_policy.clone(),
-            });
+        for (id, i) in kept.into_iter().enumerate() {
+            let c = candidates[i];
+            ids[i] = Some(id as u32);
+            services.insert((&c.service.namespace, &c.service.name));
+            let frontend = c.frontend(id as u32);
+            assembly
+                .backend_counts
+                .push(frontend.backends.backends.len() as u32);
             if c.kind == FrontendKind::NodePort {
-                snapshot.node_ports.insert((c.protocol, c.port), frontend);
+                assembly
+                    .node_ports
+                    .insert((c.protocol, c.port), frontend.clone());
             } else {
-                snapshot.service_addresses.entry(c.addr).or_insert(c.kind);
-                snapshot.frontends.insert(
+                assembly.service_addresses.entry(c.addr).or_insert(c.kind);
+                assembly.frontends.insert(
                     FrontendKey {
                         addr: c.addr,
                         protocol: c.protocol,
                         port: c.port,
                     },
-                    frontend,
+                    frontend.clone(),
                 );
             }
-            snapshot.frontend_count = id as u32 + 1;
+            assembly.by_id.push(frontend);
         }
-        snapshot.index_counters();
-        (snapshot, services.len())
+        assembly.services = services.len();
+        assembly.warnings = self.warnings[warnings_before..].to_vec();
+        (assembly, ids)
     }
 }
 

@@ -1560,3 +1560,131 @@ fn incremental_compilation_equals_compiling_from_scratch() {
         "unchanged Services are not recompiled"
     );
 }
+
+/// `lab/{name}`.
+fn lab_key(name: &str) -> ObjectKey {
+    ObjectKey::new("lab", name)
+}
+
+/// Service `lab/{name}` on `cluster_ip`:80.
+fn lab_service(name: &str, cluster_ip: &str) -> Arc<Service> {
+    parse_one(&format!(
+        "metadata: {{name: {name}, namespace: lab}}\nspec:\n  clusterIP: {cluster_ip}\n  ports: [{{name: http, port: 80}}]\n"
+    ))
+}
+
+/// Slice `lab/{name}` of Service `service` with ready endpoints 10.244.0.{host}:8080.
+fn lab_slice(name: &str, service: &str, hosts: &[u8]) -> Arc<EndpointSlice> {
+    let endpoints: String = hosts
+        .iter()
+        .map(|h| format!("  - {{addresses: [10.244.0.{h}]}}\n"))
+        .collect();
+    parse_one(&format!(
+        "metadata:\n  name: {name}\n  namespace: lab\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{}",
+        if endpoints.is_empty() { "  []\n".to_string() } else { endpoints }
+    ))
+}
+
+#[test]
+fn endpoint_change_replaces_only_its_frontend_and_keeps_every_id() {
+    let key = |name: &str| ObjectKey::new("lab", name);
+    let mut model = Model::default();
+    for (name, ip, hosts) in [
+        ("a", "10.96.0.1", &[1u8, 2][..]),
+        ("b", "10.96.0.2", &[3]),
+        ("c", "10.96.0.3", &[4, 5]),
+    ] {
+        model.services.insert(key(name), lab_service(name, ip));
+        model.endpoint_slices.insert(
+            key(&format!("{name}-x")),
+            lab_slice(&format!("{name}-x"), name, hosts),
+        );
+    }
+    let mut compiler = Compiler::new(CompileOptions::default());
+    let first = compiler.compile(&model);
+    model
+        .endpoint_slices
+        .insert(key("b-x"), lab_slice("b-x", "b", &[3, 6, 7]));
+    let second = compiler.compile(&model);
+    assert_eq!(
+        describe(&second),
+        describe(&Compiler::new(CompileOptions::default()).compile(&model))
+    );
+    let at = |c: &Compiled, addr: &str| fe(&c.snapshot, addr, Protocol::Tcp, 80).clone();
+    for unchanged in ["10.96.0.1", "10.96.0.3"] {
+        assert!(Arc::ptr_eq(&at(&first, unchanged), &at(&second, unchanged)));
+    }
+    let (old, new) = (at(&first, "10.96.0.2"), at(&second, "10.96.0.2"));
+    assert!(!Arc::ptr_eq(&old, &new));
+    assert_eq!((old.id, new.id), (1, 1));
+    assert!(Arc::ptr_eq(&second.snapshot.frontends_by_id[1], &new));
+    assert_eq!(second.snapshot.backend_counter_base, vec![0, 2, 5, 7]);
+    assert_eq!(
+        second.snapshot.backend_counter(2, ip("10.244.0.5"), 8080),
+        Some(6)
+    );
+}
+
+#[test]
+fn slices_moved_between_services_and_services_after_their_slices_compile_as_from_scratch() {
+    let key = lab_key;
+    let mut model = Model::default();
+    model
+        .services
+        .insert(key("a"), lab_service("a", "10.96.0.1"));
+    model
+        .services
+        .insert(key("b"), lab_service("b", "10.96.0.2"));
+    model
+        .endpoint_slices
+        .insert(key("a-x"), lab_slice("a-x", "a", &[1, 2]));
+    model
+        .endpoint_slices
+        .insert(key("b-x"), lab_slice("b-x", "b", &[3]));
+    // Slices of a Service that is not there yet.
+    model
+        .endpoint_slices
+        .insert(key("c-x"), lab_slice("c-x", "c", &[4]));
+    let mut compiler = Compiler::new(CompileOptions::default());
+    let steps: [fn(&mut Model); 6] = [
+        // b-x now belongs to a.
+        |m| {
+            m.endpoint_slices
+                .insert(lab_key("b-x"), lab_slice("b-x", "a", &[3]));
+        },
+        // c arrives and finds its slice.
+        |m| {
+            m.services
+                .insert(lab_key("c"), lab_service("c", "10.96.0.3"));
+        },
+        // a second slice of c, then a's first slice gone.
+        |m| {
+            m.endpoint_slices
+                .insert(lab_key("c-y"), lab_slice("c-y", "c", &[5, 4]));
+            m.endpoint_slices.remove(&lab_key("a-x"));
+        },
+        // b-x back to b; a left without slices.
+        |m| {
+            m.endpoint_slices
+                .insert(lab_key("b-x"), lab_slice("b-x", "b", &[3]));
+        },
+        // c gone, its slices stay.
+        |m| {
+            m.services.remove(&lab_key("c"));
+        },
+        // nothing changed.
+        |_| {},
+    ];
+    assert_eq!(
+        describe(&compiler.compile(&model)),
+        describe(&Compiler::new(CompileOptions::default()).compile(&model))
+    );
+    for (step, change) in steps.iter().enumerate() {
+        change(&mut model);
+        assert_eq!(
+            describe(&compiler.compile(&model)),
+            describe(&Compiler::new(CompileOptions::default()).compile(&model)),
+            "step {step}"
+        );
+    }
+}

@@ -171,7 +171,9 @@ pub enum InternalPolicy {
 /// with a new connection to it.
 #[derive(Debug)]
 pub struct Frontend {
-    /// Dense index for per-frontend counters; stable only within one snapshot.
+    /// Dense index for per-frontend counters (`0..Snapshot::frontend_count`). Meaningful
+    /// within one snapshot; the compiler keeps it (and the `Arc<Frontend>`) across snapshots
+    /// while no frontend is added, removed or re-keyed, but readers must not rely on that.
     pub id: u32,
     pub service: ServicePortName,
     pub kind: FrontendKind,
@@ -233,11 +235,11 @@ pub struct Snapshot {
     pub pod_routes: Vec<PodCidrRoute>,
     /// Number of frontends (ids are `0..frontend_count`).
     pub frontend_count: u32,
-    /// Every frontend by id (filled by [`Snapshot::index_counters`]).
+    /// Every frontend by id (the compiler fills it, or [`Snapshot::index_counters`]).
     pub frontends_by_id: Vec<Arc<Frontend>>,
     /// Per-backend packet counters of this snapshot: frontend `id`'s backend `i` (index in
     /// its `backends.backends`) counts at `backend_counter_base[id] + i`; the last entry is
-    /// the number of counters. Filled by [`Snapshot::index_counters`].
+    /// the number of counters. The compiler fills it, or [`Snapshot::index_counters`].
     pub backend_counter_base: Vec<u32>,
 }
 
