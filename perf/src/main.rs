@@ -2,7 +2,8 @@
 //! cycles/packet of the real `servicegate run` on generated captures, each beside
 //! `dpdk-testpmd` io-forwarding the same capture on the same kind of ports.
 //!
-//! Writes `perf/results/latest.json` and rewrites `perf/RESULTS.md`.
+//! Writes `perf/results/latest.json` and rewrites `perf/RESULTS.md` (keeping its hand-written
+//! "Reading the figures" section).
 
 mod gen;
 mod run;
@@ -569,9 +570,20 @@ fn main() -> anyhow::Result<()> {
         perf_dir.join("results/latest.json"),
         serde_json::to_string_pretty(&json(&rows))? + "\n",
     )?;
-    std::fs::write(
-        perf_dir.join("RESULTS.md"),
-        results_md(&rows, &suite_name, runs, &tsc_note, &scen),
-    )?;
+    let results = perf_dir.join("RESULTS.md");
+    // The hand-written reading of the figures outlives the table it reads: keep it.
+    let analysis = std::fs::read_to_string(&results)
+        .ok()
+        .and_then(|old| old.find(ANALYSIS_HEADING).map(|at| old[at..].to_string()));
+    let mut text = results_md(&rows, &suite_name, runs, &tsc_note, &scen);
+    if let Some(analysis) = analysis {
+        text.push('\n');
+        text.push_str(&analysis);
+    }
+    std::fs::write(results, text)?;
     Ok(())
 }
+
+/// Where `perf/RESULTS.md`'s hand-written part starts; everything from it on is kept when
+/// the table above it is regenerated.
+const ANALYSIS_HEADING: &str = "## Reading the figures";
