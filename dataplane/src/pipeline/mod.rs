@@ -1001,6 +1001,12 @@ impl Pipeline {
                 None => return Verdict::Drop(DropReason::NoEndpoints),
             },
         };
+        if !fe.masquerade {
+            // The reply key is known now (without SNAT): start fetching its index slot,
+            // which the insert below probes, while the route and counters are looked up.
+            let reply = FlowKey::new(key.protocol, backend.0, backend.1, key.src, key.src_port);
+            self.ct.prefetch_slot(&reply);
+        }
         let Some(hop) = self.route(backend.0) else {
             return Verdict::Drop(DropReason::NoRoute);
         };
