@@ -718,7 +718,8 @@ impl Conntrack {
     pub fn prefetch_entry(&self, key: &FlowKey) {
         let hash = key.hash() as u32;
         let mut i = hash as usize & self.mask;
-        // Bounded: a long run is rare at ≤ 50 % load (two keys per entry, four slots per entry), and this is only a hint.
+        // Bounded: a long run is rare at ≤ 50 % load (two keys per entry, four slots per
+        // entry), and this is only a hint.
         for _ in 0..4 {
             let slot = self.index[i];
             if slot.reference == EMPTY {
