@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use dataplane::conntrack::{Conntrack, ConntrackConfig, FlowKey, Nat};
+use dataplane::conntrack::{Conntrack, ConntrackConfig, FlowKey, Nat, SnapshotBinding};
 use dataplane::maglev::MaglevTable;
 use dataplane::wire::build::FrameBuilder;
 use dataplane::wire::{checksum, EthernetFrame, Ipv4Packet, MacAddr, TcpFlags, TcpPacket};
@@ -71,7 +71,8 @@ fn conntrack(c: &mut Criterion) {
     });
     for i in 0..N {
         let (k, r, nat) = entry(i);
-        ct.insert(k, r, nat, 0, 1, 0).expect("insert");
+        ct.insert(k, r, nat, SnapshotBinding::new(1, 0), 0)
+            .expect("insert");
     }
     let mut g = c.benchmark_group("conntrack (100k entries)");
     let mut i = 0u32;
@@ -91,7 +92,9 @@ fn conntrack(c: &mut Criterion) {
         b.iter(|| {
             i = i.wrapping_add(1);
             let (k, r, nat) = entry(N + (i % 1_000_000));
-            let id = ct.insert(k, r, nat, 0, 1, 1).expect("insert");
+            let id = ct
+                .insert(k, r, nat, SnapshotBinding::new(1, 0), 1)
+                .expect("insert");
             ct.remove(black_box(id))
         })
     });

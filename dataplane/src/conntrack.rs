@@ -333,6 +333,33 @@ impl Default for ConntrackConfig {
 /// `Entry::backend_counter` when the backend has no counter.
 const NO_COUNTER: u32 = u32::MAX;
 
+/// Where an entry's packets count in one snapshot: frontend ids and per-backend counter
+/// slots mean something only in the snapshot of `generation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotBinding {
+    pub generation: u64,
+    pub frontend_id: u32,
+    /// The backend's per-backend packet counter (`Snapshot::backend_counter`), if any.
+    pub backend_counter: Option<usize>,
+}
+
+impl SnapshotBinding {
+    /// A binding without a backend counter.
+    pub const fn new(generation: u64, frontend_id: u32) -> SnapshotBinding {
+        SnapshotBinding {
+            generation,
+            frontend_id,
+            backend_counter: None,
+        }
+    }
+
+    fn counter_slot(&self) -> u32 {
+        self.backend_counter
+            .and_then(|c| u32::try_from(c).ok())
+            .unwrap_or(NO_COUNTER)
+    }
+}
+
 /// A handle to a live entry. Valid until the entry is removed (by [`Conntrack::remove`],
 /// expiry, early drop or reclaim); ids are then reused. Handles are meant to live for the
 /// processing of one packet.
@@ -421,9 +448,14 @@ impl Entry {
     pub fn frontend_id(&self) -> u32 {
         self.frontend_id
     }
-    /// The backend's packet counter index under the snapshot of `generation`.
-    pub fn backend_counter(&self) -> Option<usize> {
-        (self.backend_counter != NO_COUNTER).then_some(self.backend_counter as usize)
+    /// Where the entry's packets count, in the snapshot of `generation`.
+    pub fn binding(&self) -> SnapshotBinding {
+        SnapshotBinding {
+            generation: self.generation,
+            frontend_id: self.frontend_id,
+            backend_counter: (self.backend_counter != NO_COUNTER)
+                .then_some(self.backend_counter as usize),
+        }
     }
     pub fn state(&self) -> State {
         self.state
@@ -773,24 +805,15 @@ impl Conntrack {
         e
     }
 
-    /// Records that the entry's backend is still valid under snapshot `generation`, where
-    /// its frontend has id `frontend_id` (ids are per snapshot) and its backend counts
-    /// packets at `backend_counter`.
+    /// Records that the entry's backend is still valid under another snapshot, where its
+    /// packets count as `binding` says.
     #[inline]
-    pub fn revalidate(
-        &mut self,
-        id: EntryId,
-        generation: u64,
-        frontend_id: u32,
-        backend_counter: Option<usize>,
-    ) {
+    pub fn revalidate(&mut self, id: EntryId, binding: SnapshotBinding) {
         let e = &mut self.entries[id.index()];
         debug_assert!(e.live, "stale conntrack handle");
-        e.generation = generation;
-        e.frontend_id = frontend_id;
-        e.backend_counter = backend_counter
-            .and_then(|c| u32::try_from(c).ok())
-            .unwrap_or(NO_COUNTER);
+        e.generation = binding.generation;
+        e.frontend_id = binding.frontend_id;
+        e.backend_counter = binding.counter_slot();
     }
 
     /// The entry behind a handle if it is live.
@@ -818,8 +841,7 @@ impl Conntrack {
         original: FlowKey,
         reply: FlowKey,
         nat: Nat,
-        frontend_id: u32,
-        generation: u64,
+        binding: SnapshotBinding,
         now: Tick,
     ) -> Result<EntryId, InsertError> {
         if original == reply {
@@ -850,9 +872,9 @@ impl Conntrack {
             original,
             reply,
             nat,
-            frontend_id,
-            generation,
-            backend_counter: NO_COUNTER,
+            frontend_id: binding.frontend_id,
+            generation: binding.generation,
+            backend_counter: binding.counter_slot(),
             state,
             seen_reply: false,
             assured: false,
@@ -1384,7 +1406,7 @@ mod tests {
 
     fn insert(t: &mut Conntrack, protocol: u8, i: u32, now: Tick) -> Result<EntryId, InsertError> {
         let (o, r, nat) = flow(protocol, i);
-        t.insert(o, r, nat, 7, 1, now)
+        t.insert(o, r, nat, SnapshotBinding::new(1, 7), now)
     }
 
     /// SYN → SYN/ACK → ACK.
@@ -1407,7 +1429,9 @@ mod tests {
             backend_port: 8080,
             snat: Some((SNAT, 33001)),
         };
-        let id = t.insert(original, reply, nat, 42, 9, 0).unwrap();
+        let id = t
+            .insert(original, reply, nat, SnapshotBinding::new(9, 42), 0)
+            .unwrap();
         assert_eq!(t.lookup(&original, 1), Some((id, Direction::Original)));
         assert_eq!(t.lookup(&reply, 1), Some((id, Direction::Reply)));
         assert_eq!(t.lookup(&original.reversed(), 1), None);
@@ -1417,15 +1441,26 @@ mod tests {
         assert_eq!((e.frontend_id(), e.generation), (42, 9));
         assert_eq!(e.key(Direction::Reply), &reply);
         assert_eq!(e.state(), State::Tcp(TcpState::None));
-        assert_eq!(e.backend_counter(), None);
-        t.revalidate(id, 10, 7, Some(3));
+        assert_eq!(e.binding().backend_counter, None);
+        t.revalidate(
+            id,
+            SnapshotBinding {
+                generation: 10,
+                frontend_id: 7,
+                backend_counter: Some(3),
+            },
+        );
         let e = t.entry(id);
         assert_eq!(
-            (e.generation, e.frontend_id(), e.backend_counter()),
-            (10, 7, Some(3))
+            e.binding(),
+            SnapshotBinding {
+                generation: 10,
+                frontend_id: 7,
+                backend_counter: Some(3),
+            }
         );
-        t.revalidate(id, 11, 8, None);
-        assert_eq!(t.entry(id).backend_counter(), None);
+        t.revalidate(id, SnapshotBinding::new(11, 8));
+        assert_eq!(t.entry(id).binding().backend_counter, None);
         assert_eq!(
             original.to_string(),
             "tcp 192.168.1.10:40000 -> 10.96.0.10:80"
@@ -1434,15 +1469,15 @@ mod tests {
         // Either key taken → clash; nothing changes.
         let other = FlowKey::new(PROTO_TCP, Ipv4Addr::new(192, 168, 1, 11), 40000, VIP, 80);
         assert_eq!(
-            t.insert(original, other, nat, 1, 1, 2),
+            t.insert(original, other, nat, SnapshotBinding::new(1, 1), 2),
             Err(InsertError::Clash)
         );
         assert_eq!(
-            t.insert(other, reply, nat, 1, 1, 2),
+            t.insert(other, reply, nat, SnapshotBinding::new(1, 1), 2),
             Err(InsertError::Clash)
         );
         assert_eq!(
-            t.insert(other, other, nat, 1, 1, 2),
+            t.insert(other, other, nat, SnapshotBinding::new(1, 1), 2),
             Err(InsertError::Clash)
         );
         assert_eq!(t.len(), 1);
@@ -1744,7 +1779,8 @@ mod tests {
             assert!(seen.insert(port), "port {port} allocated twice");
             nat.snat = Some((addr, port));
             let reply = SnatPorts::reply_key(PROTO_TCP, backend, (addr, port));
-            t.insert(o, reply, nat, 1, 1, 0).unwrap();
+            t.insert(o, reply, nat, SnapshotBinding::new(1, 1), 0)
+                .unwrap();
         }
         // Worker 0 of 2 only gets even ports.
         let even = SnatPorts::new(&[SNAT], SnatPorts::DEFAULT_RANGE, 0, 2).unwrap();
@@ -1774,8 +1810,14 @@ mod tests {
             let s = snat.allocate(&t, PROTO_UDP, backend, 99, 0).unwrap();
             nat.snat = Some(s);
             ids.push((
-                t.insert(o, SnatPorts::reply_key(PROTO_UDP, backend, s), nat, 1, 1, 0)
-                    .unwrap(),
+                t.insert(
+                    o,
+                    SnatPorts::reply_key(PROTO_UDP, backend, s),
+                    nat,
+                    SnapshotBinding::new(1, 1),
+                    0,
+                )
+                .unwrap(),
                 s.1,
             ));
         }
@@ -1875,7 +1917,7 @@ mod tests {
                         let (o, r) = (small_key(a), small_key(b));
                         let taken = o == r
                             || model.iter().any(|(x, y, _)| [x, y].contains(&&o) || [x, y].contains(&&r));
-                        let got = t.insert(o, r, nat, 1, 1, 0);
+                        let got = t.insert(o, r, nat, SnapshotBinding::new(1, 1), 0);
                         if taken {
                             prop_assert_eq!(got, Err(InsertError::Clash));
                         } else {

@@ -88,8 +88,8 @@ use prefix_trie::PrefixMap;
 use rustc_hash::FxHashMap;
 
 use crate::conntrack::{
-    Affinity, Conntrack, ConntrackConfig, Direction, EntryId, FlowKey, InsertError, Nat, SnatPorts,
-    Tick,
+    Affinity, Conntrack, ConntrackConfig, Direction, EntryId, FlowKey, InsertError, Nat,
+    SnapshotBinding, SnatPorts, Tick,
 };
 use crate::frame::Frame;
 use crate::maglev::fmix64;
@@ -892,17 +892,11 @@ impl Pipeline {
         dir: Direction,
         tcp_flags: Option<u8>,
     ) -> Option<Verdict> {
-        let (nat, original, mut fid, generation, mut counter) = {
+        let (nat, original, mut binding) = {
             let e = self.ct.entry(id);
-            (
-                *e.nat(),
-                *e.original(),
-                e.frontend_id(),
-                e.generation,
-                e.backend_counter(),
-            )
+            (*e.nat(), *e.original(), e.binding())
         };
-        if generation != snap.generation {
+        if binding.generation != snap.generation {
             // Frontend ids and counter slots are per snapshot: find the frontend again and
             // check the backend is still one of its endpoints.
             let protocol = Protocol::from_ip_proto(original.protocol);
@@ -911,9 +905,16 @@ impl Pipeline {
             let present = fe.and_then(|f| f.backends.state_of(nat.backend_addr, nat.backend_port));
             match (fe, present) {
                 (Some(f), Some(_)) => {
-                    fid = f.id;
-                    counter = snap.backend_counter(fid, nat.backend_addr, nat.backend_port);
-                    self.ct.revalidate(id, snap.generation, fid, counter);
+                    binding = SnapshotBinding {
+                        generation: snap.generation,
+                        frontend_id: f.id,
+                        backend_counter: snap.backend_counter(
+                            f.id,
+                            nat.backend_addr,
+                            nat.backend_port,
+                        ),
+                    };
+                    self.ct.revalidate(id, binding);
                 }
                 _ => {
                     self.ct.remove(id);
@@ -938,7 +939,7 @@ impl Pipeline {
         // Packets the TCP state machine calls invalid are still forwarded (no window
         // tracking here; the backend judges them).
         self.ct.on_packet(id, dir, tcp_flags, len, now);
-        stats.count_packet(fid, counter);
+        stats.count_packet(binding.frontend_id, binding.backend_counter);
         Some(self.forward(frame, ctx, now, stats, rw, None))
     }
 
@@ -1017,7 +1018,11 @@ impl Pipeline {
                 return Verdict::Drop(DropReason::SnatExhausted);
             }
         }
-        let counter = snap.backend_counter(fe.id, backend.0, backend.1);
+        let binding = SnapshotBinding {
+            generation: snap.generation,
+            frontend_id: fe.id,
+            backend_counter: snap.backend_counter(fe.id, backend.0, backend.1),
+        };
         let mut attempt = 0;
         let id = loop {
             let nat = Nat {
@@ -1029,11 +1034,8 @@ impl Pipeline {
             };
             let (ra, rp) = snat.unwrap_or((key.src, key.src_port));
             let reply = FlowKey::new(key.protocol, backend.0, backend.1, ra, rp);
-            match self.ct.insert(key, reply, nat, fe.id, snap.generation, now) {
-                Ok(id) => {
-                    self.ct.revalidate(id, snap.generation, fe.id, counter);
-                    break id;
-                }
+            match self.ct.insert(key, reply, nat, binding, now) {
+                Ok(id) => break id,
                 Err(InsertError::Full) => return Verdict::Drop(DropReason::CtFull),
                 Err(InsertError::Clash) => {
                     attempt += 1;
@@ -1065,7 +1067,10 @@ impl Pipeline {
             src: snat,
             dst: Some(backend),
         };
-        if let Some(c) = counter.and_then(|i| stats.backend_packets.get_mut(i)) {
+        if let Some(c) = binding
+            .backend_counter
+            .and_then(|i| stats.backend_packets.get_mut(i))
+        {
             *c += 1;
         }
         self.forward(frame, ctx, now, stats, rw, Some(hop))
@@ -1111,11 +1116,11 @@ impl Pipeline {
             )
         };
         let (id, dir) = self.ct.lookup(&key, now)?;
-        let (nat, original, fid) = {
+        let (nat, original, binding) = {
             let e = self.ct.entry(id);
-            // A frontend id from another snapshot would count toward the wrong frontend.
-            let fid = (e.generation == snap.generation).then_some(e.frontend_id());
-            (*e.nat(), *e.original(), fid)
+            // Ids from another snapshot would count toward the wrong frontend and backend.
+            let binding = Some(e.binding()).filter(|b| b.generation == snap.generation);
+            (*e.nat(), *e.original(), binding)
         };
         // The translated key K' of a packet with key `key` travelling in `dir`.
         let (new_src, new_dst) = match dir {
@@ -1154,8 +1159,8 @@ impl Pipeline {
         };
         // Addresses only: an ICMP error has no ports (`nat` leaves ICMP errors' bodies).
         rewrite::nat(data, rw.src, rw.dst);
-        if let Some(c) = fid.and_then(|f| stats.frontend_packets.get_mut(f as usize)) {
-            *c += 1;
+        if let Some(b) = binding {
+            stats.count_packet(b.frontend_id, b.backend_counter);
         }
         Some(self.forward(frame, ctx, now, stats, Rewrite::default(), None))
     }

@@ -1598,6 +1598,15 @@ fn icmp_frag_needed_for_a_tracked_flow_reaches_the_client() {
         }
     }
     assert_eq!((o.eth_src, o.eth_dst), (UPLINK_MAC, ROUTER_MAC));
+    // The error counts as a packet of the flow: its NodePort frontend (id 1) and backend.
+    let backend = SocketAddrV4::new(sent.dst, sent.dport);
+    let slot = snap
+        .backend_counter(1, *backend.ip(), backend.port())
+        .unwrap();
+    assert_eq!(
+        (stats.frontend_packets[1], stats.backend_packets[slot]),
+        (2, 2)
+    );
 }
 
 #[test]
