@@ -162,8 +162,6 @@ struct Assembly {
     node_ports: FxHashMap<(Protocol, u16), Arc<Frontend>>,
     service_addresses: FxHashMap<Ipv4Addr, FrontendKind>,
     by_id: Vec<Arc<Frontend>>,
-    /// Backends of frontend `id` (the per-backend counter bases are their prefix sums).
-    backend_counts: Vec<u32>,
     node_port_addresses: Vec<Ipv4Addr>,
     /// Warnings of conflict resolution and of the node-port addresses.
     warnings: Vec<String>,
@@ -172,10 +170,9 @@ struct Assembly {
 }
 
 impl Assembly {
-    /// Replaces frontend `frontend.id` (same key, same kind) by `frontend`.
-    fn replace(&mut self, frontend: Arc<Frontend>) {
-        let id = frontend.id as usize;
-        self.backend_counts[id] = frontend.backends.backends.len() as u32;
+    /// Puts `frontend` in the map its kind belongs to, under its key (replacing the
+    /// frontend of that key, if any).
+    fn place(&mut self, frontend: &Arc<Frontend>) {
         if frontend.kind == FrontendKind::NodePort {
             self.node_ports
                 .insert((frontend.protocol, frontend.port), frontend.clone());
@@ -189,18 +186,17 @@ impl Assembly {
                 frontend.clone(),
             );
         }
+    }
+
+    /// Replaces frontend `frontend.id` (same key, same kind) by `frontend`.
+    fn replace(&mut self, frontend: Arc<Frontend>) {
+        self.place(&frontend);
+        let id = frontend.id as usize;
         self.by_id[id] = frontend;
     }
 
     /// The snapshot of these tables (generation 0).
     fn snapshot(&self, options: &CompileOptions) -> Snapshot {
-        let mut bases = Vec::with_capacity(self.backend_counts.len() + 1);
-        let mut next = 0u32;
-        for &count in &self.backend_counts {
-            bases.push(next);
-            next += count;
-        }
-        bases.push(next);
         Snapshot {
             generation: 0,
             frontends: self.frontends.clone(),
@@ -211,13 +207,14 @@ impl Assembly {
             pod_routes: options.pod_routes.clone(),
             frontend_count: self.by_id.len() as u32,
             frontends_by_id: self.by_id.clone(),
-            backend_counter_base: bases,
+            backend_counter_base: Snapshot::counter_bases(&self.by_id),
         }
     }
 }
 
-/// The labelled slices of each (namespace, Service name), by slice name.
-type SlicesOf = HashMap<(String, String), BTreeMap<String, Arc<EndpointSlice>>>;
+/// The labelled slices of each Service (its namespace and the slices' service-name label),
+/// by slice name.
+type SlicesOf = HashMap<ObjectKey, BTreeMap<String, Arc<EndpointSlice>>>;
 
 /// Compiles models into snapshots, recompiling only Services whose inputs changed.
 #[derive(Debug)]
@@ -227,7 +224,7 @@ pub struct Compiler {
     services: BTreeMap<ObjectKey, ServiceEntry>,
     /// Every EndpointSlice of the last model, in model order.
     slices: BTreeMap<ObjectKey, SliceEntry>,
-    /// The labelled slices of each (namespace, Service name), by slice name (model order).
+    /// The labelled slices of each Service, by slice name (model order).
     slices_of: SlicesOf,
     /// The tables of the last compilation.
     assembly: Option<Assembly>,
@@ -427,11 +424,7 @@ impl Compiler {
         let no_slices = BTreeMap::new();
         let slices_of = &self.slices_of;
         let slices_for = |key: &ObjectKey| -> Vec<&Arc<EndpointSlice>> {
-            slices_of
-                .get(&(key.namespace.clone(), key.name.clone()))
-                .unwrap_or(&no_slices)
-                .values()
-                .collect()
+            slices_of.get(key).unwrap_or(&no_slices).values().collect()
         };
         let mut previous = self.services.iter_mut().peekable();
         for (key, service) in &model.services {
@@ -564,7 +557,7 @@ fn sync_slices(
         }
     }
     fn unlink(slices_of: &mut SlicesOf, key: &ObjectKey, service: &str) {
-        let owner = (key.namespace.clone(), service.to_string());
+        let owner = ObjectKey::new(key.namespace.as_str(), service);
         if let Some(of) = slices_of.get_mut(&owner) {
             of.remove(&key.name);
             if of.is_empty() {
@@ -604,7 +597,7 @@ fn sync_slices(
         if let Some(service) = service {
             mark(services, &key.namespace, &service);
             slices_of
-                .entry((key.namespace.clone(), service))
+                .entry(ObjectKey::new(key.namespace.as_str(), service))
                 .or_default()
                 .insert(key.name.clone(), slice.clone());
         }
@@ -1202,7 +1195,6 @@ impl Run<'_> {
             node_ports: FxHashMap::default(),
             service_addresses: FxHashMap::default(),
             by_id: Vec::with_capacity(kept.len()),
-            backend_counts: Vec::with_capacity(kept.len()),
             node_port_addresses,
             warnings: Vec::new(),
             services: 0,
@@ -1214,24 +1206,10 @@ impl Run<'_> {
             ids[i] = Some(id as u32);
             services.insert((&c.service.namespace, &c.service.name));
             let frontend = c.frontend(id as u32);
-            assembly
-                .backend_counts
-                .push(frontend.backends.backends.len() as u32);
-            if c.kind == FrontendKind::NodePort {
-                assembly
-                    .node_ports
-                    .insert((c.protocol, c.port), frontend.clone());
-            } else {
+            if c.kind != FrontendKind::NodePort {
                 assembly.service_addresses.entry(c.addr).or_insert(c.kind);
-                assembly.frontends.insert(
-                    FrontendKey {
-                        addr: c.addr,
-                        protocol: c.protocol,
-                        port: c.port,
-                    },
-                    frontend.clone(),
-                );
             }
+            assembly.place(&frontend);
             assembly.by_id.push(frontend);
         }
         assembly.services = services.len();

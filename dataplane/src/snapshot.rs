@@ -276,15 +276,20 @@ impl Snapshot {
             .cloned()
             .collect();
         by_id.sort_by_key(|f| f.id);
+        self.backend_counter_base = Snapshot::counter_bases(&by_id);
+        self.frontends_by_id = by_id;
+    }
+
+    /// `backend_counter_base` for frontends listed by id: prefix sums of their backends.
+    pub fn counter_bases(by_id: &[Arc<Frontend>]) -> Vec<u32> {
         let mut bases = Vec::with_capacity(by_id.len() + 1);
         let mut next = 0u32;
-        for f in &by_id {
+        for f in by_id {
             bases.push(next);
             next += f.backends.backends.len() as u32;
         }
         bases.push(next);
-        self.frontends_by_id = by_id;
-        self.backend_counter_base = bases;
+        bases
     }
 
     /// Number of per-backend packet counters (see `backend_counter_base`).
