@@ -138,6 +138,23 @@ fn metric(admin: &str, name: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// Workers publish their counters every 10 ms, each on its own clock, and the last
+/// segments of a connection (FIN, final ACK) may still be crossing when the client returns:
+/// a single scrape can catch one worker's hand-off before the other's takeover. Scrape
+/// until two reads 200 ms apart agree.
+fn settled_metric(admin: &str, name: &str) -> Vec<(String, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut previous = metric(admin, name);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let current = metric(admin, name);
+        if current == previous || Instant::now() > deadline {
+            return current;
+        }
+        previous = current;
+    }
+}
+
 fn sample(samples: &[(String, f64)], labels: &str) -> f64 {
     samples
         .iter()
@@ -202,7 +219,7 @@ fn nodeport_snat_flows_cross_workers_and_are_handed_to_their_owner() {
     let run = client.exec_any(&["python3", "-c", CLIENT, &CONNECTIONS.to_string()]);
     let elapsed = started.elapsed();
     let out = String::from_utf8_lossy(&run.stdout).to_string();
-    let handoffs = metric(&admin, "servicegate_handoffs_total");
+    let handoffs = settled_metric(&admin, "servicegate_handoffs_total");
     let inserts = metric(&admin, "servicegate_conntrack_inserts_total");
     let (ok, gw_out, gw_err) = gateway.stop();
     assert!(
