@@ -374,31 +374,39 @@ impl EntryId {
 }
 
 /// One tracked connection: both directions' keys, the translation, state and counters.
+///
+/// Exactly two cache lines, aligned: the first holds what a lookup and the established
+/// path read (keys, translation, snapshot binding, deadline), the second what
+/// [`Conntrack::on_packet`] writes. A 1M-flow table then costs two line fills per packet,
+/// both prefetched by the burst stage, where an unaligned layout straddled three.
 #[derive(Clone, Debug)]
+#[repr(C, align(64))]
 pub struct Entry {
     original: FlowKey,
     reply: FlowKey,
     nat: Nat,
     frontend_id: u32,
-    /// Snapshot generation at which the backend was last validated. The pipeline compares
-    /// it with the current snapshot's and re-validates lazily ([`Conntrack::revalidate`]).
-    pub generation: u64,
     /// The backend's per-backend packet counter in the snapshot of `generation`
     /// ([`NO_COUNTER`]: none), so that counting a packet is one array index.
     backend_counter: u32,
-    state: State,
-    seen_reply: bool,
-    assured: bool,
-    live: bool,
-    created_at: Tick,
-    last_seen: Tick,
     expires_at: Tick,
+    // ----- second line: written per packet
+    /// Snapshot generation at which the backend was last validated. The pipeline compares
+    /// it with the current snapshot's and re-validates lazily ([`Conntrack::revalidate`]).
+    pub generation: u64,
     packets: [u64; 2],
     bytes: [u64; 2],
     /// Free list (free entries) or unassured FIFO (live, unassured entries).
     prev: u32,
     next: u32,
+    state: State,
+    seen_reply: bool,
+    assured: bool,
+    live: bool,
 }
+
+const _: () = assert!(std::mem::size_of::<Entry>() == 128);
+const _: () = assert!(std::mem::offset_of!(Entry, generation) == 64);
 
 impl Entry {
     fn vacant(next: u32) -> Entry {
@@ -420,8 +428,6 @@ impl Entry {
             seen_reply: false,
             assured: false,
             live: false,
-            created_at: 0,
-            last_seen: 0,
             expires_at: 0,
             packets: [0; 2],
             bytes: [0; 2],
@@ -467,12 +473,6 @@ impl Entry {
     /// Not eligible for early drop (TCP established with a reply seen; others replied).
     pub fn assured(&self) -> bool {
         self.assured
-    }
-    pub fn created_at(&self) -> Tick {
-        self.created_at
-    }
-    pub fn last_seen(&self) -> Tick {
-        self.last_seen
     }
     pub fn expires_at(&self) -> Tick {
         self.expires_at
@@ -713,7 +713,13 @@ impl Conntrack {
     /// The raw index probe: the live entry holding `key`, expired or not.
     #[inline]
     fn find(&self, key: &FlowKey) -> Option<(EntryId, Direction)> {
-        let hash = key.hash() as u32;
+        self.find_hashed(key, key.hash())
+    }
+
+    #[inline]
+    fn find_hashed(&self, key: &FlowKey, hash: u64) -> Option<(EntryId, Direction)> {
+        debug_assert_eq!(hash, key.hash());
+        let hash = hash as u32;
         let mut i = hash as usize & self.mask;
         loop {
             let slot = self.index[i];
@@ -735,20 +741,20 @@ impl Conntrack {
         }
     }
 
-    /// Burst prefetch, stage 1: the index slot where probing for `key` starts. Issue it for
-    /// every frame of a burst, then stage 2, then process: the misses overlap instead of
-    /// stalling one packet at a time.
+    /// Burst prefetch, stage 1: the index slot where probing for the key of `hash`
+    /// ([`FlowKey::hash`]) starts. Issue it for every frame of a burst, then stage 2, then
+    /// process: the misses overlap instead of stalling one packet at a time.
     #[inline]
-    pub fn prefetch_slot(&self, key: &FlowKey) {
-        let i = key.hash() as u32 as usize & self.mask;
+    pub fn prefetch_slot(&self, hash: u64) {
+        let i = hash as u32 as usize & self.mask;
         crate::prefetch_read(&self.index[i]);
     }
 
-    /// Burst prefetch, stage 2: the entries the probe sequence of `key` points at (by hash
+    /// Burst prefetch, stage 2: the entries the probe sequence of `hash` points at (by hash
     /// tag only, so that the keys are not compared — which would wait for the entry).
     #[inline]
-    pub fn prefetch_entry(&self, key: &FlowKey) {
-        let hash = key.hash() as u32;
+    pub fn prefetch_entry(&self, hash: u64) {
+        let hash = hash as u32;
         let mut i = hash as usize & self.mask;
         // Bounded: a long run is rare at ≤ 50 % load (two keys per entry, four slots per
         // entry), and this is only a hint.
@@ -771,8 +777,21 @@ impl Conntrack {
     /// expiration) and reported absent.
     #[inline]
     pub fn lookup(&mut self, key: &FlowKey, now: Tick) -> Option<(EntryId, Direction)> {
+        self.lookup_hashed(key, key.hash(), now)
+    }
+
+    /// [`Conntrack::lookup`] with the key's hash ([`FlowKey::hash`]) already computed: the
+    /// pipeline hashes each packet's key once, for this lookup, the insert of a new flow and
+    /// the VXLAN entropy port.
+    #[inline]
+    pub fn lookup_hashed(
+        &mut self,
+        key: &FlowKey,
+        hash: u64,
+        now: Tick,
+    ) -> Option<(EntryId, Direction)> {
         self.stats.lookups += 1;
-        let (id, dir) = self.find(key)?;
+        let (id, dir) = self.find_hashed(key, hash)?;
         if self.entries[id.index()].expires_at <= now {
             self.remove_inner(id.0);
             self.stats.expirations += 1;
@@ -879,8 +898,6 @@ impl Conntrack {
             seen_reply: false,
             assured: false,
             live: true,
-            created_at: now,
-            last_seen: now,
             expires_at,
             packets: [0; 2],
             bytes: [0; 2],
@@ -944,12 +961,11 @@ impl Conntrack {
         len: u32,
         now: Tick,
     ) -> bool {
-        let timeouts = self.timeouts;
+        let timeouts = &self.timeouts;
         let e = &mut self.entries[id.index()];
         debug_assert!(e.live, "stale conntrack handle");
         e.packets[dir as usize] += 1;
         e.bytes[dir as usize] += u64::from(len);
-        e.last_seen = now;
         let was_assured = e.assured;
         let mut reopened = false;
         match e.state {

@@ -59,6 +59,15 @@ impl VecFrame {
         }
     }
 
+    /// Replaces the contents with `bytes` (at most [`Self::CAPACITY`]), reusing the buffer
+    /// the way a driver refills an mbuf.
+    pub fn refill(&mut self, bytes: &[u8]) {
+        let len = bytes.len().min(self.buffer.len() - HEADROOM);
+        self.buffer[HEADROOM..HEADROOM + len].copy_from_slice(&bytes[..len]);
+        self.start = HEADROOM;
+        self.end = HEADROOM + len;
+    }
+
     pub fn into_vec(self) -> Vec<u8> {
         self.buffer[self.start..self.end].to_vec()
     }

@@ -269,9 +269,9 @@ struct Ctx {
     prev_mac: MacAddr,
     /// Outer source of a decapsulated VXLAN frame.
     outer_src: Option<Ipv4Addr>,
-    /// Transport ports of the packet as received (TCP, UDP, SCTP), once parsed, so that
-    /// egress need not parse them again for the VXLAN entropy port.
-    ports: Option<(u16, u16)>,
+    /// The conntrack key hash of the packet as received ([`FlowKey::hash`]), once
+    /// computed: it also gives the VXLAN entropy port, stable per flow and direction.
+    flow_hash: Option<u64>,
 }
 
 /// Token bucket in thousandths of a token.
@@ -625,7 +625,7 @@ impl Pipeline {
             l2,
             prev_mac: src_mac,
             outer_src: None,
-            ports: None,
+            flow_hash: None,
         };
         if let Err(reason) = check_ipv4(frame, l2) {
             return Verdict::Drop(reason);
@@ -821,9 +821,10 @@ impl Pipeline {
             tcp_flags,
         } = l4
         {
-            ctx.ports = Some((sport, dport));
             let key = FlowKey::new(protocol, src, sport, dst, dport);
-            if let Some((id, dir)) = self.ct.lookup(&key, now) {
+            let hash = key.hash();
+            ctx.flow_hash = Some(hash);
+            if let Some((id, dir)) = self.ct.lookup_hashed(&key, hash, now) {
                 // `None`: UDP to a gone backend, handled as a new flow below.
                 if let Some(v) = self.established(frame, ctx, snap, now, stats, id, dir, tcp_flags)
                 {
@@ -1006,7 +1007,7 @@ impl Pipeline {
             // The reply key is known now (without SNAT): start fetching its index slot,
             // which the insert below probes, while the route and counters are looked up.
             let reply = FlowKey::new(key.protocol, backend.0, backend.1, key.src, key.src_port);
-            self.ct.prefetch_slot(&reply);
+            self.ct.prefetch_slot(reply.hash());
         }
         let Some(hop) = self.route(backend.0) else {
             return Verdict::Drop(DropReason::NoRoute);
@@ -1242,7 +1243,15 @@ impl Pipeline {
             e.set_src_addr(port.mac);
             return Verdict::Transmit { port: port.id };
         }
-        self.egress(frame, Ctx { ports: None, ..ctx }, now, hop)
+        self.egress(
+            frame,
+            Ctx {
+                flow_hash: None,
+                ..ctx
+            },
+            now,
+            hop,
+        )
     }
 
     // ----- Routing and egress ----------------------------------------------------------
@@ -1347,35 +1356,23 @@ impl Pipeline {
             }
             rewrite::decrement_ttl(ip);
         }
-        let ports = ctx.ports.map(|(sport, dport)| {
-            (
-                rw.src.map_or(sport, |(_, p)| p),
-                rw.dst.map_or(dport, |(_, p)| p),
-            )
-        });
-        self.egress(frame, Ctx { ports, ..ctx }, now, hop)
+        self.egress(frame, ctx, now, hop)
     }
 
-    /// Encapsulates when the hop says so, then sets MACs. `ctx.ports` are the packet's
-    /// current transport ports when known.
+    /// Encapsulates when the hop says so, then sets MACs.
     fn egress<F: Frame>(&mut self, frame: &mut F, ctx: Ctx, now: Tick, hop: Hop) -> Verdict {
         let port_mac = self.ports[hop.port].mac;
         if let (Some(vtep), Some(vx)) = (hop.vtep, &self.vxlan) {
-            let entropy = {
+            let entropy = ctx.flow_hash.unwrap_or_else(|| {
                 let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
-                let (sport, dport) = match ctx.ports {
-                    Some(ports) => ports,
-                    None => {
-                        match rewrite::parse_l4(ip.protocol(), ip.frag_offset() == 0, ip.payload())
-                        {
-                            Ok(L4::Ports { sport, dport, .. }) => (sport, dport),
-                            Ok(L4::Echo { ident, .. }) => (ident, ident),
-                            _ => (0, 0),
-                        }
-                    }
-                };
+                let (sport, dport) =
+                    match rewrite::parse_l4(ip.protocol(), ip.frag_offset() == 0, ip.payload()) {
+                        Ok(L4::Ports { sport, dport, .. }) => (sport, dport),
+                        Ok(L4::Echo { ident, .. }) => (ident, ident),
+                        _ => (0, 0),
+                    };
                 rewrite::flow_hash(ip.protocol(), ip.src(), sport, ip.dst(), dport)
-            };
+            });
             {
                 let mut inner = EthernetFrame::new_unchecked(frame.data_mut());
                 inner.set_dst_addr(self.vtep_mac(vtep));
@@ -1411,27 +1408,71 @@ impl Pipeline {
 
     // ----- Burst prefetch --------------------------------------------------------------
 
-    /// Runs ahead of a burst (VPP/DPVS style): computes each frame's conntrack key from its
-    /// headers, prefetches the index slots, then the entries they point at, so that the
-    /// table misses of a whole burst overlap instead of stalling packet by packet. Frames
-    /// beyond [`PREFETCH_BURST`] are left alone. Changes nothing but cache contents.
+    /// Runs ahead of a burst (VPP/DPVS style): computes each frame's conntrack key hash
+    /// from its headers, prefetches the index slots, then the entries they point at, so
+    /// that the table misses of a whole burst overlap instead of stalling packet by packet.
+    /// Frames beyond [`PREFETCH_BURST`] are left alone. Changes nothing but cache contents.
     pub fn prefetch_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) {
-        let mut keys = [None; PREFETCH_BURST];
-        for (key, data) in keys.iter_mut().zip(frames) {
-            *key = self.lookup_key(data);
-            if let Some(key) = key {
-                self.ct.prefetch_slot(key);
+        let mut hashes = [0u64; PREFETCH_BURST];
+        let mut count = 0;
+        for data in frames.take(PREFETCH_BURST) {
+            if let Some(key) = self.prefetch_key(data) {
+                let hash = key.hash();
+                self.ct.prefetch_slot(hash);
+                hashes[count] = hash;
+                count += 1;
             }
         }
-        for key in keys.iter().flatten() {
-            self.ct.prefetch_entry(key);
+        for &hash in &hashes[..count] {
+            self.ct.prefetch_entry(hash);
         }
     }
 
-    /// The key a frame's conntrack lookup will use (the inner flow of VXLAN), or `None`.
-    fn lookup_key(&self, data: &[u8]) -> Option<FlowKey> {
-        let (protocol, src, sport, dst, dport, _) = self.flow_of(data)?;
-        Some(FlowKey::new(protocol, src, sport, dst, dport))
+    /// The conntrack key of the common frame shapes, read at fixed offsets: untagged
+    /// Ethernet, IPv4 without options or fragmentation, TCP/UDP/SCTP, directly or inside
+    /// VXLAN. Only a hint, so it skips the validation the stages do (and the rarer shapes:
+    /// VLAN tags, IPv4 options, ICMP): a wrong or missing key costs a wasted prefetch.
+    #[inline]
+    fn prefetch_key(&self, data: &[u8]) -> Option<FlowKey> {
+        /// Ethernet, IPv4 without options, the transport ports.
+        const SPAN: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + 4;
+        fn plain(h: &[u8; SPAN]) -> Option<FlowKey> {
+            let is_ipv4 = h[12] == 0x08 && h[13] == 0x00 && h[14] == 0x45;
+            // No MF flag, no fragment offset.
+            let whole = h[20] & 0x3f == 0 && h[21] == 0;
+            if !(is_ipv4 && whole) {
+                return None;
+            }
+            let protocol = h[23];
+            if !matches!(
+                protocol,
+                ipv4::PROTO_TCP | ipv4::PROTO_UDP | ipv4::PROTO_SCTP
+            ) {
+                return None;
+            }
+            let addr = |at: usize| Ipv4Addr::new(h[at], h[at + 1], h[at + 2], h[at + 3]);
+            let port = |at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
+            Some(FlowKey::new(
+                protocol,
+                addr(26),
+                port(34),
+                addr(30),
+                port(36),
+            ))
+        }
+        let key = plain(data.first_chunk::<SPAN>()?)?;
+        match &self.vxlan {
+            Some(vx)
+                if key.protocol == ipv4::PROTO_UDP
+                    && key.dst == vx.local_vtep
+                    && key.dst_port == vx.udp_port =>
+            {
+                // The inner frame starts after outer Ethernet, IPv4, UDP and VXLAN.
+                let inner = data.get(VXLAN_OVERHEAD..)?;
+                plain(inner.first_chunk::<SPAN>()?)
+            }
+            _ => Some(key),
+        }
     }
 
     // ----- Ownership -------------------------------------------------------------------

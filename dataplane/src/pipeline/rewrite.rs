@@ -9,7 +9,7 @@ use crate::wire::checksum;
 use crate::wire::ethernet::{self, EthernetFrame, MacAddr};
 use crate::wire::icmp::{self, IcmpPacket};
 use crate::wire::ipv4::{self, Ipv4Packet};
-use crate::wire::{SctpPacket, TcpPacket, UdpPacket, VxlanPacket};
+use crate::wire::{vxlan, SctpPacket, TcpPacket, UdpPacket};
 
 /// Bytes VXLAN adds in front of the inner Ethernet frame: outer Ethernet, IPv4, UDP, VXLAN.
 pub const VXLAN_OVERHEAD: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + 8 + 8;
@@ -289,32 +289,48 @@ pub fn vxlan_encap(frame: &mut impl crate::frame::Frame, inner_ip: usize, e: &En
     ) else {
         return false;
     };
-    // Built on the stack and copied in one go: the outer headers are fixed but for a few
-    // fields, and writing them through the views costs a bounds check per field.
-    let mut outer = [0u8; VXLAN_OVERHEAD];
-    let (eth, rest) = outer.split_at_mut(ethernet::HEADER_LEN);
-    eth[6..12].copy_from_slice(e.src_mac.as_bytes());
-    eth[12..14].copy_from_slice(&ethernet::ETHERTYPE_IPV4.to_be_bytes());
-    let (ip, rest) = rest.split_at_mut(ipv4::HEADER_LEN);
-    ip[0] = 0x45;
-    ip[1] = tos;
-    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
-    ip[6] = if df { 0x40 } else { 0 };
-    ip[8] = 64;
-    ip[9] = ipv4::PROTO_UDP;
-    ip[12..16].copy_from_slice(&e.local_vtep.octets());
-    ip[16..20].copy_from_slice(&e.remote_vtep.octets());
-    let ip_checksum = checksum::compute(0, ip);
-    ip[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
-    let (udp, vxlan) = rest.split_at_mut(8);
-    udp[0..2].copy_from_slice(&(49152 + (e.entropy % 16384) as u16).to_be_bytes());
-    udp[2..4].copy_from_slice(&e.udp_port.to_be_bytes());
-    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
-    // UDP checksum 0: allowed for VXLAN over IPv4 (RFC 7348 §5).
-    VxlanPacket::new_unchecked(&mut vxlan[..]).init(e.vni);
     if !frame.prepend(VXLAN_OVERHEAD) {
         return false;
     }
-    frame.data_mut()[..VXLAN_OVERHEAD].copy_from_slice(&outer);
+    // Written field by field straight into the headroom, through a fixed-size view (no
+    // bounds checks), with the outer IPv4 checksum summed from the values: building the
+    // header elsewhere and copying it, or summing the bytes just written, makes the CPU
+    // wait for its own narrow stores (failed store-to-load forwarding).
+    let Some(outer) = frame.data_mut().first_chunk_mut::<VXLAN_OVERHEAD>() else {
+        return false;
+    };
+    let (local, remote) = (u32::from(e.local_vtep), u32::from(e.remote_vtep));
+    let flags: u16 = if df { 0x4000 } else { 0 };
+    let ttl_protocol = (64u16 << 8) | u16::from(ipv4::PROTO_UDP);
+    let version_tos = 0x4500 | u16::from(tos);
+    let ip_checksum = !checksum::fold(
+        u32::from(version_tos)
+            + u32::from(ip_len)
+            + u32::from(flags)
+            + u32::from(ttl_protocol)
+            + (local >> 16)
+            + (local & 0xffff)
+            + (remote >> 16)
+            + (remote & 0xffff),
+    );
+    let source_port = 49152 + (e.entropy % 16384) as u16;
+    outer[0..6].fill(0);
+    outer[6..12].copy_from_slice(e.src_mac.as_bytes());
+    outer[12..14].copy_from_slice(&ethernet::ETHERTYPE_IPV4.to_be_bytes());
+    outer[14..16].copy_from_slice(&version_tos.to_be_bytes());
+    outer[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    outer[18..20].fill(0);
+    outer[20..22].copy_from_slice(&flags.to_be_bytes());
+    outer[22..24].copy_from_slice(&ttl_protocol.to_be_bytes());
+    outer[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
+    outer[26..30].copy_from_slice(&local.to_be_bytes());
+    outer[30..34].copy_from_slice(&remote.to_be_bytes());
+    outer[34..36].copy_from_slice(&source_port.to_be_bytes());
+    outer[36..38].copy_from_slice(&e.udp_port.to_be_bytes());
+    outer[38..40].copy_from_slice(&udp_len.to_be_bytes());
+    // UDP checksum 0: allowed for VXLAN over IPv4 (RFC 7348 §5). VXLAN: I flag, VNI.
+    outer[40..42].fill(0);
+    outer[42..46].copy_from_slice(&(u32::from(vxlan::FLAG_I) << 24).to_be_bytes());
+    outer[46..50].copy_from_slice(&((e.vni & 0x00ff_ffff) << 8).to_be_bytes());
     true
 }

@@ -1082,6 +1082,44 @@ fn vxlan_out_toward_the_node_vtep() {
 }
 
 #[test]
+fn burst_prefetch_reads_the_key_the_lookup_uses() {
+    let p = pipeline();
+    let key = |proto, s: &str, d: &str| {
+        let (s, d) = (sa(s), sa(d));
+        Some(FlowKey::new(proto, *s.ip(), s.port(), *d.ip(), d.port()))
+    };
+    let tcp = from_router().tcp_v4(
+        sa("203.0.113.5:40000"),
+        sa("10.96.0.10:80"),
+        TcpFlags::ACK,
+        b"",
+    );
+    assert_eq!(
+        p.prefetch_key(&tcp),
+        key(ipv4::PROTO_TCP, "203.0.113.5:40000", "10.96.0.10:80")
+    );
+    // VXLAN: the inner flow, which is what the stages look up after decapsulation.
+    let inner = pod_inner().udp_v4(sa("10.245.2.9:5353"), sa("10.96.0.10:53"), b"dns");
+    assert_eq!(
+        p.prefetch_key(&from_node2(&inner)),
+        key(ipv4::PROTO_UDP, "10.245.2.9:5353", "10.96.0.10:53")
+    );
+    // Rarer shapes and truncated frames get no hint (the stages parse them fully).
+    let tagged = from_router()
+        .vlan(7)
+        .udp_v4(sa("203.0.113.5:1"), sa("10.96.0.10:53"), b"");
+    let options = from_router().ip_options(&[1, 1, 1, 0]).udp_v4(
+        sa("203.0.113.5:1"),
+        sa("10.96.0.10:53"),
+        b"",
+    );
+    let echo = from_router().icmp_echo_v4(ip("203.0.113.5"), ip("10.96.0.10"), true, 1, 1, b"");
+    for frame in [&tagged, &options, &echo, &tcp[..37].to_vec()] {
+        assert_eq!(p.prefetch_key(frame), None);
+    }
+}
+
+#[test]
 fn vxlan_drops() {
     let snap = empty_snapshot();
     let inner = pod_inner().udp_v4(sa("10.245.2.9:5353"), sa("8.8.8.8:53"), b"dns");

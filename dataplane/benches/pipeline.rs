@@ -1,0 +1,214 @@
+//! The whole pipeline on bursts of established flows, without DPDK or I/O:
+//! `cargo bench -p dataplane --bench pipeline`. Frames are plain buffers; what this measures
+//! is the per-packet cost of the stages (prefetch, parse, conntrack, NAT, route, VXLAN
+//! encapsulation, L2) that `perf`'s end-to-end figures add on top of the I/O ceiling.
+
+use std::hint::black_box;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use dataplane::conntrack::ConntrackConfig;
+use dataplane::frame::{Frame, VecFrame};
+use dataplane::maglev::MaglevTable;
+use dataplane::pipeline::{
+    Pipeline, PipelineConfig, PortConfig, PortRole, RouteConfig, Verdict, VxlanConfig,
+    PREFETCH_BURST,
+};
+use dataplane::snapshot::{
+    Backend, BackendSet, EndpointState, Frontend, FrontendKey, FrontendKind, InternalPolicy,
+    PodCidrRoute, Protocol, ServicePortName, Snapshot,
+};
+use dataplane::stats::WorkerStats;
+use dataplane::wire::build::FrameBuilder;
+use dataplane::wire::{MacAddr, TcpFlags};
+
+const UPLINK_MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 1]);
+const CLUSTER_MAC: MacAddr = MacAddr([2, 0, 0, 0, 1, 1]);
+const ROUTER_MAC: MacAddr = MacAddr([2, 0xee, 0, 0, 0, 0xfe]);
+const NODE_MAC: MacAddr = MacAddr([2, 0xaa, 0, 0, 0, 2]);
+const SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+
+fn pipeline(flows: usize) -> Pipeline {
+    Pipeline::new(PipelineConfig {
+        ports: vec![
+            PortConfig {
+                id: 0,
+                mac: UPLINK_MAC,
+                addresses: vec!["192.0.2.1/24".parse().unwrap()],
+                role: PortRole::Uplink,
+                mtu: 1500,
+                exception_port: None,
+            },
+            PortConfig {
+                id: 1,
+                mac: CLUSTER_MAC,
+                addresses: vec!["10.0.0.1/24".parse().unwrap()],
+                role: PortRole::Cluster,
+                mtu: 1500,
+                exception_port: None,
+            },
+        ],
+        routes: vec![RouteConfig {
+            prefix: "0.0.0.0/0".parse().unwrap(),
+            via: Some(Ipv4Addr::new(192, 0, 2, 254)),
+            port: 0,
+        }],
+        static_neighbors: vec![
+            (0, Ipv4Addr::new(192, 0, 2, 254), ROUTER_MAC),
+            (1, Ipv4Addr::new(10, 0, 0, 2), NODE_MAC),
+        ],
+        vxlan: Some(VxlanConfig {
+            udp_port: 4789,
+            vni: 1,
+            local_vtep: Ipv4Addr::new(10, 0, 0, 1),
+        }),
+        snat_addresses: vec![],
+        snat_port_range: 32768..=60999,
+        conntrack: ConntrackConfig {
+            capacity: (flows * 2).next_power_of_two().max(1024),
+            ..ConntrackConfig::default()
+        },
+        affinity_capacity: 256,
+        icmp_errors_per_second: 100,
+        worker_index: 0,
+        workers: 1,
+        neighbor_timeout_ms: 30_000,
+    })
+    .expect("pipeline")
+}
+
+/// One ClusterIP with three pods on a remote node (reached through VXLAN).
+fn snapshot() -> Snapshot {
+    let backends: Vec<Backend> = (2..5)
+        .map(|i| Backend {
+            addr: Ipv4Addr::new(10, 245, 2, i),
+            port: 9376,
+            state: EndpointState::Ready,
+            node: Some(Arc::from("node-2")),
+        })
+        .collect();
+    let pairs: Vec<(Ipv4Addr, u16)> = backends.iter().map(|b| (b.addr, b.port)).collect();
+    let set = Arc::new(BackendSet {
+        maglev: MaglevTable::build(&pairs, 16381),
+        usable: (0..backends.len() as u32).collect(),
+        backends,
+    });
+    let frontend = Arc::new(Frontend {
+        id: 0,
+        service: ServicePortName {
+            namespace: Arc::from("default"),
+            name: Arc::from("web"),
+            port_name: Arc::from(""),
+            protocol: Protocol::Tcp,
+        },
+        kind: FrontendKind::ClusterIp,
+        addr: *SERVICE.ip(),
+        protocol: Protocol::Tcp,
+        port: SERVICE.port(),
+        backends: set,
+        masquerade: false,
+        source_ranges: vec![],
+        affinity_timeout_secs: None,
+        internal_policy: InternalPolicy::Cluster,
+    });
+    let mut s = Snapshot {
+        generation: 1,
+        service_cidr: Some("10.96.0.0/12".parse().unwrap()),
+        pod_routes: vec![PodCidrRoute {
+            cidr: "10.245.2.0/24".parse().unwrap(),
+            vtep: Ipv4Addr::new(10, 0, 0, 2),
+            vni: 1,
+            node: Some(Arc::from("node-2")),
+            vtep_mac: Some(NODE_MAC),
+        }],
+        ..Snapshot::default()
+    };
+    s.service_addresses
+        .insert(frontend.addr, FrontendKind::ClusterIp);
+    s.frontends.insert(
+        FrontendKey {
+            addr: frontend.addr,
+            protocol: Protocol::Tcp,
+            port: frontend.port,
+        },
+        frontend,
+    );
+    s.frontend_count = 1;
+    s.index_counters();
+    s
+}
+
+/// 64-byte TCP ACKs from `flows` distinct clients to the Service.
+fn frames(flows: usize) -> Vec<Vec<u8>> {
+    (0..flows)
+        .map(|i| {
+            let client = Ipv4Addr::from(0x0a01_0000 + (i as u32 >> 14));
+            FrameBuilder::new(ROUTER_MAC, UPLINK_MAC).pad(true).tcp_v4(
+                SocketAddrV4::new(client, 1024 + (i as u16 & 0x3fff)),
+                SERVICE,
+                TcpFlags::ACK,
+                b"",
+            )
+        })
+        .collect()
+}
+
+/// What a worker does with a received burst. Not inlined, so that instruction counts
+/// (`valgrind --tool=callgrind --toggle-collect='*run_burst*'`) can be taken per burst.
+#[inline(never)]
+fn run_burst(
+    pipeline: &mut Pipeline,
+    burst: &mut [VecFrame],
+    snap: &Snapshot,
+    stats: &mut WorkerStats,
+) {
+    pipeline.prefetch_burst(burst.iter().map(|f| f.data()));
+    for frame in burst.iter_mut() {
+        black_box(pipeline.process(frame, 0, snap, 2, stats));
+    }
+}
+
+fn established(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pipeline established ClusterIP + VXLAN encap");
+    g.throughput(Throughput::Elements(PREFETCH_BURST as u64));
+    for flows in [1usize, 10_000, 1_000_000] {
+        let mut pipeline = pipeline(flows);
+        let snap = snapshot();
+        let mut stats = WorkerStats::default();
+        let templates = frames(flows);
+        for t in &templates {
+            let verdict = pipeline.process(&mut VecFrame::new(t), 0, &snap, 1, &mut stats);
+            assert!(
+                matches!(verdict, Verdict::Transmit { port: 1 }),
+                "{verdict:?}"
+            );
+        }
+        // One burst of buffers, refilled before each run like a driver's mbufs: the frames
+        // are hot in cache, the tables as hot as the flow count lets them be.
+        let mut burst: Vec<VecFrame> = (0..PREFETCH_BURST)
+            .map(|_| VecFrame::new(&templates[0]))
+            .collect();
+        let mut next = 0usize;
+        g.bench_function(format!("{flows} flows"), |b| {
+            b.iter(|| {
+                for frame in burst.iter_mut() {
+                    next = (next + 7919) % templates.len();
+                    frame.refill(&templates[next]);
+                }
+                run_burst(&mut pipeline, &mut burst, &snap, &mut stats);
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = established
+}
+criterion_main!(benches);
