@@ -161,25 +161,49 @@ fn frames(flows: usize) -> Vec<Vec<u8>> {
 fn run_burst(
     pipeline: &mut Pipeline,
     burst: &mut [VecFrame],
+    in_port: u16,
     snap: &Snapshot,
     stats: &mut WorkerStats,
 ) {
     pipeline.prefetch_burst(burst.iter().map(|f| f.data()));
     for frame in burst.iter_mut() {
-        black_box(pipeline.process(frame, 0, snap, 2, stats));
+        black_box(pipeline.process(frame, in_port, snap, 2, stats));
     }
+}
+
+/// The same flows arriving from a node's VTEP, VXLAN-encapsulated (a pod calling the
+/// Service through the gateway).
+fn vxlan_frames(flows: usize) -> Vec<Vec<u8>> {
+    frames(flows)
+        .iter()
+        .map(|inner| {
+            FrameBuilder::new(NODE_MAC, CLUSTER_MAC).vxlan_encap(
+                Ipv4Addr::new(10, 0, 0, 2),
+                Ipv4Addr::new(10, 0, 0, 1),
+                51000,
+                1,
+                inner,
+            )
+        })
+        .collect()
 }
 
 fn established(c: &mut Criterion) {
     let mut g = c.benchmark_group("pipeline established ClusterIP + VXLAN encap");
     g.throughput(Throughput::Elements(PREFETCH_BURST as u64));
-    for flows in [1usize, 10_000, 1_000_000] {
+    let scenarios: [(&str, usize, u16, fn(usize) -> Vec<Vec<u8>>); 4] = [
+        ("1 flows", 1, 0, frames),
+        ("10000 flows", 10_000, 0, frames),
+        ("1000000 flows", 1_000_000, 0, frames),
+        ("vxlan in, 10000 flows", 10_000, 1, vxlan_frames),
+    ];
+    for (name, flows, in_port, make) in scenarios {
         let mut pipeline = pipeline(flows);
         let snap = snapshot();
         let mut stats = WorkerStats::default();
-        let templates = frames(flows);
+        let templates = make(flows);
         for t in &templates {
-            let verdict = pipeline.process(&mut VecFrame::new(t), 0, &snap, 1, &mut stats);
+            let verdict = pipeline.process(&mut VecFrame::new(t), in_port, &snap, 1, &mut stats);
             assert!(
                 matches!(verdict, Verdict::Transmit { port: 1 }),
                 "{verdict:?}"
@@ -191,13 +215,13 @@ fn established(c: &mut Criterion) {
             .map(|_| VecFrame::new(&templates[0]))
             .collect();
         let mut next = 0usize;
-        g.bench_function(format!("{flows} flows"), |b| {
+        g.bench_function(name, |b| {
             b.iter(|| {
                 for frame in burst.iter_mut() {
                     next = (next + 7919) % templates.len();
                     frame.refill(&templates[next]);
                 }
-                run_burst(&mut pipeline, &mut burst, &snap, &mut stats);
+                run_burst(&mut pipeline, &mut burst, in_port, &snap, &mut stats);
             })
         });
     }

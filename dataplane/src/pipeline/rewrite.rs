@@ -93,20 +93,18 @@ pub fn flow_hash(protocol: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: 
 pub fn nat(ip: &mut [u8], src: Option<(Ipv4Addr, u16)>, dst: Option<(Ipv4Addr, u16)>) {
     let mut p = Ipv4Packet::new_unchecked(&mut *ip);
     let protocol = p.protocol();
-    let (old_src, old_dst) = (u32::from(p.src()), u32::from(p.dst()));
-    let mut ip_sum = p.checksum();
-    let (mut new_src, mut new_dst) = (old_src, old_dst);
+    // One change sum for the addresses (IPv4 header and pseudo-header), another for the
+    // ports: each checksum is then patched once.
+    let mut addresses = checksum::Delta::default();
     if let Some((a, _)) = src {
-        new_src = u32::from(a);
+        addresses = addresses.u32(u32::from(p.src()), u32::from(a));
         p.set_src(a);
-        ip_sum = checksum::update_u32(ip_sum, old_src, new_src);
     }
     if let Some((a, _)) = dst {
-        new_dst = u32::from(a);
+        addresses = addresses.u32(u32::from(p.dst()), u32::from(a));
         p.set_dst(a);
-        ip_sum = checksum::update_u32(ip_sum, old_dst, new_dst);
     }
-    p.set_checksum(ip_sum);
+    p.set_checksum(addresses.apply(p.checksum()));
     if p.is_fragment() && p.frag_offset() != 0 {
         return;
     }
@@ -116,35 +114,31 @@ pub fn nat(ip: &mut [u8], src: Option<(Ipv4Addr, u16)>, dst: Option<(Ipv4Addr, u
             let Ok(mut t) = TcpPacket::new_checked(seg) else {
                 return;
             };
-            let mut c = t.checksum();
-            c = checksum::update_u32(c, old_src, new_src);
-            c = checksum::update_u32(c, old_dst, new_dst);
+            let mut change = addresses;
             if let Some((_, port)) = src {
-                c = checksum::update_u16(c, t.src_port(), port);
+                change = change.u16(t.src_port(), port);
                 t.set_src_port(port);
             }
             if let Some((_, port)) = dst {
-                c = checksum::update_u16(c, t.dst_port(), port);
+                change = change.u16(t.dst_port(), port);
                 t.set_dst_port(port);
             }
-            t.set_checksum(c);
+            t.set_checksum(change.apply(t.checksum()));
         }
         ipv4::PROTO_UDP => {
             let Ok(mut u) = UdpPacket::new_checked(seg) else {
                 return;
             };
-            let mut c = u.checksum();
-            c = checksum::update_udp_u32(c, old_src, new_src);
-            c = checksum::update_udp_u32(c, old_dst, new_dst);
+            let mut change = addresses;
             if let Some((_, port)) = src {
-                c = checksum::update_udp_u16(c, u.src_port(), port);
+                change = change.u16(u.src_port(), port);
                 u.set_src_port(port);
             }
             if let Some((_, port)) = dst {
-                c = checksum::update_udp_u16(c, u.dst_port(), port);
+                change = change.u16(u.dst_port(), port);
                 u.set_dst_port(port);
             }
-            u.set_checksum(c);
+            u.set_checksum(change.apply_udp(u.checksum()));
         }
         ipv4::PROTO_SCTP => {
             let Ok(mut s) = SctpPacket::new_checked(seg) else {
