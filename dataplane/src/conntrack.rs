@@ -118,10 +118,29 @@ impl FlowKey {
     /// index the table. Not symmetric: `k.hash() != k.reversed().hash()` in general.
     #[inline]
     pub fn hash(&self) -> u64 {
-        let addrs = (u64::from(u32::from(self.src)) << 32) | u64::from(u32::from(self.dst));
-        let rest = (u64::from(self.src_port) << 32)
-            | (u64::from(self.dst_port) << 16)
-            | u64::from(self.protocol);
+        Self::hash_of(
+            self.protocol,
+            self.src,
+            self.src_port,
+            self.dst,
+            self.dst_port,
+        )
+    }
+
+    /// [`FlowKey::hash`] of the key these fields would make. The packet path hashes the
+    /// values it just parsed with this: hashing a key it has just built in memory makes
+    /// the compiler load the two addresses as one word from two narrower stores, which
+    /// stalls (failed store-to-load forwarding).
+    #[inline]
+    pub fn hash_of(
+        protocol: u8,
+        src: Ipv4Addr,
+        src_port: u16,
+        dst: Ipv4Addr,
+        dst_port: u16,
+    ) -> u64 {
+        let addrs = (u64::from(u32::from(src)) << 32) | u64::from(u32::from(dst));
+        let rest = (u64::from(src_port) << 32) | (u64::from(dst_port) << 16) | u64::from(protocol);
         fmix64(addrs ^ fmix64(rest ^ 0x636f_6e6e_7472_6b31))
     }
 }

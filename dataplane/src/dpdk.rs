@@ -269,6 +269,11 @@ impl Mbuf {
         unsafe { self.mbuf.as_ref() }
     }
 
+    fn raw_mut(&mut self) -> &mut sys::rte_mbuf {
+        // SAFETY: we own a valid mbuf for the life of self, exclusively through &mut self.
+        unsafe { self.mbuf.as_mut() }
+    }
+
     /// The port the frame arrived on.
     pub fn port(&self) -> u16 {
         self.raw().port
@@ -389,10 +394,24 @@ impl Frame for Mbuf {
         unsafe { std::slice::from_raw_parts_mut(addr.add(off), len) }
     }
 
+    // `prepend` and `trim` run on every encapsulated or padded frame: for the single
+    // segment the workers produce they are two field updates here, not a call into DPDK's
+    // out-of-line wrapper of its inline function (which does the same).
+    #[inline]
     fn prepend(&mut self, len: usize) -> bool {
         let Ok(len) = u16::try_from(len) else {
             return false;
         };
+        let m = self.raw_mut();
+        if m.nb_segs == 1 {
+            if len > m.data_off {
+                return false;
+            }
+            m.data_off -= len;
+            m.data_len += len;
+            m.pkt_len += u32::from(len);
+            return true;
+        }
         // SAFETY: we own the mbuf; rte_pktmbuf_prepend checks the headroom itself.
         !unsafe { sys::rte_pktmbuf_prepend(self.mbuf.as_ptr(), len) }.is_null()
     }
@@ -405,10 +424,20 @@ impl Frame for Mbuf {
         !unsafe { sys::rte_pktmbuf_adj(self.mbuf.as_ptr(), len) }.is_null()
     }
 
+    #[inline]
     fn trim(&mut self, len: usize) -> bool {
         let Ok(len) = u16::try_from(len) else {
             return false;
         };
+        let m = self.raw_mut();
+        if m.nb_segs == 1 {
+            if len > m.data_len {
+                return false;
+            }
+            m.data_len -= len;
+            m.pkt_len -= u32::from(len);
+            return true;
+        }
         // SAFETY: we own the mbuf; rte_pktmbuf_trim checks the length itself.
         unsafe { sys::rte_pktmbuf_trim(self.mbuf.as_ptr(), len) == 0 }
     }

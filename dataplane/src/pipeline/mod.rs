@@ -821,8 +821,8 @@ impl Pipeline {
             tcp_flags,
         } = l4
         {
+            let hash = FlowKey::hash_of(protocol, src, sport, dst, dport);
             let key = FlowKey::new(protocol, src, sport, dst, dport);
-            let hash = key.hash();
             ctx.flow_hash = Some(hash);
             if let Some((id, dir)) = self.ct.lookup_hashed(&key, hash, now) {
                 // `None`: UDP to a gone backend, handled as a new flow below.
@@ -1416,8 +1416,7 @@ impl Pipeline {
         let mut hashes = [0u64; PREFETCH_BURST];
         let mut count = 0;
         for data in frames.take(PREFETCH_BURST) {
-            if let Some(key) = self.prefetch_key(data) {
-                let hash = key.hash();
+            if let Some(hash) = self.prefetch_hash(data) {
                 self.ct.prefetch_slot(hash);
                 hashes[count] = hash;
                 count += 1;
@@ -1428,15 +1427,17 @@ impl Pipeline {
         }
     }
 
-    /// The conntrack key of the common frame shapes, read at fixed offsets: untagged
+    /// The conntrack key hash ([`FlowKey::hash`]) of the common frame shapes, read at
+    /// fixed offsets: untagged
     /// Ethernet, IPv4 without options or fragmentation, TCP/UDP/SCTP, directly or inside
     /// VXLAN. Only a hint, so it skips the validation the stages do (and the rarer shapes:
     /// VLAN tags, IPv4 options, ICMP): a wrong or missing key costs a wasted prefetch.
     #[inline]
-    fn prefetch_key(&self, data: &[u8]) -> Option<FlowKey> {
+    fn prefetch_hash(&self, data: &[u8]) -> Option<u64> {
         /// Ethernet, IPv4 without options, the transport ports.
         const SPAN: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + 4;
-        fn plain(h: &[u8; SPAN]) -> Option<FlowKey> {
+        /// (protocol, destination, destination port, hash)
+        fn plain(h: &[u8; SPAN]) -> Option<(u8, Ipv4Addr, u16, u64)> {
             let is_ipv4 = h[12] == 0x08 && h[13] == 0x00 && h[14] == 0x45;
             // No MF flag, no fragment offset.
             let whole = h[20] & 0x3f == 0 && h[21] == 0;
@@ -1452,26 +1453,20 @@ impl Pipeline {
             }
             let addr = |at: usize| Ipv4Addr::new(h[at], h[at + 1], h[at + 2], h[at + 3]);
             let port = |at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
-            Some(FlowKey::new(
-                protocol,
-                addr(26),
-                port(34),
-                addr(30),
-                port(36),
-            ))
+            let (dst, dport) = (addr(30), port(36));
+            let hash = FlowKey::hash_of(protocol, addr(26), port(34), dst, dport);
+            Some((protocol, dst, dport, hash))
         }
-        let key = plain(data.first_chunk::<SPAN>()?)?;
+        let (protocol, dst, dport, hash) = plain(data.first_chunk::<SPAN>()?)?;
         match &self.vxlan {
             Some(vx)
-                if key.protocol == ipv4::PROTO_UDP
-                    && key.dst == vx.local_vtep
-                    && key.dst_port == vx.udp_port =>
+                if protocol == ipv4::PROTO_UDP && dst == vx.local_vtep && dport == vx.udp_port =>
             {
                 // The inner frame starts after outer Ethernet, IPv4, UDP and VXLAN.
                 let inner = data.get(VXLAN_OVERHEAD..)?;
-                plain(inner.first_chunk::<SPAN>()?)
+                plain(inner.first_chunk::<SPAN>()?).map(|(.., hash)| hash)
             }
-            _ => Some(key),
+            _ => Some(hash),
         }
     }
 

@@ -1086,7 +1086,7 @@ fn burst_prefetch_reads_the_key_the_lookup_uses() {
     let p = pipeline();
     let key = |proto, s: &str, d: &str| {
         let (s, d) = (sa(s), sa(d));
-        Some(FlowKey::new(proto, *s.ip(), s.port(), *d.ip(), d.port()))
+        Some(FlowKey::new(proto, *s.ip(), s.port(), *d.ip(), d.port()).hash())
     };
     let tcp = from_router().tcp_v4(
         sa("203.0.113.5:40000"),
@@ -1095,13 +1095,13 @@ fn burst_prefetch_reads_the_key_the_lookup_uses() {
         b"",
     );
     assert_eq!(
-        p.prefetch_key(&tcp),
+        p.prefetch_hash(&tcp),
         key(ipv4::PROTO_TCP, "203.0.113.5:40000", "10.96.0.10:80")
     );
     // VXLAN: the inner flow, which is what the stages look up after decapsulation.
     let inner = pod_inner().udp_v4(sa("10.245.2.9:5353"), sa("10.96.0.10:53"), b"dns");
     assert_eq!(
-        p.prefetch_key(&from_node2(&inner)),
+        p.prefetch_hash(&from_node2(&inner)),
         key(ipv4::PROTO_UDP, "10.245.2.9:5353", "10.96.0.10:53")
     );
     // Rarer shapes and truncated frames get no hint (the stages parse them fully).
@@ -1115,7 +1115,7 @@ fn burst_prefetch_reads_the_key_the_lookup_uses() {
     );
     let echo = from_router().icmp_echo_v4(ip("203.0.113.5"), ip("10.96.0.10"), true, 1, 1, b"");
     for frame in [&tagged, &options, &echo, &tcp[..37].to_vec()] {
-        assert_eq!(p.prefetch_key(frame), None);
+        assert_eq!(p.prefetch_hash(frame), None);
     }
 }
 
