@@ -188,10 +188,13 @@ fn vxlan_frames(flows: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Builds the frames of `flows` distinct flows.
+type FrameMaker = fn(usize) -> Vec<Vec<u8>>;
+
 fn established(c: &mut Criterion) {
     let mut g = c.benchmark_group("pipeline established ClusterIP + VXLAN encap");
     g.throughput(Throughput::Elements(PREFETCH_BURST as u64));
-    let scenarios: [(&str, usize, u16, fn(usize) -> Vec<Vec<u8>>); 4] = [
+    let scenarios: [(&str, usize, u16, FrameMaker); 4] = [
         ("1 flows", 1, 0, frames),
         ("10000 flows", 10_000, 0, frames),
         ("1000000 flows", 1_000_000, 0, frames),
