@@ -934,9 +934,11 @@ impl Conntrack {
         Ok(EntryId(id))
     }
 
-    /// A full table evicts along the unassured FIFO, one entry per insert: warm the next
-    /// victim's index slots (its entry was warmed one insert ago) and the entry after it,
-    /// so that a flood of new connections does not pay three dependent misses per SYN.
+    /// A full table evicts along the unassured FIFO, one entry per insert. Warm what the
+    /// next evictions touch, each a few inserts ahead so the fetch has time to land: the
+    /// index slots of the next two victims and the entry after them (this insert reads the
+    /// second victim's keys from a line warmed one insert ago). A flood of new connections
+    /// then does not pay three dependent misses per SYN.
     #[inline]
     fn prefetch_next_victims(&self) {
         let head = self.unassured_head;
@@ -944,12 +946,21 @@ impl Conntrack {
             return;
         }
         let victim = &self.entries[head as usize];
-        for key in [&victim.original, &victim.reply] {
+        self.prefetch_index_of(victim);
+        let Some(second) = self.entries.get(victim.next as usize) else {
+            return;
+        };
+        self.prefetch_index_of(second);
+        if let Some(third) = self.entries.get(second.next as usize) {
+            crate::prefetch_read(third);
+        }
+    }
+
+    #[inline]
+    fn prefetch_index_of(&self, entry: &Entry) {
+        for key in [&entry.original, &entry.reply] {
             let i = key.hash() as u32 as usize & self.mask;
             crate::prefetch_read(&self.index[i]);
-        }
-        if let Some(after) = self.entries.get(victim.next as usize) {
-            crate::prefetch_read(after);
         }
     }
 
