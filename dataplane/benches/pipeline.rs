@@ -155,8 +155,8 @@ fn frames(flows: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// What a worker does with a received burst. Not inlined, so that instruction counts
-/// (`valgrind --tool=callgrind --toggle-collect='*run_burst*'`) can be taken per burst.
+/// What a worker does with a received burst. Not inlined, so that a profile (perf,
+/// callgrind) separates it from the refill of the buffers.
 #[inline(never)]
 fn run_burst(
     pipeline: &mut Pipeline,
@@ -195,7 +195,7 @@ fn established(c: &mut Criterion) {
     let mut g = c.benchmark_group("pipeline established ClusterIP + VXLAN encap");
     g.throughput(Throughput::Elements(PREFETCH_BURST as u64));
     let scenarios: [(&str, usize, u16, FrameMaker); 4] = [
-        ("1 flows", 1, 0, frames),
+        ("1 flow", 1, 0, frames),
         ("10000 flows", 10_000, 0, frames),
         ("1000000 flows", 1_000_000, 0, frames),
         ("vxlan in, 10000 flows", 10_000, 1, vxlan_frames),

@@ -395,9 +395,10 @@ impl EntryId {
 /// One tracked connection: both directions' keys, the translation, state and counters.
 ///
 /// Exactly two cache lines, aligned: the first holds what a lookup and the established
-/// path read (keys, translation, snapshot binding, deadline), the second what
-/// [`Conntrack::on_packet`] writes. A 1M-flow table then costs two line fills per packet,
-/// both prefetched by the burst stage, where an unaligned layout straddled three.
+/// path read (keys, translation, frontend and counter slot, deadline), the second the
+/// snapshot generation and what [`Conntrack::on_packet`] writes. A 1M-flow table then
+/// costs two line fills per packet, both prefetched by the burst stage, where the
+/// unaligned 136-byte layout before straddled three.
 #[derive(Clone, Debug)]
 #[repr(C, align(64))]
 pub struct Entry {
@@ -409,7 +410,7 @@ pub struct Entry {
     /// ([`NO_COUNTER`]: none), so that counting a packet is one array index.
     backend_counter: u32,
     expires_at: Tick,
-    // ----- second line: written per packet
+    // ----- second line: the generation, counters and state written per packet
     /// Snapshot generation at which the backend was last validated. The pipeline compares
     /// it with the current snapshot's and re-validates lazily ([`Conntrack::revalidate`]).
     pub generation: u64,

@@ -395,7 +395,7 @@ impl Frame for Mbuf {
     }
 
     // `prepend` and `trim` run on every encapsulated or padded frame: for the single
-    // segment the workers produce they are two field updates here, not a call into DPDK's
+    // segment the workers produce they are a few field updates here, not a call into DPDK's
     // out-of-line wrapper of its inline function (which does the same).
     #[inline]
     fn prepend(&mut self, len: usize) -> bool {

@@ -1428,23 +1428,26 @@ impl Pipeline {
     }
 
     /// The conntrack key hash ([`FlowKey::hash`]) of the common frame shapes, read at
-    /// fixed offsets: untagged
-    /// Ethernet, IPv4 without options or fragmentation, TCP/UDP/SCTP, directly or inside
-    /// VXLAN. Only a hint, so it skips the validation the stages do (and the rarer shapes:
-    /// VLAN tags, IPv4 options, ICMP): a wrong or missing key costs a wasted prefetch.
+    /// fixed offsets: untagged Ethernet, IPv4 without options or fragmentation,
+    /// TCP/UDP/SCTP, directly or inside VXLAN. Only a hint, so it skips the validation the
+    /// stages do (and the rarer shapes: VLAN tags, IPv4 options, ICMP): a wrong or missing
+    /// hash costs a wasted prefetch, nothing else.
     #[inline]
     fn prefetch_hash(&self, data: &[u8]) -> Option<u64> {
-        /// Ethernet, IPv4 without options, the transport ports.
-        const SPAN: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + 4;
+        const IP: usize = ethernet::HEADER_LEN;
+        const L4: usize = IP + ipv4::HEADER_LEN;
+        /// Through the transport ports.
+        const SPAN: usize = L4 + 4;
         /// (protocol, destination, destination port, hash)
         fn plain(h: &[u8; SPAN]) -> Option<(u8, Ipv4Addr, u16, u64)> {
-            let is_ipv4 = h[12] == 0x08 && h[13] == 0x00 && h[14] == 0x45;
-            // No MF flag, no fragment offset.
-            let whole = h[20] & 0x3f == 0 && h[21] == 0;
-            if !(is_ipv4 && whole) {
+            let ethertype = u16::from_be_bytes([h[12], h[13]]);
+            let version_ihl = h[IP];
+            // Neither the MF flag nor a fragment offset.
+            let whole = h[IP + 6] & 0x3f == 0 && h[IP + 7] == 0;
+            if ethertype != ethernet::ETHERTYPE_IPV4 || version_ihl != 0x45 || !whole {
                 return None;
             }
-            let protocol = h[23];
+            let protocol = h[IP + 9];
             if !matches!(
                 protocol,
                 ipv4::PROTO_TCP | ipv4::PROTO_UDP | ipv4::PROTO_SCTP
@@ -1453,8 +1456,8 @@ impl Pipeline {
             }
             let addr = |at: usize| Ipv4Addr::new(h[at], h[at + 1], h[at + 2], h[at + 3]);
             let port = |at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
-            let (dst, dport) = (addr(30), port(36));
-            let hash = FlowKey::hash_of(protocol, addr(26), port(34), dst, dport);
+            let (dst, dport) = (addr(IP + 16), port(L4 + 2));
+            let hash = FlowKey::hash_of(protocol, addr(IP + 12), port(L4), dst, dport);
             Some((protocol, dst, dport, hash))
         }
         let (protocol, dst, dport, hash) = plain(data.first_chunk::<SPAN>()?)?;
@@ -1581,13 +1584,12 @@ fn translate_quoted(emb: &mut [u8], src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) 
     let mut ip = Ipv4Packet::new_unchecked(&mut *emb);
     let ihl = ip.header_len();
     let protocol = ip.protocol();
-    let (os, od) = (u32::from(ip.src()), u32::from(ip.dst()));
-    let (ns, nd) = (u32::from(src.0), u32::from(dst.0));
+    let addresses = checksum::Delta::default()
+        .u32(u32::from(ip.src()), u32::from(src.0))
+        .u32(u32::from(ip.dst()), u32::from(dst.0));
     ip.set_src(src.0);
     ip.set_dst(dst.0);
-    let c = checksum::update_u32(ip.checksum(), os, ns);
-    let c = checksum::update_u32(c, od, nd);
-    ip.set_checksum(c);
+    ip.set_checksum(addresses.apply(ip.checksum()));
     let l4 = &mut emb[ihl..];
     let rd = |b: &[u8], at: usize| u16::from_be_bytes([b[at], b[at + 1]]);
     match protocol {
@@ -1601,18 +1603,14 @@ fn translate_quoted(emb: &mut [u8], src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) 
                 _ => None,
             };
             if let Some(at) = at {
+                let change = addresses.u16(osp, src.1).u16(odp, dst.1);
                 let old = rd(l4, at);
-                let udp = protocol == ipv4::PROTO_UDP;
-                if !(udp && old == 0) {
-                    let mut c = checksum::update_u32(old, os, ns);
-                    c = checksum::update_u32(c, od, nd);
-                    c = checksum::update_u16(c, osp, src.1);
-                    c = checksum::update_u16(c, odp, dst.1);
-                    if udp {
-                        c = checksum::udp_nonzero(c);
-                    }
-                    l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
-                }
+                let c = if protocol == ipv4::PROTO_UDP {
+                    change.apply_udp(old)
+                } else {
+                    change.apply(old)
+                };
+                l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
             }
         }
         ipv4::PROTO_ICMP => {

@@ -93,8 +93,9 @@ pub fn flow_hash(protocol: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: 
 pub fn nat(ip: &mut [u8], src: Option<(Ipv4Addr, u16)>, dst: Option<(Ipv4Addr, u16)>) {
     let mut p = Ipv4Packet::new_unchecked(&mut *ip);
     let protocol = p.protocol();
-    // One change sum for the addresses (IPv4 header and pseudo-header), another for the
-    // ports: each checksum is then patched once.
+    // The addresses' change sum patches the IPv4 checksum; extended with the ports', it
+    // patches the transport checksum (which covers the addresses through the
+    // pseudo-header). Each checksum is patched once.
     let mut addresses = checksum::Delta::default();
     if let Some((a, _)) = src {
         addresses = addresses.u32(u32::from(p.src()), u32::from(a));
