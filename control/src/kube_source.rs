@@ -3,8 +3,10 @@
 //!
 //! Semantics (kube-semantics.md item 13):
 //! - nothing is published before BOTH initial lists are complete (`Event::InitDone` of each);
-//! - after that, every applied event (`Apply`, `Delete`, `InitDone` of a relist) rebuilds the
-//!   whole model from both stores (level-triggered) and publishes it with `send_replace`;
+//! - after that, applied events (`Apply`, `Delete`, `InitDone` of a relist) rebuild the
+//!   whole model from both stores (level-triggered) and publish it with `send_replace`:
+//!   once per batch of events that are ready together (up to [`BATCH_EVENTS`]), so a burst
+//!   costs one rebuild while a lone change is published at once;
 //! - a `410 Gone` (expired resourceVersion) makes kube's watcher relist (`State::Empty`); the
 //!   reflector buffers the relist and swaps it in atomically at `InitDone`, so no model sent
 //!   during a relist lacks objects;
@@ -17,7 +19,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use futures::stream::{self, BoxStream};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -40,6 +42,10 @@ pub struct KubeSourceConfig {
     /// Namespace to watch; `None` = all namespaces.
     pub namespace: Option<String>,
 }
+
+/// Most watcher events applied before one model is built and published, so that a
+/// continuous storm still publishes regularly.
+const BATCH_EVENTS: usize = 1024;
 
 /// Which of the two watched kinds an event came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,10 +168,65 @@ struct KindState {
     listing: bool,
 }
 
+/// Logs one watcher step and updates its kind's state; true when the kind's store changed.
+fn apply_step(kind: Kind, step: Step, state: &mut KindState) -> bool {
+    let kind_name = kind.as_str();
+    if let Step::Error(err) = &step {
+        if !state.failing {
+            tracing::warn!(
+                kind = kind_name,
+                error = %err,
+                "kubernetes source: watch failed; backing off and retrying, last model stays in force"
+            );
+        } else {
+            tracing::debug!(kind = kind_name, error = %err, "kubernetes source: still failing");
+        }
+        state.failing = true;
+        return false;
+    }
+    if state.failing {
+        tracing::info!(
+            kind = kind_name,
+            "kubernetes source: API server answering again"
+        );
+        state.failing = false;
+    }
+    match step {
+        Step::Init => {
+            state.listing = true;
+            if state.ready {
+                tracing::info!(kind = kind_name, "kubernetes source: relisting");
+            } else {
+                tracing::info!(kind = kind_name, "kubernetes source: initial list");
+            }
+            false
+        }
+        Step::Buffered | Step::Error(_) => false,
+        Step::Expired => {
+            tracing::info!(
+                kind = kind_name,
+                "kubernetes source: resourceVersion expired (410 Gone), will relist; last model stays in force"
+            );
+            false
+        }
+        Step::InitDone => {
+            state.listing = false;
+            if state.ready {
+                tracing::info!(kind = kind_name, "kubernetes source: relist complete");
+            } else {
+                tracing::info!(kind = kind_name, "kubernetes source: initial list complete");
+            }
+            state.ready = true;
+            true
+        }
+        Step::Changed => true,
+    }
+}
+
 /// Run the `kubernetes` source until the watch streams end (they normally never do).
 ///
 /// Publishes `Some(model)` on `updates` only once both initial lists are complete, then after
-/// every change. Errors from the API server are logged and retried with backoff; they never
+/// every batch of changes that arrived together. Errors from the API server are logged and retried with backoff; they never
 /// cause a model to be sent. Returns an error only if the client cannot be built.
 pub async fn run(
     config: KubeSourceConfig,
@@ -197,65 +258,25 @@ pub async fn run(
     let mut eps_state = KindState::default();
     let mut published = 0u64;
 
-    while let Some((kind, step)) = merged.next().await {
-        let state = match kind {
-            Kind::Service => &mut svc_state,
-            Kind::EndpointSlice => &mut eps_state,
-        };
-        let kind_name = kind.as_str();
+    while let Some(first) = merged.next().await {
+        // Apply every event that is already here before rebuilding: a burst of changes
+        // (a Deployment rolling, a relist's aftermath) costs one model, not one per event,
+        // while a lone change is published at once.
         let mut changed = false;
-        match step {
-            Step::Error(err) => {
-                if !state.failing {
-                    tracing::warn!(
-                        kind = kind_name,
-                        error = %err,
-                        "kubernetes source: watch failed; backing off and retrying, last model stays in force"
-                    );
-                } else {
-                    tracing::debug!(kind = kind_name, error = %err, "kubernetes source: still failing");
-                }
-                state.failing = true;
-            }
-            step => {
-                if state.failing {
-                    tracing::info!(
-                        kind = kind_name,
-                        "kubernetes source: API server answering again"
-                    );
-                    state.failing = false;
-                }
-                match step {
-                    Step::Init => {
-                        state.listing = true;
-                        if state.ready {
-                            tracing::info!(kind = kind_name, "kubernetes source: relisting");
-                        } else {
-                            tracing::info!(kind = kind_name, "kubernetes source: initial list");
-                        }
-                    }
-                    Step::Buffered => {}
-                    Step::Expired => tracing::info!(
-                        kind = kind_name,
-                        "kubernetes source: resourceVersion expired (410 Gone), will relist; last model stays in force"
-                    ),
-                    Step::InitDone => {
-                        state.listing = false;
-                        if state.ready {
-                            tracing::info!(kind = kind_name, "kubernetes source: relist complete");
-                        } else {
-                            tracing::info!(
-                                kind = kind_name,
-                                "kubernetes source: initial list complete"
-                            );
-                        }
-                        state.ready = true;
-                        changed = true;
-                    }
-                    Step::Changed => changed = true,
-                    Step::Error(_) => unreachable!("handled above"),
-                }
-            }
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some((kind, step)) = next {
+            let state = match kind {
+                Kind::Service => &mut svc_state,
+                Kind::EndpointSlice => &mut eps_state,
+            };
+            changed |= apply_step(kind, step, state);
+            taken += 1;
+            next = if taken < BATCH_EVENTS {
+                merged.next().now_or_never().flatten()
+            } else {
+                None
+            };
         }
         if !changed {
             continue;
