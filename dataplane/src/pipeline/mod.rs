@@ -1351,10 +1351,7 @@ impl Pipeline {
         }
         {
             let ip = &mut frame.data_mut()[ctx.l2..];
-            if rw.src.is_some() || rw.dst.is_some() {
-                rewrite::nat(ip, rw.src, rw.dst);
-            }
-            rewrite::decrement_ttl(ip);
+            rewrite::forward_rewrite(ip, rw.src, rw.dst);
         }
         self.egress(frame, ctx, now, hop)
     }

@@ -91,8 +91,35 @@ pub fn flow_hash(protocol: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: 
 /// checksum incrementally (TCP, UDP honouring "no checksum"); SCTP's CRC32c is recomputed.
 /// ICMP echo: the "port" is the identifier. Other protocols: addresses only.
 pub fn nat(ip: &mut [u8], src: Option<(Ipv4Addr, u16)>, dst: Option<(Ipv4Addr, u16)>) {
+    translate(ip, src, dst, false);
+}
+
+/// What forwarding does to a packet: [`nat`] (when `src` or `dst` is given) and the TTL
+/// decrement, with the IPv4 checksum patched once for both. The caller has checked that
+/// the TTL is above 1.
+pub fn forward_rewrite(ip: &mut [u8], src: Option<(Ipv4Addr, u16)>, dst: Option<(Ipv4Addr, u16)>) {
+    translate(ip, src, dst, true);
+}
+
+fn translate(
+    ip: &mut [u8],
+    src: Option<(Ipv4Addr, u16)>,
+    dst: Option<(Ipv4Addr, u16)>,
+    decrement_ttl: bool,
+) {
     let mut p = Ipv4Packet::new_unchecked(&mut *ip);
     let protocol = p.protocol();
+    // TTL and protocol share a 16-bit word of the header (not of the pseudo-header).
+    let mut header = checksum::Delta::default();
+    if decrement_ttl {
+        let ttl = p.ttl();
+        let next = ttl.saturating_sub(1);
+        header = header.u16(
+            u16::from_be_bytes([ttl, protocol]),
+            u16::from_be_bytes([next, protocol]),
+        );
+        p.set_ttl(next);
+    }
     // The addresses' change sum patches the IPv4 checksum; extended with the ports', it
     // patches the transport checksum (which covers the addresses through the
     // pseudo-header). Each checksum is patched once.
@@ -105,8 +132,9 @@ pub fn nat(ip: &mut [u8], src: Option<(Ipv4Addr, u16)>, dst: Option<(Ipv4Addr, u
         addresses = addresses.u32(u32::from(p.dst()), u32::from(a));
         p.set_dst(a);
     }
-    p.set_checksum(addresses.apply(p.checksum()));
-    if p.is_fragment() && p.frag_offset() != 0 {
+    p.set_checksum(header.plus(addresses).apply(p.checksum()));
+    let translated = src.is_some() || dst.is_some();
+    if !translated || (p.is_fragment() && p.frag_offset() != 0) {
         return;
     }
     let seg = p.payload_mut();
@@ -177,18 +205,6 @@ pub fn nat(ip: &mut [u8], src: Option<(Ipv4Addr, u16)>, dst: Option<(Ipv4Addr, u
         }
         _ => {}
     }
-}
-
-/// Decrements the TTL with an incremental header checksum update. The caller checked
-/// `ttl > 1`.
-pub fn decrement_ttl(ip: &mut [u8]) {
-    let mut p = Ipv4Packet::new_unchecked(ip);
-    let (ttl, proto) = (p.ttl(), p.protocol());
-    let old = u16::from_be_bytes([ttl, proto]);
-    let new = u16::from_be_bytes([ttl - 1, proto]);
-    p.set_ttl(ttl - 1);
-    let c = checksum::update_u16(p.checksum(), old, new);
-    p.set_checksum(c);
 }
 
 /// Turns the frame (Ethernet header of `l2` bytes, then the IPv4 packet that caused the

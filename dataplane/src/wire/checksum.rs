@@ -104,6 +104,12 @@ impl Delta {
             .u16(old as u16, new as u16)
     }
 
+    /// Both sets of changes.
+    #[inline]
+    pub fn plus(self, other: Delta) -> Delta {
+        Delta(self.0 + other.0)
+    }
+
     /// The checksum after the changes (same caveat as [`update_u16`] about all-zero data).
     #[inline]
     pub fn apply(self, checksum: u16) -> u16 {
