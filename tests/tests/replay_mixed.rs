@@ -161,9 +161,10 @@ fn fragment(dst: Ipv4Addr, ident: u16, offset: u16, more: bool, payload: &[u8]) 
 }
 
 /// The outer UDP source port the gateway must choose for an inner flow: RFC 7348's entropy
-/// from the inner flow hash, in the dynamic range (see `rewrite::Encap`).
+/// from the inner flow's hash, in the dynamic range (see `rewrite::Encap`). The flow is
+/// the one the gateway received (before any NAT), hashed as its conntrack key.
 fn entropy_port(protocol: u8, src: SocketAddrV4, dst: SocketAddrV4) -> u16 {
-    let hash = dataplane::pipeline::rewrite::flow_hash(
+    let hash = dataplane::conntrack::FlowKey::hash_of(
         protocol,
         *src.ip(),
         src.port(),
@@ -420,7 +421,7 @@ fn cases() -> Vec<Case> {
             node1.vxlan_encap(
                 GW_CLUSTER,
                 NODE1,
-                entropy_port(ipv4::PROTO_TCP, pod_src, backend),
+                entropy_port(ipv4::PROTO_TCP, pod_src, vip_dst),
                 VNI,
                 &translated,
             ),

@@ -270,7 +270,8 @@ struct Ctx {
     /// Outer source of a decapsulated VXLAN frame.
     outer_src: Option<Ipv4Addr>,
     /// The conntrack key hash of the packet as received ([`FlowKey::hash`]), once
-    /// computed: it also gives the VXLAN entropy port, stable per flow and direction.
+    /// computed: it also gives the VXLAN entropy port, stable per flow and direction
+    /// (egress hashes the packet's own tuple the same way for packets without one).
     flow_hash: Option<u64>,
 }
 
@@ -1368,7 +1369,7 @@ impl Pipeline {
                         Ok(L4::Echo { ident, .. }) => (ident, ident),
                         _ => (0, 0),
                     };
-                rewrite::flow_hash(ip.protocol(), ip.src(), sport, ip.dst(), dport)
+                FlowKey::hash_of(ip.protocol(), ip.src(), sport, ip.dst(), dport)
             });
             {
                 let mut inner = EthernetFrame::new_unchecked(frame.data_mut());

@@ -279,7 +279,8 @@ pub struct Encap {
     pub remote_vtep: Ipv4Addr,
     pub udp_port: u16,
     pub vni: u32,
-    /// Inner flow hash: the outer UDP source port is 49152 + hash % 16384.
+    /// Inner flow hash ([`crate::conntrack::FlowKey::hash`] of the flow as received): the
+    /// outer UDP source port is 49152 + hash % 16384.
     pub entropy: u64,
 }
 
