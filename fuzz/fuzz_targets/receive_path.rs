@@ -1,8 +1,8 @@
-//! Raw bytes → `VecFrame` → `Pipeline::process` on the port named by the first byte, with
-//! a small snapshot (ClusterIP, NodePort, LoadBalancer with a source range, a pod CIDR
-//! behind a VTEP) and VXLAN configured. Whatever the bytes, nothing may panic. Every few
-//! inputs run `housekeeping` too, and a second pass feeds the output back in (replies
-//! of rewritten frames exercise the conntrack hit paths).
+//! Raw bytes → `VecFrame` → `Pipeline::prefetch_burst` and `Pipeline::process` on the port
+//! named by the first byte, with a small snapshot (ClusterIP, NodePort, LoadBalancer with a
+//! source range, a pod CIDR behind a VTEP) and VXLAN configured. Whatever the bytes,
+//! nothing may panic. Every few inputs run `housekeeping` too, and a second pass feeds the
+//! output back in (replies of rewritten frames exercise the conntrack hit paths).
 #![no_main]
 
 use std::net::Ipv4Addr;
@@ -198,6 +198,8 @@ fuzz_target!(|data: &[u8]| {
     st.now += 7;
     let in_port = [0u16, 1, 10, 5][usize::from(first & 3)];
     let mut frame = VecFrame::new(bytes);
+    // As a worker does: the burst prefetch reads the frame first.
+    st.pipeline.prefetch_burst(std::iter::once(frame.data()));
     let verdict = st
         .pipeline
         .process(&mut frame, in_port, &st.snapshot, st.now, &mut st.stats);
