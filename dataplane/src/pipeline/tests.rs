@@ -1698,20 +1698,54 @@ fn backend_removed_udp_repicked_tcp_dropped() {
     assert!(p.conntrack().peek(&key, 10).is_none(), "entry removed");
 }
 
+/// A TCP flow from a pod to the `web` ClusterIP, opened (SYN at time 0) under generation 1
+/// of [`services`]: the tests of snapshot changes start from it.
+struct WebFlow {
+    web: Arc<BackendSet>,
+    snap1: Snapshot,
+    p: Pipeline,
+    stats: WorkerStats,
+    client: &'static str,
+    vip: &'static str,
+    /// The backend Maglev picked.
+    backend: SocketAddrV4,
+}
+
+fn web_flow_opened() -> WebFlow {
+    let web = web();
+    let snap1 = services(1, &web, &dns());
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let (client, vip) = ("10.244.9.9:41000", "10.96.0.10:80");
+    let backend = maglev(&web, ipv4::PROTO_TCP, client, vip);
+    let syn = from_cluster().tcp_v4(sa(client), sa(vip), TcpFlags::SYN, b"");
+    run(&mut p, &snap1, CLUSTER, &syn, 0, &mut stats);
+    WebFlow {
+        web,
+        snap1,
+        p,
+        stats,
+        client,
+        vip,
+        backend,
+    }
+}
+
 /// Per-frontend and per-backend counters are indexes of one snapshot: an established flow
 /// must count under the new snapshot's frontend id and backend slot once it changes.
 #[test]
 fn packet_counters_follow_a_snapshot_change() {
-    let web0 = web();
-    let snap1 = services(1, &web0, &dns());
-    let mut p = pipeline();
-    let mut stats = WorkerStats::default();
-    let (tc, tvip) = ("10.244.9.9:41000", "10.96.0.10:80");
-    let tb = maglev(&web0, ipv4::PROTO_TCP, tc, tvip);
+    let WebFlow {
+        web: web0,
+        snap1,
+        mut p,
+        mut stats,
+        client: tc,
+        vip: tvip,
+        backend: tb,
+    } = web_flow_opened();
     let slot1 = snap1.backend_counter(0, *tb.ip(), tb.port()).unwrap();
-    let syn = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::SYN, b"");
     let ack = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::ACK, b"data");
-    run(&mut p, &snap1, CLUSTER, &syn, 0, &mut stats);
     run(&mut p, &snap1, CLUSTER, &ack, 1, &mut stats);
     assert_eq!(
         (stats.frontend_packets[0], stats.backend_packets[slot1]),
@@ -1770,14 +1804,15 @@ fn packet_counters_follow_a_snapshot_change() {
 
 #[test]
 fn serving_terminating_backend_keeps_its_flow() {
-    let web0 = web();
-    let snap1 = services(1, &web0, &dns());
-    let mut p = pipeline();
-    let mut stats = WorkerStats::default();
-    let (tc, tvip) = ("10.244.9.9:41000", "10.96.0.10:80");
-    let tb = maglev(&web0, ipv4::PROTO_TCP, tc, tvip);
-    let syn = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::SYN, b"");
-    run(&mut p, &snap1, CLUSTER, &syn, 0, &mut stats);
+    let WebFlow {
+        web: web0,
+        mut p,
+        mut stats,
+        client: tc,
+        vip: tvip,
+        backend: tb,
+        ..
+    } = web_flow_opened();
     let states: Vec<(String, u16, EndpointState)> = web0
         .backends
         .iter()
