@@ -250,6 +250,40 @@ struct Hop {
     vtep: Option<Ipv4Addr>,
 }
 
+/// The L2 rewrite for a hop, copied from the neighbor table and the VTEP MACs so that a
+/// packet to a cached destination needs neither lookup.
+#[derive(Clone, Copy, Debug)]
+struct Adjacency {
+    port_id: u16,
+    /// The out-port's MAC: the (outer) source MAC, and the inner one when encapsulating.
+    port_mac: MacAddr,
+    /// The next hop's MAC.
+    next_hop_mac: MacAddr,
+    /// The remote VTEP's inner destination MAC (when the hop encapsulates).
+    vtep_mac: MacAddr,
+    /// The next hop's neighbor slot, marked used per packet as a lookup would.
+    neighbor_slot: usize,
+}
+
+/// One destination in the per-worker route cache.
+#[derive(Clone, Copy, Debug)]
+struct CachedRoute {
+    dst: u32,
+    /// Snapshot generation + 1 the hop was computed under; 0 never matches.
+    tag: u64,
+    hop: Option<Hop>,
+    /// The hop's L2, once its next hop resolved, with the [`Pipeline::l2_epoch`] it was
+    /// copied at.
+    l2: Option<(u64, Adjacency)>,
+}
+
+const EMPTY_ROUTE: CachedRoute = CachedRoute {
+    dst: 0,
+    tag: 0,
+    hop: None,
+    l2: None,
+};
+
 /// Indexes derived from the snapshot, rebuilt when its generation changes.
 #[derive(Default)]
 struct SnapCache {
@@ -328,8 +362,9 @@ pub struct Pipeline {
     neighbor_timeout: Tick,
     learned: Vec<(u16, Ipv4Addr, MacAddr)>,
     vtep_macs: FxHashMap<Ipv4Addr, MacAddr>,
-    /// (destination, snapshot generation + 1, hop); generation tag 0 never matches.
-    route_cache: Box<[(u32, u64, Option<Hop>)]>,
+    route_cache: Box<[CachedRoute]>,
+    /// Counts changes of `vtep_macs` and of the snapshot (see [`Pipeline::l2_epoch`]).
+    l2_changes: u64,
     worker_index: usize,
     workers: usize,
     snap: SnapCache,
@@ -466,7 +501,8 @@ impl Pipeline {
                 map.reserve(VTEP_MACS);
                 map
             },
-            route_cache: vec![(0, 0, None); ROUTE_CACHE_SLOTS].into_boxed_slice(),
+            route_cache: vec![EMPTY_ROUTE; ROUTE_CACHE_SLOTS].into_boxed_slice(),
+            l2_changes: 0,
             worker_index: config.worker_index,
             workers: config.workers,
             snap: SnapCache::default(),
@@ -547,6 +583,7 @@ impl Pipeline {
         if self.snap.generation == Some(snap.generation) {
             return;
         }
+        self.l2_changes += 1;
         let mut pod_routes = PrefixMap::new();
         let mut vtep_nodes = HashMap::new();
         for r in &snap.pod_routes {
@@ -698,9 +735,15 @@ impl Pipeline {
     fn remember_vtep_mac(&mut self, vtep: Ipv4Addr, mac: MacAddr) {
         let room = self.vtep_macs.len() < VTEP_MACS;
         match self.vtep_macs.entry(vtep) {
-            std::collections::hash_map::Entry::Occupied(mut known) => *known.get_mut() = mac,
+            std::collections::hash_map::Entry::Occupied(mut known) => {
+                if *known.get() != mac {
+                    *known.get_mut() = mac;
+                    self.l2_changes += 1;
+                }
+            }
             std::collections::hash_map::Entry::Vacant(slot) if room => {
                 slot.insert(mac);
+                self.l2_changes += 1;
             }
             std::collections::hash_map::Entry::Vacant(_) => {}
         }
@@ -1252,6 +1295,7 @@ impl Pipeline {
             },
             now,
             hop,
+            None,
         )
     }
 
@@ -1261,16 +1305,36 @@ impl Pipeline {
     /// longest-prefix lookups (pod CIDRs, then routes). Entries are tagged with the
     /// snapshot generation they were computed under, so a new snapshot invalidates them.
     fn route(&mut self, dst: Ipv4Addr) -> Option<Hop> {
+        let slot = self.route_slot(dst);
+        self.route_cache[slot].hop
+    }
+
+    /// The route cache slot holding `dst`'s hop under the current snapshot, filled now if
+    /// it held something else.
+    #[inline]
+    fn route_slot(&mut self, dst: Ipv4Addr) -> usize {
         let tag = self.snap.generation.map_or(0, |g| g.wrapping_add(1));
         let key = u32::from(dst);
         let slot = (crate::maglev::fmix64(u64::from(key)) as usize) & (ROUTE_CACHE_SLOTS - 1);
-        let cached = self.route_cache[slot];
-        if cached.0 == key && cached.1 == tag && tag != 0 {
-            return cached.2;
+        let cached = &self.route_cache[slot];
+        if cached.dst == key && cached.tag == tag && tag != 0 {
+            return slot;
         }
-        let hop = self.route_uncached(dst);
-        self.route_cache[slot] = (key, tag, hop);
-        hop
+        self.route_cache[slot] = CachedRoute {
+            dst: key,
+            tag,
+            hop: self.route_uncached(dst),
+            l2: None,
+        };
+        slot
+    }
+
+    /// Moves whenever a cached [`Adjacency`] may be wrong: a neighbor resolution or a VTEP
+    /// MAC changed, or a new snapshot (which may configure VTEP MACs) was taken. Both
+    /// counters only grow, so their sum moves when either does.
+    #[inline]
+    fn l2_epoch(&self) -> u64 {
+        self.neighbors.epoch() + self.l2_changes
     }
 
     fn route_uncached(&self, dst: Ipv4Addr) -> Option<Hop> {
@@ -1313,8 +1377,15 @@ impl Pipeline {
             )
         };
         let final_dst = rw.dst.map_or(dst, |(a, _)| a);
-        let Some(hop) = hop.or_else(|| self.route(final_dst)) else {
-            return Verdict::Drop(DropReason::NoRoute);
+        let (hop, cache_slot) = match hop {
+            Some(hop) => (hop, None),
+            None => {
+                let slot = self.route_slot(final_dst);
+                match self.route_cache[slot].hop {
+                    Some(hop) => (hop, Some(slot)),
+                    None => return Verdict::Drop(DropReason::NoRoute),
+                }
+            }
         };
         if ttl <= 1 {
             return self.reject(
@@ -1354,12 +1425,49 @@ impl Pipeline {
             let ip = &mut frame.data_mut()[ctx.l2..];
             rewrite::forward_rewrite(ip, rw.src, rw.dst);
         }
-        self.egress(frame, ctx, now, hop)
+        self.egress(frame, ctx, now, hop, cache_slot)
     }
 
-    /// Encapsulates when the hop says so, then sets MACs.
-    fn egress<F: Frame>(&mut self, frame: &mut F, ctx: Ctx, now: Tick, hop: Hop) -> Verdict {
-        let port_mac = self.ports[hop.port].mac;
+    /// Encapsulates when the hop says so, then sets MACs: from the route cache's copy when
+    /// `cache_slot` (the hop's slot) has a current one, else from the neighbor table and
+    /// VTEP MACs, copying the result into the slot.
+    fn egress<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        ctx: Ctx,
+        now: Tick,
+        hop: Hop,
+        cache_slot: Option<usize>,
+    ) -> Verdict {
+        let epoch = self.l2_epoch();
+        let cached = cache_slot
+            .and_then(|slot| self.route_cache[slot].l2)
+            .and_then(|(at, adjacency)| (at == epoch).then_some(adjacency));
+        let (adjacency, resolved) = match cached {
+            Some(adjacency) => {
+                self.neighbors.touch(adjacency.neighbor_slot, now);
+                (adjacency, true)
+            }
+            None => {
+                let port_id = self.ports[hop.port].id;
+                let resolution = self.neighbors.resolve(port_id, hop.next_hop, now);
+                let (next_hop_mac, neighbor_slot) = resolution.unwrap_or((MacAddr::ZERO, 0));
+                let adjacency = Adjacency {
+                    port_id,
+                    port_mac: self.ports[hop.port].mac,
+                    next_hop_mac,
+                    vtep_mac: hop.vtep.map_or(MacAddr::BROADCAST, |v| self.vtep_mac(v)),
+                    neighbor_slot,
+                };
+                if let (Some(slot), Some(_)) = (cache_slot, resolution) {
+                    // `resolve` may have moved the epoch: tag the copy with the state it
+                    // was taken from.
+                    self.route_cache[slot].l2 = Some((self.l2_epoch(), adjacency));
+                }
+                (adjacency, resolution.is_some())
+            }
+        };
+        let port_mac = adjacency.port_mac;
         if let (Some(vtep), Some(vx)) = (hop.vtep, &self.vxlan) {
             let entropy = ctx.flow_hash.unwrap_or_else(|| {
                 let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
@@ -1373,7 +1481,7 @@ impl Pipeline {
             });
             {
                 let mut inner = EthernetFrame::new_unchecked(frame.data_mut());
-                inner.set_dst_addr(self.vtep_mac(vtep));
+                inner.set_dst_addr(adjacency.vtep_mac);
                 inner.set_src_addr(port_mac);
             }
             let e = Encap {
@@ -1388,19 +1496,17 @@ impl Pipeline {
                 return Verdict::Drop(DropReason::NoMbuf);
             }
         }
-        let port_id = self.ports[hop.port].id;
-        let mac = self.neighbors.resolve(port_id, hop.next_hop, now);
         let mut e = EthernetFrame::new_unchecked(frame.data_mut());
         e.set_src_addr(port_mac);
-        match mac {
-            Some(mac) => {
-                e.set_dst_addr(mac);
-                Verdict::Transmit { port: port_id }
-            }
-            None => Verdict::HoldForNeighbor {
-                port: port_id,
+        if !resolved {
+            return Verdict::HoldForNeighbor {
+                port: adjacency.port_id,
                 next_hop: hop.next_hop,
-            },
+            };
+        }
+        e.set_dst_addr(adjacency.next_hop_mac);
+        Verdict::Transmit {
+            port: adjacency.port_id,
         }
     }
 

@@ -70,6 +70,9 @@ pub struct NeighborTable {
     cursor: usize,
     wanted: [(u16, Ipv4Addr); WANTED],
     wanted_len: usize,
+    /// Counts changes of any slot's mapping or usability, so that a copy of a resolution
+    /// (the pipeline's per-destination L2 cache) can tell whether it still holds.
+    epoch: u64,
 }
 
 impl NeighborTable {
@@ -82,6 +85,7 @@ impl NeighborTable {
             cursor: 0,
             wanted: [(0, Ipv4Addr::UNSPECIFIED); WANTED],
             wanted_len: 0,
+            epoch: 1,
         }
     }
 
@@ -126,15 +130,17 @@ impl NeighborTable {
         matches!(s.state, State::Reachable | State::Static).then_some(s.mac)
     }
 
-    /// The per-packet lookup: the MAC if resolved; otherwise the next hop is remembered as
-    /// wanted (the next sweep sends an ARP request) and `None` is returned.
-    pub fn resolve(&mut self, port: u16, addr: Ipv4Addr, now: Tick) -> Option<MacAddr> {
+    /// The per-packet lookup: the MAC if resolved, with the slot that holds it (for
+    /// [`NeighborTable::touch`]); otherwise the next hop is remembered as wanted (the next
+    /// sweep sends an ARP request) and `None` is returned.
+    pub fn resolve(&mut self, port: u16, addr: Ipv4Addr, now: Tick) -> Option<(MacAddr, usize)> {
         if let Some(i) = self.find(port, addr) {
             let s = &mut self.slots[i];
             s.used = now;
-            return matches!(s.state, State::Reachable | State::Static).then_some(s.mac);
+            return matches!(s.state, State::Reachable | State::Static).then_some((s.mac, i));
         }
         if let Some(i) = self.victim(port, addr) {
+            self.epoch += 1;
             self.slots[i] = Slot {
                 state: State::Incomplete,
                 port,
@@ -150,6 +156,23 @@ impl NeighborTable {
             }
         }
         None
+    }
+
+    /// Marks the neighbor in `slot` (from [`NeighborTable::resolve`]) as used, as resolving
+    /// it again would: valid while [`NeighborTable::epoch`] has not moved since.
+    #[inline]
+    pub fn touch(&mut self, slot: usize, now: Tick) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.used = now;
+        }
+    }
+
+    /// Moves whenever a resolution may have changed (a slot learned, replaced, aged or
+    /// given up): a resolution copied at one epoch is still right while the epoch is the
+    /// same.
+    #[inline]
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Records `addr is at mac` on `port`. Creates an entry only when `create` (ARP replies,
@@ -184,6 +207,7 @@ impl NeighborTable {
             return false;
         }
         let changed = s.state != State::Reachable || s.mac != mac;
+        self.epoch += u64::from(changed);
         s.state = State::Reachable;
         s.mac = mac;
         s.confirmed = now;
@@ -196,6 +220,7 @@ impl NeighborTable {
         let Some(i) = self.find(port, addr).or_else(|| self.victim(port, addr)) else {
             return false;
         };
+        self.epoch += 1;
         self.slots[i] = Slot {
             state: State::Static,
             port,
@@ -240,6 +265,7 @@ impl NeighborTable {
                 State::Incomplete => {
                     if now.saturating_sub(s.used) > INCOMPLETE_GIVE_UP {
                         *s = EMPTY;
+                        self.epoch += 1;
                     } else if due {
                         s.requested = Some(now);
                         request(s.port, s.addr);
@@ -253,11 +279,13 @@ impl NeighborTable {
                     let in_use = now.saturating_sub(s.used) < timeout;
                     if !in_use {
                         *s = EMPTY;
+                        self.epoch += 1;
                     } else if age >= timeout.saturating_add(STALE_GRACE) {
                         s.state = State::Incomplete;
                         s.mac = MacAddr::ZERO;
                         s.requested = Some(now);
                         request(s.port, s.addr);
+                        self.epoch += 1;
                     } else if due {
                         s.requested = Some(now);
                         request(s.port, s.addr);

@@ -630,6 +630,77 @@ fn neighbor_ageing_refreshes_then_forgets() {
     assert_eq!(p.neighbor(UPLINK, ip("192.0.2.254")), Some(ROUTER_MAC));
 }
 
+/// Egress copies a destination's L2 (next-hop MAC, VTEP MAC) into the route cache: the
+/// copy must follow ARP and VTEP MAC changes, and keep its neighbor marked as in use.
+#[test]
+fn cached_l2_follows_neighbor_and_vtep_changes() {
+    let snap = empty_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let first = MacAddr([0x02, 0xdd, 0, 0, 0, 0x51]);
+    let second = MacAddr([0x02, 0xdd, 0, 0, 0, 0x52]);
+    let arp_from = |mac| build::arp_reply(mac, ip("192.0.2.51"), UPLINK_MAC, ip("192.0.2.1"));
+    run(&mut p, &snap, UPLINK, &arp_from(first), 0, &mut stats);
+    let input = from_cluster().udp_v4(sa("10.244.9.9:5000"), sa("192.0.2.51:53"), b"q");
+    for _ in 0..2 {
+        let r = run(&mut p, &snap, CLUSTER, &input, 0, &mut stats);
+        assert_eq!(r.verdict, Verdict::Transmit { port: UPLINK });
+        assert_eq!(parse(&r.out).eth_dst, first);
+    }
+    run(&mut p, &snap, UPLINK, &arp_from(second), 10, &mut stats);
+    let r = run(&mut p, &snap, CLUSTER, &input, 20, &mut stats);
+    assert_eq!(
+        parse(&r.out).eth_dst,
+        second,
+        "the new MAC, not the cached one"
+    );
+    // Packets through the cached copy keep the neighbor in use: aged past the timeout, it
+    // is refreshed by a request instead of being freed.
+    run(&mut p, &snap, CLUSTER, &input, 29_000, &mut stats);
+    let mut requests = 0;
+    for _ in 0..NEIGHBOR_CAPACITY / NEIGHBOR_SWEEP_BUDGET {
+        p.housekeeping(31_000, &mut |_, _| requests += 1);
+    }
+    assert_eq!(requests, 1);
+    assert_eq!(p.neighbor(UPLINK, ip("192.0.2.51")), Some(second));
+
+    // The inner destination MAC toward node-2 follows what its VTEP last sent from.
+    let to_pod = from_router().tcp_v4(
+        sa("203.0.113.5:4000"),
+        sa("10.245.2.9:80"),
+        TcpFlags::SYN,
+        b"",
+    );
+    let inner_dst = |p: &mut Pipeline, stats: &mut WorkerStats| {
+        let r = run(p, &snap, UPLINK, &to_pod, 40_000, stats);
+        assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+        parse(&r.out[50..]).eth_dst
+    };
+    let dns = |mac| {
+        FrameBuilder::new(mac, CLUSTER_MAC).udp_v4(sa("10.245.2.9:5353"), sa("8.8.8.8:53"), b"d")
+    };
+    run(
+        &mut p,
+        &snap,
+        CLUSTER,
+        &from_node2(&dns(NODE2_VXLAN_MAC)),
+        40_000,
+        &mut stats,
+    );
+    assert_eq!(inner_dst(&mut p, &mut stats), NODE2_VXLAN_MAC);
+    assert_eq!(inner_dst(&mut p, &mut stats), NODE2_VXLAN_MAC);
+    let moved = MacAddr([0x02, 0xbb, 0, 0, 0, 0x09]);
+    run(
+        &mut p,
+        &snap,
+        CLUSTER,
+        &from_node2(&dns(moved)),
+        40_000,
+        &mut stats,
+    );
+    assert_eq!(inner_dst(&mut p, &mut stats), moved);
+}
+
 #[test]
 fn l3_table() {
     let snap = empty_snapshot();
