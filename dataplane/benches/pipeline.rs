@@ -227,6 +227,11 @@ fn established(c: &mut Criterion) {
                 run_burst(&mut pipeline, &mut burst, in_port, &snap, &mut stats);
             })
         });
+        eprintln!(
+            "{name}: {} of {} packets took the fast path",
+            pipeline.fast_path_packets(),
+            pipeline.conntrack().stats().lookups
+        );
     }
     g.finish();
 }

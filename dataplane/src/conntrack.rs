@@ -824,6 +824,22 @@ impl Conntrack {
         Some((id, dir))
     }
 
+    /// [`Conntrack::lookup_hashed`] without its effects: a live entry's handle, or `None`
+    /// for a missing or expired one (left for `lookup_hashed` to remove). Not counted: a
+    /// caller that goes on with the hit calls [`Conntrack::count_hit`].
+    #[inline]
+    pub fn find_live(&self, key: &FlowKey, hash: u64, now: Tick) -> Option<(EntryId, Direction)> {
+        self.find_hashed(key, hash)
+            .filter(|(id, _)| self.entries[id.index()].expires_at > now)
+    }
+
+    /// Counts a lookup that hit, as [`Conntrack::lookup_hashed`] does.
+    #[inline]
+    pub fn count_hit(&mut self) {
+        self.stats.lookups += 1;
+        self.stats.hits += 1;
+    }
+
     /// Read-only lookup (admin API, trace, SNAT port checks): expired entries are absent.
     /// Not counted.
     pub fn peek(&self, key: &FlowKey, now: Tick) -> Option<(EntryId, Direction)> {

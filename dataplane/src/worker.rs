@@ -269,7 +269,7 @@ impl Worker {
                 }
             }
             Verdict::Handoff { worker } => {
-                if let Err(mbuf) = self.peers[worker].handoff.push(mbuf) {
+                if let Err(mbuf) = self.peers[usize::from(worker)].handoff.push(mbuf) {
                     stats.drop(DropReason::HandoffFull);
                     drop(mbuf);
                 } else {

@@ -69,6 +69,7 @@
 //! protocols, unparsable) belongs to worker 0. SNAT addresses must not also be node-port
 //! or service addresses.
 
+mod fast;
 mod neighbor;
 pub mod rewrite;
 mod trace;
@@ -198,9 +199,14 @@ pub enum Verdict {
     },
     /// The flow belongs to another worker: hand the frame over unchanged.
     Handoff {
-        worker: usize,
+        worker: u16,
     },
 }
+
+// Eight bytes travel back from every stage in a register; a larger verdict is returned
+// through memory, and reading it back right after the callee's narrower stores stalls
+// on store-to-load forwarding once per packet.
+const _: () = assert!(std::mem::size_of::<Verdict>() <= 8);
 
 #[derive(Debug)]
 struct Port {
@@ -368,6 +374,11 @@ pub struct Pipeline {
     worker_index: usize,
     workers: usize,
     snap: SnapCache,
+    /// Whether established packets take [`Pipeline::fast_established`] (off only to
+    /// compare it with the general path).
+    fast_path: bool,
+    /// Packets the fast path forwarded.
+    fast_path_packets: u64,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -403,6 +414,9 @@ impl Pipeline {
                 "worker index {} out of range for {} workers",
                 config.worker_index, config.workers
             ));
+        }
+        if config.workers > usize::from(u16::MAX) {
+            return Err(format!("{} workers: at most {}", config.workers, u16::MAX));
         }
         let mut ports: Vec<Port> = Vec::with_capacity(config.ports.len());
         for p in &config.ports {
@@ -506,7 +520,21 @@ impl Pipeline {
             worker_index: config.worker_index,
             workers: config.workers,
             snap: SnapCache::default(),
+            fast_path: true,
+            fast_path_packets: 0,
         })
+    }
+
+    /// Packets forwarded by the established-flow fast path since start (the rest took the
+    /// general path).
+    pub fn fast_path_packets(&self) -> u64 {
+        self.fast_path_packets
+    }
+
+    /// Turns the established-flow fast path off (or on again): for tests and benchmarks
+    /// that compare it with the general path, which gives the same results.
+    pub fn set_fast_path(&mut self, enabled: bool) {
+        self.fast_path = enabled;
     }
 
     pub fn conntrack(&self) -> &Conntrack {
@@ -643,7 +671,15 @@ impl Pipeline {
         if self.workers > 1 {
             let owner = self.owner(frame, in_port, snap);
             if owner != self.worker_index {
-                return Verdict::Handoff { worker: owner };
+                return Verdict::Handoff {
+                    worker: owner as u16,
+                };
+            }
+        }
+        if self.fast_path {
+            if let Some(verdict) = self.fast_established(frame, pidx, snap, now, stats) {
+                self.fast_path_packets += 1;
+                return verdict;
             }
         }
         let (l2, ethertype, dst_mac, src_mac) = match EthernetFrame::new_checked(frame.data()) {
@@ -1053,7 +1089,8 @@ impl Pipeline {
             let reply = FlowKey::new(key.protocol, backend.0, backend.1, key.src, key.src_port);
             self.ct.prefetch_slot(reply.hash());
         }
-        let Some(hop) = self.route(backend.0) else {
+        let route_slot = self.route_slot(backend.0);
+        let Some(hop) = self.route_cache[route_slot].hop else {
             return Verdict::Drop(DropReason::NoRoute);
         };
         let mut snat = None;
@@ -1118,7 +1155,7 @@ impl Pipeline {
         {
             *c += 1;
         }
-        self.forward(frame, ctx, now, stats, rw, Some(hop))
+        self.forward(frame, ctx, now, stats, rw, Some((hop, route_slot)))
     }
 
     /// A SNAT (address, port) for a flow leaving through port `egress`: the egress port's
@@ -1316,8 +1353,7 @@ impl Pipeline {
         let tag = self.snap.generation.map_or(0, |g| g.wrapping_add(1));
         let key = u32::from(dst);
         let slot = (crate::maglev::fmix64(u64::from(key)) as usize) & (ROUTE_CACHE_SLOTS - 1);
-        let cached = &self.route_cache[slot];
-        if cached.dst == key && cached.tag == tag && tag != 0 {
+        if self.slot_holds(slot, dst) {
             return slot;
         }
         self.route_cache[slot] = CachedRoute {
@@ -1327,6 +1363,13 @@ impl Pipeline {
             l2: None,
         };
         slot
+    }
+
+    /// Whether route cache `slot` holds `dst`'s hop under the current snapshot.
+    fn slot_holds(&self, slot: usize, dst: Ipv4Addr) -> bool {
+        let tag = self.snap.generation.map_or(0, |g| g.wrapping_add(1));
+        let cached = &self.route_cache[slot];
+        cached.dst == u32::from(dst) && cached.tag == tag && tag != 0
     }
 
     /// Moves whenever a cached [`Adjacency`] may be wrong: a neighbor resolution or a VTEP
@@ -1357,7 +1400,8 @@ impl Pipeline {
         })
     }
 
-    /// Route (unless `hop` is given), TTL, MTU, translate, decrement TTL, encapsulate, L2.
+    /// Route (unless `hop` is given, with the route cache slot it came from), TTL, MTU,
+    /// translate, decrement TTL, encapsulate, L2.
     fn forward<F: Frame>(
         &mut self,
         frame: &mut F,
@@ -1365,7 +1409,7 @@ impl Pipeline {
         now: Tick,
         stats: &mut WorkerStats,
         rw: Rewrite,
-        hop: Option<Hop>,
+        hop: Option<(Hop, usize)>,
     ) -> Verdict {
         let (dst, ttl, ip_len, df) = {
             let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
@@ -1378,7 +1422,8 @@ impl Pipeline {
         };
         let final_dst = rw.dst.map_or(dst, |(a, _)| a);
         let (hop, cache_slot) = match hop {
-            Some(hop) => (hop, None),
+            // The slot may have been refilled for another destination since.
+            Some((hop, slot)) => (hop, self.slot_holds(slot, final_dst).then_some(slot)),
             None => {
                 let slot = self.route_slot(final_dst);
                 match self.route_cache[slot].hop {

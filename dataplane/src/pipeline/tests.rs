@@ -2077,7 +2077,7 @@ fn two_workers_agree_on_owners() {
             owners_seen.insert(o);
             let other = 1 - o;
             let r = run(&mut ps[other], &snap, UPLINK, &syn, 0, &mut stats);
-            assert_eq!(r.verdict, Verdict::Handoff { worker: o });
+            assert_eq!(r.verdict, Verdict::Handoff { worker: o as u16 });
             let r = run(&mut ps[o], &snap, UPLINK, &syn, 0, &mut stats);
             assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
             let (s, b) = sock(&parse(&r.out));
@@ -2352,4 +2352,183 @@ fn trace_names_the_decisions() {
         .contains("loadBalancerSourceRanges"));
     let eip = FlowKey::new(ipv4::PROTO_TCP, ip("203.0.113.5"), 1, ip(EIP), 80);
     assert!(p.trace(&eip, &snap, 0).to_string().contains("no SNAT"));
+}
+
+/// The established-flow fast path against the general path: the same packets through two
+/// pipelines, one with the fast path off, give the same verdicts, bytes, counters and
+/// conntrack state, including the cases the fast path must hand over (TTL 1, MTU, bad
+/// checksum, options, expiry, a new snapshot, a moved neighbor).
+#[test]
+fn fast_path_matches_the_general_path() {
+    let web = web();
+    let snaps = [services(1, &web, &dns()), services(2, &web, &dns())];
+    let mut fast = pipeline();
+    let mut general = pipeline();
+    general.set_fast_path(false);
+    let (mut fast_stats, mut general_stats) = (WorkerStats::default(), WorkerStats::default());
+
+    let (client, vip) = ("10.244.9.9:41000", "10.96.0.10:80");
+    let backend = maglev(&web, ipv4::PROTO_TCP, client, vip);
+    let to_vip = |flags, payload: &[u8]| from_cluster().tcp_v4(sa(client), sa(vip), flags, payload);
+    let from_backend = |flags| from_cluster().tcp_v4(backend, sa(client), flags, b"");
+    let pod = "10.245.2.9:5555";
+    let pod_to_vip = |flags| from_node2(&pod_inner().tcp_v4(sa(pod), sa(vip), flags, b"via vxlan"));
+    let pod_backend = maglev(&web, ipv4::PROTO_TCP, pod, vip);
+    let (nodeport, outside) = ("192.0.2.1:30080", "203.0.113.7:50000");
+    let np_backend = maglev(&web, ipv4::PROTO_TCP, outside, nodeport);
+    let np_syn = from_router().tcp_v4(sa(outside), sa(nodeport), TcpFlags::SYN, b"");
+    // The SNAT source a fresh pipeline gives the NodePort flow (both start with it).
+    let snat = {
+        let r = run(
+            &mut pipeline(),
+            &snaps[0],
+            UPLINK,
+            &np_syn,
+            0,
+            &mut WorkerStats::default(),
+        );
+        sock(&parse(&r.out)).0
+    };
+    let dns_flow =
+        |payload: &[u8]| from_cluster().udp_v4(sa("10.244.9.9:5353"), sa("10.96.0.53:53"), payload);
+    let mut bad_checksum = to_vip(TcpFlags::ACK, b"x");
+    bad_checksum[14 + 10] ^= 0xff;
+    let big =
+        from_cluster()
+            .dont_frag(true)
+            .tcp_v4(sa(client), sa(vip), TcpFlags::ACK, &[7u8; 1480]);
+    let moved_vtep = MacAddr([0x02, 0xbb, 0, 0, 2, 0x77]);
+    // (in-port, frame, time, snapshot index)
+    let steps: Vec<(u16, Vec<u8>, Tick, usize)> = vec![
+        (UPLINK, np_syn.clone(), 0, 0),
+        (
+            CLUSTER,
+            from_cluster().tcp_v4(np_backend, snat, TcpFlags::SYN | TcpFlags::ACK, b""),
+            1,
+            0,
+        ),
+        (
+            UPLINK,
+            from_router().tcp_v4(sa(outside), sa(nodeport), TcpFlags::ACK, b""),
+            2,
+            0,
+        ),
+        (
+            CLUSTER,
+            from_cluster().tcp_v4(np_backend, snat, TcpFlags::ACK, b""),
+            3,
+            0,
+        ),
+        (CLUSTER, to_vip(TcpFlags::SYN, b""), 4, 0),
+        (CLUSTER, from_backend(TcpFlags::SYN | TcpFlags::ACK), 5, 0),
+        (CLUSTER, to_vip(TcpFlags::ACK, b""), 6, 0),
+        (
+            CLUSTER,
+            to_vip(TcpFlags::ACK | TcpFlags::PSH, b"request"),
+            7,
+            0,
+        ),
+        (CLUSTER, from_backend(TcpFlags::ACK), 8, 0),
+        (
+            CLUSTER,
+            from_cluster()
+                .pad(true)
+                .tcp_v4(sa(client), sa(vip), TcpFlags::ACK, b""),
+            9,
+            0,
+        ),
+        (
+            CLUSTER,
+            from_cluster()
+                .ttl(1)
+                .tcp_v4(sa(client), sa(vip), TcpFlags::ACK, b""),
+            10,
+            0,
+        ),
+        (CLUSTER, bad_checksum, 11, 0),
+        (
+            CLUSTER,
+            from_cluster().ip_options(&[1, 1, 1, 0]).tcp_v4(
+                sa(client),
+                sa(vip),
+                TcpFlags::ACK,
+                b"",
+            ),
+            12,
+            0,
+        ),
+        (CLUSTER, big, 13, 0),
+        (CLUSTER, dns_flow(b"q1"), 14, 0),
+        (CLUSTER, dns_flow(b"q2"), 15, 0),
+        (CLUSTER, pod_to_vip(TcpFlags::SYN), 16, 0),
+        (CLUSTER, pod_to_vip(TcpFlags::ACK), 17, 0),
+        (
+            CLUSTER,
+            from_cluster().tcp_v4(pod_backend, sa(pod), TcpFlags::SYN | TcpFlags::ACK, b""),
+            18,
+            0,
+        ),
+        (CLUSTER, pod_to_vip(TcpFlags::ACK), 19, 0),
+        (
+            CLUSTER,
+            from_cluster().tcp_v4(pod_backend, sa(pod), TcpFlags::ACK, b"encap"),
+            20,
+            0,
+        ),
+        // node-2's VTEP sends from another MAC: the cached VTEP MAC must not be used.
+        (
+            CLUSTER,
+            from_node2(&FrameBuilder::new(moved_vtep, CLUSTER_MAC).tcp_v4(
+                sa(pod),
+                sa(vip),
+                TcpFlags::ACK,
+                b"moved",
+            )),
+            20,
+            0,
+        ),
+        (
+            CLUSTER,
+            from_cluster().tcp_v4(pod_backend, sa(pod), TcpFlags::ACK, b""),
+            20,
+            0,
+        ),
+        // A new snapshot: the entries are re-validated by the general path first.
+        (CLUSTER, to_vip(TcpFlags::ACK, b"after"), 21, 1),
+        (CLUSTER, to_vip(TcpFlags::ACK, b"again"), 22, 1),
+        (CLUSTER, to_vip(TcpFlags::FIN | TcpFlags::ACK, b""), 25, 1),
+        (CLUSTER, from_backend(TcpFlags::FIN | TcpFlags::ACK), 26, 1),
+        (CLUSTER, to_vip(TcpFlags::RST, b""), 27, 1),
+        // Long after: every entry has expired.
+        (CLUSTER, dns_flow(b"late"), 10_000_000, 1),
+        (CLUSTER, pod_to_vip(TcpFlags::ACK), 10_000_001, 1),
+    ];
+    for (i, (port, frame, now, snap)) in steps.iter().enumerate() {
+        let snap = &snaps[*snap];
+        let f = run(&mut fast, snap, *port, frame, *now, &mut fast_stats);
+        let g = run(&mut general, snap, *port, frame, *now, &mut general_stats);
+        assert_eq!(f.verdict, g.verdict, "step {i}");
+        assert_eq!(f.out, g.out, "step {i}: bytes");
+        assert_eq!(
+            fast.conntrack().stats(),
+            general.conntrack().stats(),
+            "step {i}"
+        );
+    }
+    assert!(
+        fast.fast_path_packets() >= 14,
+        "the fast path took {} packets",
+        fast.fast_path_packets()
+    );
+    assert_eq!(general.fast_path_packets(), 0);
+    assert_eq!(fast_stats.drops, general_stats.drops);
+    assert_eq!(fast_stats.frontend_packets, general_stats.frontend_packets);
+    assert_eq!(fast_stats.backend_packets, general_stats.backend_packets);
+    let entries = |p: &Pipeline| {
+        p.conntrack()
+            .iter()
+            .map(|(_, e)| format!("{e:?}"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(entries(&fast), entries(&general));
 }

@@ -1,0 +1,199 @@
+//! The established-flow fast path: what almost every packet of a busy gateway is, done in
+//! one straight pass instead of the general stages.
+//!
+//! It takes the common shapes only: untagged Ethernet to the port's own MAC, IPv4 without
+//! options or fragmentation, TCP without SYN or UDP, directly or inside VXLAN from a node,
+//! hitting a live conntrack entry bound to the current snapshot, toward a destination
+//! whose route and L2 (next-hop MAC, VTEP MAC) are cached and current, within TTL and
+//! MTU. Anything
+//! else goes to the general path, and the fast path gives up before it changes any state
+//! or byte the general path would not change the same way: it validates with the same
+//! wire views and decides with the same tables, so that both paths produce the same frame,
+//! verdict, counters and conntrack state (`pipeline::tests::fast_path_matches_the_general_path`
+//! compares them packet by packet).
+
+use std::net::Ipv4Addr;
+
+use super::{rewrite, Ctx, Pipeline, Rewrite, Verdict, VXLAN_OVERHEAD};
+use crate::conntrack::{Direction, FlowKey, Tick};
+use crate::frame::Frame;
+use crate::snapshot::Snapshot;
+use crate::stats::{DropReason, WorkerStats};
+use crate::wire::ethernet::{self, MacAddr};
+use crate::wire::ipv4::{self, Ipv4Packet};
+use crate::wire::{TcpFlags, TcpPacket, UdpPacket, VxlanPacket};
+
+/// An IPv4 packet the fast path takes, read from its header.
+struct Whole {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    ttl: u8,
+    total_len: usize,
+}
+
+/// The IPv4 header at the start of `ip` when the general path would accept it (length,
+/// version, checksum) and it has no options and is not a fragment.
+#[inline]
+fn whole_ipv4(ip: &[u8]) -> Option<(Whole, &[u8])> {
+    let p = Ipv4Packet::new_checked(ip).ok()?;
+    if p.header_len() != ipv4::HEADER_LEN || p.is_fragment() || !p.verify_checksum() {
+        return None;
+    }
+    let total_len = usize::from(p.total_len());
+    let whole = Whole {
+        src: p.src(),
+        dst: p.dst(),
+        protocol: p.protocol(),
+        ttl: p.ttl(),
+        total_len,
+    };
+    Some((whole, &ip[ipv4::HEADER_LEN..total_len]))
+}
+
+/// Ports and TCP flags of a TCP or UDP header the general path would accept.
+#[inline]
+fn ports(protocol: u8, payload: &[u8]) -> Option<(u16, u16, Option<u8>)> {
+    match protocol {
+        ipv4::PROTO_TCP => {
+            let t = TcpPacket::new_checked(payload).ok()?;
+            let flags = t.flags().bits() as u8;
+            // A SYN mostly opens a new flow: not worth a lookup the general path repeats.
+            if flags & TcpFlags::SYN.bits() as u8 != 0 {
+                return None;
+            }
+            Some((t.src_port(), t.dst_port(), Some(flags)))
+        }
+        ipv4::PROTO_UDP => {
+            let u = UdpPacket::new_checked(payload).ok()?;
+            Some((u.src_port(), u.dst_port(), None))
+        }
+        _ => None,
+    }
+}
+
+impl Pipeline {
+    /// Forwards `frame` if it is an established packet of the shapes above and returns
+    /// the verdict; `None` (nothing changed) sends it to the general path.
+    #[inline]
+    pub(super) fn fast_established<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        pidx: usize,
+        snap: &Snapshot,
+        now: Tick,
+        stats: &mut WorkerStats,
+    ) -> Option<Verdict> {
+        let data = frame.data();
+        let eth = data.first_chunk::<{ ethernet::HEADER_LEN }>()?;
+        if eth[..6] != self.ports[pidx].mac.0[..]
+            || u16::from_be_bytes([eth[12], eth[13]]) != ethernet::ETHERTYPE_IPV4
+        {
+            return None;
+        }
+        let (mut ip, mut payload) = whole_ipv4(&data[ethernet::HEADER_LEN..])?;
+        let mut l2 = ethernet::HEADER_LEN;
+        let mut prev_mac = MacAddr([eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]]);
+        // (outer source, inner source MAC) of a VXLAN frame from a node.
+        let mut tunnel = None;
+        if let Some(vx) = &self.vxlan {
+            if ip.dst == vx.local_vtep && ip.protocol == ipv4::PROTO_UDP {
+                let udp = UdpPacket::new_checked(payload).ok()?;
+                if udp.dst_port() != vx.udp_port {
+                    return None;
+                }
+                let datagram = &payload[8..usize::from(udp.len())];
+                let v = VxlanPacket::new_checked(datagram).ok()?;
+                if v.vni() != vx.vni {
+                    return None;
+                }
+                let inner = &datagram[8..];
+                let inner_eth = inner.first_chunk::<{ ethernet::HEADER_LEN }>()?;
+                if u16::from_be_bytes([inner_eth[12], inner_eth[13]]) != ethernet::ETHERTYPE_IPV4 {
+                    return None;
+                }
+                let src_mac = MacAddr([
+                    inner_eth[6],
+                    inner_eth[7],
+                    inner_eth[8],
+                    inner_eth[9],
+                    inner_eth[10],
+                    inner_eth[11],
+                ]);
+                tunnel = Some((ip.src, src_mac));
+                prev_mac = src_mac;
+                l2 = VXLAN_OVERHEAD + ethernet::HEADER_LEN;
+                (ip, payload) = whole_ipv4(&inner[ethernet::HEADER_LEN..])?;
+            }
+        }
+        let (sport, dport, tcp_flags) = ports(ip.protocol, payload)?;
+        if ip.ttl <= 1 {
+            return None;
+        }
+        let hash = FlowKey::hash_of(ip.protocol, ip.src, sport, ip.dst, dport);
+        let key = FlowKey::new(ip.protocol, ip.src, sport, ip.dst, dport);
+        let (id, dir) = self.ct.find_live(&key, hash, now)?;
+        let (nat, original, binding) = {
+            let e = self.ct.entry(id);
+            (*e.nat(), *e.original(), e.binding())
+        };
+        if binding.generation != snap.generation {
+            return None;
+        }
+        let rw = match dir {
+            Direction::Original => Rewrite {
+                src: nat.snat,
+                dst: Some((nat.backend_addr, nat.backend_port)),
+            },
+            Direction::Reply => Rewrite {
+                src: Some((nat.frontend_addr, nat.frontend_port)),
+                dst: nat.snat.map(|_| (original.src, original.src_port)),
+            },
+        };
+        let final_dst = rw.dst.map_or(ip.dst, |(a, _)| a);
+        let slot = self.route_slot(final_dst);
+        let cached = self.route_cache[slot];
+        let hop = cached.hop?;
+        match cached.l2 {
+            Some((at, _)) if at == self.l2_epoch() => {}
+            _ => return None,
+        }
+        let overhead = if hop.vtep.is_some() {
+            VXLAN_OVERHEAD
+        } else {
+            0
+        };
+        if ip.total_len + overhead > usize::from(self.ports[hop.port].mtu) {
+            return None;
+        }
+
+        // Committed: from here on, the general path's effects, in its order.
+        let end = l2 + ip.total_len;
+        if let Some((outer_src, src_mac)) = tunnel {
+            let extra = frame.len() - end;
+            if !frame.trim(extra) || !frame.adj(VXLAN_OVERHEAD) {
+                return Some(Verdict::Drop(DropReason::Malformed));
+            }
+            self.remember_vtep_mac(outer_src, src_mac);
+            l2 -= VXLAN_OVERHEAD;
+        } else {
+            let extra = frame.len() - end;
+            if extra > 0 && !frame.trim(extra) {
+                return Some(Verdict::Drop(DropReason::Malformed));
+            }
+        }
+        self.ct.count_hit();
+        let len = frame.len().saturating_sub(l2) as u32;
+        self.ct.on_packet(id, dir, tcp_flags, len, now);
+        stats.count_packet(binding.frontend_id, binding.backend_counter);
+        rewrite::forward_rewrite(&mut frame.data_mut()[l2..], rw.src, rw.dst);
+        let ctx = Ctx {
+            in_port: pidx,
+            l2,
+            prev_mac,
+            outer_src: tunnel.map(|(outer, _)| outer),
+            flow_hash: Some(hash),
+        };
+        Some(self.egress(frame, ctx, now, hop, Some(slot)))
+    }
+}
