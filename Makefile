@@ -21,6 +21,8 @@ test: deps
 	$(CARGO) clippy --release --all-targets -- -D warnings
 	$(CARGO) build --release
 	$(CARGO) test --release --workspace --exclude tests
+	# The packet path again with debug assertions and overflow checks on.
+	$(CARGO) test -p dataplane
 	$(CARGO) test --release -p tests -- --test-threads=1
 	$(CARGO) build --release --manifest-path fuzz/Cargo.toml
 

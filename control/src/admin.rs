@@ -452,6 +452,7 @@ fn render_metrics(state: &AdminState) -> String {
     let busy = fgauge_family();
     let handoffs = counter_family();
     let exception = counter_family();
+    let fast_path = counter_family();
     let bursts = counter_family();
     let worker_generation = gauge_family();
     for (w, s) in per_worker.iter().enumerate() {
@@ -477,6 +478,7 @@ fn render_metrics(state: &AdminState) -> String {
                 .get_or_create(&labels(&[("worker", &wl), ("direction", dir)]))
                 .inc_by(v);
         }
+        fast_path.get_or_create(&l).inc_by(s.fast_path);
         for (dir, v) in [("to", s.to_exception), ("from", s.from_exception)] {
             exception
                 .get_or_create(&labels(&[("worker", &wl), ("direction", dir)]))
@@ -524,6 +526,11 @@ fn render_metrics(state: &AdminState) -> String {
         exception,
     );
     registry.register("servicegate_bursts", "Non-empty bursts processed", bursts);
+    registry.register(
+        "servicegate_fast_path_packets",
+        "Packets of established flows forwarded by the fast path (the rest take the general path)",
+        fast_path,
+    );
     registry.register(
         "servicegate_worker_snapshot_generation",
         "Snapshot generation each worker last loaded",

@@ -165,9 +165,10 @@ fn run_burst(
     snap: &Snapshot,
     stats: &mut WorkerStats,
 ) {
-    pipeline.prefetch_burst(burst.iter().map(|f| f.data()));
-    for frame in burst.iter_mut() {
-        black_box(pipeline.process(frame, in_port, snap, 2, stats));
+    let hashes = pipeline.prefetch_burst(burst.iter().map(|f| f.data()));
+    for (position, frame) in burst.iter_mut().enumerate() {
+        let hash = hashes.get(position);
+        black_box(pipeline.process_hashed(frame, in_port, snap, 2, stats, hash));
     }
 }
 
@@ -229,7 +230,7 @@ fn established(c: &mut Criterion) {
         });
         eprintln!(
             "{name}: {} of {} packets took the fast path",
-            pipeline.fast_path_packets(),
+            stats.fast_path,
             pipeline.conntrack().stats().lookups
         );
     }

@@ -77,6 +77,8 @@ pub struct WorkerStats {
     pub handoffs_out: u64,
     pub handoffs_in: u64,
     pub to_exception: u64,
+    /// Packets the pipeline's established-flow fast path forwarded.
+    pub fast_path: u64,
     pub from_exception: u64,
     /// Snapshot generation the worker last loaded.
     pub generation: u64,
@@ -125,6 +127,7 @@ impl Default for WorkerStats {
             handoffs_out: 0,
             handoffs_in: 0,
             to_exception: 0,
+            fast_path: 0,
             from_exception: 0,
             generation: 0,
             burst_latency_ns: new_latency_histogram(),
@@ -221,6 +224,7 @@ impl WorkerStats {
         self.handoffs_out += other.handoffs_out;
         self.handoffs_in += other.handoffs_in;
         self.to_exception += other.to_exception;
+        self.fast_path += other.fast_path;
         self.from_exception += other.from_exception;
         self.generation = self.generation.max(other.generation);
         let _ = self.burst_latency_ns.add(&other.burst_latency_ns);
@@ -269,6 +273,7 @@ impl WorkerStats {
         self.handoffs_out = local.handoffs_out;
         self.handoffs_in = local.handoffs_in;
         self.to_exception = local.to_exception;
+        self.fast_path = local.fast_path;
         self.from_exception = local.from_exception;
         self.generation = local.generation;
         self.frontend_packets.clone_from(&local.frontend_packets);

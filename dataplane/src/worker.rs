@@ -15,7 +15,7 @@ use crossbeam_queue::ArrayQueue;
 use crate::conntrack::{Direction, FlowKey, Nat, Tick};
 use crate::dpdk::{self, Mbuf, Mempool, PortId, QueueId, RxBurst, TxBuffer};
 use crate::frame::Frame;
-use crate::pipeline::{Pipeline, Verdict};
+use crate::pipeline::{BurstHashes, Pipeline, Verdict};
 use crate::snapshot::Snapshot;
 use crate::stats::{ConntrackCounters, DropReason, StatsCell, WorkerStats, MAX_PORTS};
 use crate::wire::MacAddr;
@@ -150,7 +150,7 @@ impl Worker {
                 taken += 1;
                 stats.handoffs_in += 1;
                 let in_port = mbuf.port();
-                let verdict = self.handle(&mut mbuf, in_port, &snapshot, now, &mut stats);
+                let verdict = self.handle(&mut mbuf, in_port, &snapshot, now, &mut stats, None);
                 self.dispatch(mbuf, verdict, now, &mut tx, &mut held, &mut stats);
             }
             received += taken;
@@ -159,18 +159,23 @@ impl Worker {
                 let (port, queue) = self.rx_queues[q];
                 let n = dpdk::rx_burst(port, queue, &mut burst);
                 received += n;
+                let mut hashes = BurstHashes::default();
                 if let Mode::Gateway(pipeline) = &self.mode {
                     if n > 1 {
                         burst.prefetch_data();
-                        pipeline.prefetch_burst(burst.pending_data());
+                        hashes = pipeline.prefetch_burst(burst.pending_data());
                     }
                 }
+                let mut position = 0;
                 while let Some(mut mbuf) = burst.pop() {
                     let in_port = port.0;
                     let p = usize::from(in_port) % MAX_PORTS;
                     stats.rx_packets[p] += 1;
                     stats.rx_bytes[p] += mbuf.len() as u64;
-                    let verdict = self.handle(&mut mbuf, in_port, &snapshot, now, &mut stats);
+                    // `pop` takes the frames in the order `pending_data` showed them.
+                    let hash = hashes.get(position);
+                    position += 1;
+                    let verdict = self.handle(&mut mbuf, in_port, &snapshot, now, &mut stats, hash);
                     self.dispatch(mbuf, verdict, now, &mut tx, &mut held, &mut stats);
                 }
             }
@@ -219,7 +224,7 @@ impl Worker {
         self.publish(&mut stats);
     }
 
-    /// Runs the frame through this worker's mode.
+    /// Runs the frame through this worker's mode; `hash` is the burst prefetch's for it.
     #[inline]
     fn handle(
         &mut self,
@@ -228,6 +233,7 @@ impl Worker {
         snapshot: &Snapshot,
         now: Tick,
         stats: &mut WorkerStats,
+        hash: Option<u64>,
     ) -> Verdict {
         match &mut self.mode {
             Mode::Io { peer } => Verdict::Transmit {
@@ -235,7 +241,9 @@ impl Worker {
             },
             // The pipeline decides ownership itself and answers `Handoff` for frames of
             // another worker's flows.
-            Mode::Gateway(pipeline) => pipeline.process(mbuf, in_port, snapshot, now, stats),
+            Mode::Gateway(pipeline) => {
+                pipeline.process_hashed(mbuf, in_port, snapshot, now, stats, hash)
+            }
         }
     }
 

@@ -1,8 +1,8 @@
-//! Raw bytes → `VecFrame` → `Pipeline::prefetch_burst` and `Pipeline::process` on the port
-//! named by the first byte, with a small snapshot (ClusterIP, NodePort, LoadBalancer with a
-//! source range, a pod CIDR behind a VTEP) and VXLAN configured. Whatever the bytes,
-//! nothing may panic. Every few inputs run `housekeeping` too, and a second pass feeds the
-//! output back in (replies of rewritten frames exercise the conntrack hit paths).
+//! Raw bytes → `VecFrame` → `Pipeline::prefetch_burst` and `Pipeline::process_hashed` on the port
+//! named by the first byte, with a small snapshot (ClusterIP, NodePort, LoadBalancer with a source
+//! range, a pod CIDR behind a VTEP) and VXLAN configured. Whatever the bytes, nothing may panic.
+//! Every few inputs run `housekeeping` too, and a second pass feeds the output back in (replies of
+//! rewritten frames exercise the conntrack hit paths).
 #![no_main]
 
 use std::net::Ipv4Addr;
@@ -199,10 +199,20 @@ fuzz_target!(|data: &[u8]| {
     let in_port = [0u16, 1, 10, 5][usize::from(first & 3)];
     let mut frame = VecFrame::new(bytes);
     // As a worker does: the burst prefetch reads the frame first.
-    st.pipeline.prefetch_burst(std::iter::once(frame.data()));
-    let verdict = st
+    // Its hash goes back with the frame: the fast path's debug assertion checks that it is
+    // the key's whenever the fast path uses it.
+    let hash = st
         .pipeline
-        .process(&mut frame, in_port, &st.snapshot, st.now, &mut st.stats);
+        .prefetch_burst(std::iter::once(frame.data()))
+        .get(0);
+    let verdict = st.pipeline.process_hashed(
+        &mut frame,
+        in_port,
+        &st.snapshot,
+        st.now,
+        &mut st.stats,
+        hash,
+    );
     if first & 4 != 0 {
         // Feed what came out back in on the port it left through.
         if let Verdict::Transmit { port } | Verdict::HoldForNeighbor { port, .. } = verdict {

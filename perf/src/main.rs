@@ -137,6 +137,8 @@ struct Row {
     p999_us: f64,
     conntrack: f64,
     new_flows_per_pkt: f64,
+    /// Share of the transmitted packets the established-flow fast path forwarded.
+    fast_path_share: f64,
     notes: Vec<String>,
 }
 
@@ -163,6 +165,7 @@ fn median_row(runs: &[Row]) -> Row {
         p999_us: f(|r| r.p999_us),
         conntrack: f(|r| r.conntrack),
         new_flows_per_pkt: f(|r| r.new_flows_per_pkt),
+        fast_path_share: f(|r| r.fast_path_share),
         notes: Vec::new(),
     };
     for r in runs {
@@ -245,6 +248,7 @@ fn run_scenario(ctx: &mut Ctx, s: &Scenario, files: &[PathBuf], run: usize) -> R
         p999_us: f64::NAN,
         conntrack: f64::NAN,
         new_flows_per_pkt: f64::NAN,
+        fast_path_share: f64::NAN,
         notes: Vec::new(),
     };
     ctx.next_admin += 1;
@@ -258,6 +262,7 @@ fn run_scenario(ctx: &mut Ctx, s: &Scenario, files: &[PathBuf], run: usize) -> R
             row.p999_us = m.p999_us;
             row.conntrack = m.conntrack_entries;
             row.new_flows_per_pkt = m.inserts_per_s / m.pps;
+            row.fast_path_share = m.fast_path_per_s / m.pps;
             // Frames from a net_null rx (io-null) are garbage to the gateway; only
             // report drops where the capture is the input.
             let rx = m.rx_pps.max(1.0);
@@ -394,6 +399,7 @@ fn json(rows: &[Row]) -> serde_json::Value {
                     "p50_us": num(r.p50_us),
                     "p99_us": num(r.p99_us),
                     "p999_us": num(r.p999_us),
+                    "fast_path_share": num(r.fast_path_share),
                 })
             })
             .collect(),
@@ -452,7 +458,10 @@ fn results_md(rows: &[Row], suite: &str, runs: usize, tsc_note: &str, scen: &[Sc
          latency. ratio = servicegate Mpps / testpmd Mpps.\n\n"
     ));
     md.push_str(&table(rows));
-    md.push_str("\n| scenario | flows | conntrack new flows / packet | what | notes |\n|:--|--:|--:|:--|:--|\n");
+    md.push_str(
+        "\n| scenario | flows | conntrack new flows / packet | fast path / packet | what | notes |\n\
+         |:--|--:|--:|--:|:--|:--|\n",
+    );
     for r in rows {
         let note = scen
             .iter()
@@ -460,10 +469,11 @@ fn results_md(rows: &[Row], suite: &str, runs: usize, tsc_note: &str, scen: &[Sc
             .map(|s| s.note)
             .unwrap_or("");
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} |\n",
             r.name,
             r.flows,
             fmt(r.new_flows_per_pkt, 3),
+            fmt(r.fast_path_share, 3),
             note,
             r.notes.join("; ")
         ));
@@ -553,10 +563,11 @@ fn main() -> anyhow::Result<()> {
     for r in &rows {
         if !r.notes.is_empty() || r.new_flows_per_pkt.is_finite() {
             println!(
-                "{} {}: new flows/pkt {} {}",
+                "{} {}: new flows/pkt {}, fast path/pkt {} {}",
                 r.name,
                 r.flows,
                 fmt(r.new_flows_per_pkt, 3),
+                fmt(r.fast_path_share, 3),
                 r.notes.join("; ")
             );
         }

@@ -232,6 +232,7 @@ pub struct SgMeasure {
     pub p999_us: f64,
     pub conntrack_entries: f64,
     pub inserts_per_s: f64,
+    pub fast_path_per_s: f64,
     pub drops: Vec<(String, f64)>,
 }
 
@@ -350,6 +351,7 @@ fn measure_sg(child: &mut Child, port: u16, io_mode: bool) -> anyhow::Result<SgM
         p999_us: q("0.999"),
         conntrack_entries: m1.sum("servicegate_conntrack_entries"),
         inserts_per_s: delta("servicegate_conntrack_inserts_total"),
+        fast_path_per_s: delta("servicegate_fast_path_packets_total"),
         drops,
     })
 }

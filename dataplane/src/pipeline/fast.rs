@@ -75,6 +75,8 @@ fn ports(protocol: u8, payload: &[u8]) -> Option<(u16, u16, Option<u8>)> {
 impl Pipeline {
     /// Forwards `frame` if it is an established packet of the shapes above and returns
     /// the verdict; `None` (nothing changed) sends it to the general path.
+    /// `prefetched_hash` is the burst prefetch's hash of this frame: it reads the same
+    /// header bytes for every shape taken here, so it is the key's hash when given.
     #[inline]
     pub(super) fn fast_established<F: Frame>(
         &mut self,
@@ -83,6 +85,7 @@ impl Pipeline {
         snap: &Snapshot,
         now: Tick,
         stats: &mut WorkerStats,
+        prefetched_hash: Option<u64>,
     ) -> Option<Verdict> {
         let data = frame.data();
         let eth = data.first_chunk::<{ ethernet::HEADER_LEN }>()?;
@@ -130,7 +133,13 @@ impl Pipeline {
         if ip.ttl <= 1 {
             return None;
         }
-        let hash = FlowKey::hash_of(ip.protocol, ip.src, sport, ip.dst, dport);
+        let hash = prefetched_hash
+            .unwrap_or_else(|| FlowKey::hash_of(ip.protocol, ip.src, sport, ip.dst, dport));
+        debug_assert_eq!(
+            hash,
+            FlowKey::hash_of(ip.protocol, ip.src, sport, ip.dst, dport),
+            "the burst prefetch read another key"
+        );
         let key = FlowKey::new(ip.protocol, ip.src, sport, ip.dst, dport);
         let (id, dir) = self.ct.find_live(&key, hash, now)?;
         let (nat, original, binding) = {

@@ -181,6 +181,25 @@ pub struct PipelineConfig {
     pub neighbor_timeout_ms: u64,
 }
 
+/// The conntrack key hashes [`Pipeline::prefetch_burst`] computed, by position in the burst.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BurstHashes {
+    hashes: [u64; PREFETCH_BURST],
+    /// Bit `i`: frame `i` had a hash.
+    present: u32,
+}
+
+const _: () = assert!(PREFETCH_BURST <= u32::BITS as usize);
+
+impl BurstHashes {
+    /// The hash of the frame at `position` in the burst, if the prefetch read one.
+    #[inline]
+    pub fn get(&self, position: usize) -> Option<u64> {
+        (position < PREFETCH_BURST && self.present & (1 << position) != 0)
+            .then(|| self.hashes[position])
+    }
+}
+
 /// What the worker does with the frame after [`Pipeline::process`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -377,8 +396,6 @@ pub struct Pipeline {
     /// Whether established packets take [`Pipeline::fast_established`] (off only to
     /// compare it with the general path).
     fast_path: bool,
-    /// Packets the fast path forwarded.
-    fast_path_packets: u64,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -521,14 +538,7 @@ impl Pipeline {
             workers: config.workers,
             snap: SnapCache::default(),
             fast_path: true,
-            fast_path_packets: 0,
         })
-    }
-
-    /// Packets forwarded by the established-flow fast path since start (the rest took the
-    /// general path).
-    pub fn fast_path_packets(&self) -> u64 {
-        self.fast_path_packets
     }
 
     /// Turns the established-flow fast path off (or on again): for tests and benchmarks
@@ -643,7 +653,21 @@ impl Pipeline {
         now: Tick,
         stats: &mut WorkerStats,
     ) -> Verdict {
-        let verdict = self.process_inner(frame, in_port, snapshot, now, stats);
+        self.process_hashed(frame, in_port, snapshot, now, stats, None)
+    }
+
+    /// [`Pipeline::process`] with the frame's hash from [`Pipeline::prefetch_burst`]
+    /// ([`BurstHashes::get`] at the frame's position in the burst), if it gave one.
+    pub fn process_hashed<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        in_port: u16,
+        snapshot: &Snapshot,
+        now: Tick,
+        stats: &mut WorkerStats,
+        prefetched_hash: Option<u64>,
+    ) -> Verdict {
+        let verdict = self.process_inner(frame, in_port, snapshot, now, stats, prefetched_hash);
         if let Verdict::Drop(reason) = verdict {
             stats.drop(reason);
         }
@@ -657,6 +681,7 @@ impl Pipeline {
         snap: &Snapshot,
         now: Tick,
         stats: &mut WorkerStats,
+        prefetched_hash: Option<u64>,
     ) -> Verdict {
         if let Some(&(_, real)) = self.exception_of.iter().find(|(e, _)| *e == in_port) {
             return Verdict::Transmit {
@@ -677,8 +702,10 @@ impl Pipeline {
             }
         }
         if self.fast_path {
-            if let Some(verdict) = self.fast_established(frame, pidx, snap, now, stats) {
-                self.fast_path_packets += 1;
+            if let Some(verdict) =
+                self.fast_established(frame, pidx, snap, now, stats, prefetched_hash)
+            {
+                stats.fast_path += 1;
                 return verdict;
             }
         }
@@ -1560,20 +1587,24 @@ impl Pipeline {
     /// Runs ahead of a burst (VPP/DPVS style): computes each frame's conntrack key hash
     /// from its headers, prefetches the index slots, then the entries they point at, so
     /// that the table misses of a whole burst overlap instead of stalling packet by packet.
-    /// Frames beyond [`PREFETCH_BURST`] are left alone. Changes nothing but cache contents.
-    pub fn prefetch_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) {
-        let mut hashes = [0u64; PREFETCH_BURST];
-        let mut count = 0;
-        for data in frames.take(PREFETCH_BURST) {
+    /// Frames beyond [`PREFETCH_BURST`] are left alone. Changes nothing but cache contents;
+    /// returns the hashes, which the caller hands back with each frame to
+    /// [`Pipeline::process_hashed`] so that the fast path does not compute them again.
+    pub fn prefetch_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> BurstHashes {
+        let mut burst = BurstHashes::default();
+        for (position, data) in frames.take(PREFETCH_BURST).enumerate() {
             if let Some(hash) = self.prefetch_hash(data) {
                 self.ct.prefetch_slot(hash);
-                hashes[count] = hash;
-                count += 1;
+                burst.hashes[position] = hash;
+                burst.present |= 1 << position;
             }
         }
-        for &hash in &hashes[..count] {
-            self.ct.prefetch_entry(hash);
+        for position in 0..PREFETCH_BURST {
+            if let Some(hash) = burst.get(position) {
+                self.ct.prefetch_entry(hash);
+            }
         }
+        burst
     }
 
     /// The conntrack key hash ([`FlowKey::hash`]) of the common frame shapes, read at
