@@ -394,9 +394,9 @@ impl Frame for Mbuf {
         unsafe { std::slice::from_raw_parts_mut(addr.add(off), len) }
     }
 
-    // `prepend` and `trim` run on every encapsulated or padded frame: for the single
-    // segment the workers produce they are a few field updates here, not a call into DPDK's
-    // out-of-line wrapper of its inline function (which does the same).
+    // `prepend`, `adj` and `trim` run on every encapsulated, decapsulated or padded frame:
+    // for the single segment the workers produce they are a few field updates here, not a
+    // call into DPDK's out-of-line wrapper of its inline function (which does the same).
     #[inline]
     fn prepend(&mut self, len: usize) -> bool {
         let Ok(len) = u16::try_from(len) else {
@@ -416,10 +416,21 @@ impl Frame for Mbuf {
         !unsafe { sys::rte_pktmbuf_prepend(self.mbuf.as_ptr(), len) }.is_null()
     }
 
+    #[inline]
     fn adj(&mut self, len: usize) -> bool {
         let Ok(len) = u16::try_from(len) else {
             return false;
         };
+        let m = self.raw_mut();
+        if m.nb_segs == 1 {
+            if len > m.data_len {
+                return false;
+            }
+            m.data_off += len;
+            m.data_len -= len;
+            m.pkt_len -= u32::from(len);
+            return true;
+        }
         // SAFETY: we own the mbuf; rte_pktmbuf_adj checks the length itself.
         !unsafe { sys::rte_pktmbuf_adj(self.mbuf.as_ptr(), len) }.is_null()
     }

@@ -163,10 +163,10 @@ impl Pipeline {
         let slot = self.route_slot(final_dst);
         let cached = self.route_cache[slot];
         let hop = cached.hop?;
-        match cached.l2 {
-            Some((at, _)) if at == self.l2_epoch() => {}
+        let adjacency = match cached.l2 {
+            Some((at, adjacency)) if at == self.l2_epoch() => adjacency,
             _ => return None,
-        }
+        };
         let overhead = if hop.vtep.is_some() {
             VXLAN_OVERHEAD
         } else {
@@ -203,6 +203,7 @@ impl Pipeline {
             outer_src: tunnel.map(|(outer, _)| outer),
             flow_hash: Some(hash),
         };
-        Some(self.egress(frame, ctx, now, hop, Some(slot)))
+        self.neighbors.touch(adjacency.neighbor_slot, now);
+        Some(self.write_l2(frame, ctx, hop, &adjacency, true))
     }
 }

@@ -117,6 +117,7 @@ pub const CT_EXPIRE_BUDGET: usize = 256;
 pub const NEIGHBOR_SWEEP_BUDGET: usize = 512;
 /// Slots of the per-worker route cache (a power of two).
 const ROUTE_CACHE_SLOTS: usize = 4096;
+const _: () = assert!(ROUTE_CACHE_SLOTS.is_power_of_two());
 /// VTEP → inner MAC entries remembered for re-encapsulation (one per node; preallocated,
 /// so learning never allocates; when full, configured and known VTEPs keep their entries
 /// and new ones are sent with the broadcast inner MAC, which kernel VXLAN devices accept).
@@ -1379,7 +1380,9 @@ impl Pipeline {
     fn route_slot(&mut self, dst: Ipv4Addr) -> usize {
         let tag = self.snap.generation.map_or(0, |g| g.wrapping_add(1));
         let key = u32::from(dst);
-        let slot = (crate::maglev::fmix64(u64::from(key)) as usize) & (ROUTE_CACHE_SLOTS - 1);
+        // Fibonacci hashing: one multiply spreads neighbouring addresses over the slots.
+        let slot =
+            (key.wrapping_mul(0x9e37_79b9) >> (32 - ROUTE_CACHE_SLOTS.trailing_zeros())) as usize;
         if self.slot_holds(slot, dst) {
             return slot;
         }
@@ -1539,6 +1542,20 @@ impl Pipeline {
                 (adjacency, resolution.is_some())
             }
         };
+        self.write_l2(frame, ctx, hop, &adjacency, resolved)
+    }
+
+    /// Encapsulates when the hop says so, then writes the MACs of `adjacency` (all but the
+    /// next hop's when it is not `resolved`: the frame then waits for it).
+    #[inline]
+    fn write_l2<F: Frame>(
+        &self,
+        frame: &mut F,
+        ctx: Ctx,
+        hop: Hop,
+        adjacency: &Adjacency,
+        resolved: bool,
+    ) -> Verdict {
         let port_mac = adjacency.port_mac;
         if let (Some(vtep), Some(vx)) = (hop.vtep, &self.vxlan) {
             let entropy = ctx.flow_hash.unwrap_or_else(|| {
