@@ -422,6 +422,9 @@ pub struct Entry {
     /// Free list (free entries) or unassured FIFO (live, unassured entries).
     prev: u32,
     next: u32,
+    /// The index hashes (low 32 bits of [`FlowKey::hash`]) of `original` and `reply`, so
+    /// that removing the entry and warming an eviction do not hash the keys again.
+    key_hashes: [u32; 2],
     state: State,
     seen_reply: bool,
     assured: bool,
@@ -456,6 +459,7 @@ impl Entry {
             bytes: [0; 2],
             prev: NIL,
             next,
+            key_hashes: [0; 2],
         }
     }
 
@@ -902,12 +906,27 @@ impl Conntrack {
         binding: SnapshotBinding,
         now: Tick,
     ) -> Result<EntryId, InsertError> {
+        let hashes = [original.hash(), reply.hash()];
+        self.insert_hashed([original, reply], hashes, nat, binding, now)
+    }
+
+    /// [`Conntrack::insert`] of `[original, reply]` with their [`FlowKey::hash`]es, which
+    /// the caller has already computed.
+    pub fn insert_hashed(
+        &mut self,
+        [original, reply]: [FlowKey; 2],
+        hashes: [u64; 2],
+        nat: Nat,
+        binding: SnapshotBinding,
+        now: Tick,
+    ) -> Result<EntryId, InsertError> {
+        debug_assert_eq!(hashes, [original.hash(), reply.hash()]);
         if original == reply {
             self.stats.clashes += 1;
             return Err(InsertError::Clash);
         }
-        for key in [&original, &reply] {
-            if let Some((id, _)) = self.find(key) {
+        for (key, hash) in [(&original, hashes[0]), (&reply, hashes[1])] {
+            if let Some((id, _)) = self.find_hashed(key, hash) {
                 if self.entries[id.index()].expires_at <= now {
                     self.remove_inner(id.0);
                     self.stats.expirations += 1;
@@ -942,9 +961,10 @@ impl Conntrack {
             bytes: [0; 2],
             prev: NIL,
             next: NIL,
+            key_hashes: hashes.map(|h| h as u32),
         };
-        self.index_insert(&original, id << 1);
-        self.index_insert(&reply, (id << 1) | 1);
+        self.index_insert(hashes[0] as u32, id << 1);
+        self.index_insert(hashes[1] as u32, (id << 1) | 1);
         self.push_unassured(id);
         self.len += 1;
         self.stats.inserts += 1;
@@ -978,9 +998,8 @@ impl Conntrack {
 
     #[inline]
     fn prefetch_index_of(&self, entry: &Entry) {
-        for key in [&entry.original, &entry.reply] {
-            let i = key.hash() as u32 as usize & self.mask;
-            crate::prefetch_read(&self.index[i]);
+        for hash in entry.key_hashes {
+            crate::prefetch_read(&self.index[hash as usize & self.mask]);
         }
     }
 
@@ -1093,13 +1112,17 @@ impl Conntrack {
     }
 
     fn remove_inner(&mut self, id: u32) {
-        let (original, reply, assured) = {
+        let (hashes, assured) = {
             let e = &self.entries[id as usize];
             debug_assert!(e.live);
-            (e.original, e.reply, e.assured)
+            debug_assert_eq!(
+                e.key_hashes,
+                [e.original.hash() as u32, e.reply.hash() as u32]
+            );
+            (e.key_hashes, e.assured)
         };
-        self.index_remove(&original, id << 1);
-        self.index_remove(&reply, (id << 1) | 1);
+        self.index_remove(hashes[0], id << 1);
+        self.index_remove(hashes[1], (id << 1) | 1);
         if !assured {
             self.unlink_unassured(id);
         }
@@ -1146,8 +1169,7 @@ impl Conntrack {
         e.next = NIL;
     }
 
-    fn index_insert(&mut self, key: &FlowKey, reference: u32) {
-        let hash = key.hash() as u32;
+    fn index_insert(&mut self, hash: u32, reference: u32) {
         let mut i = hash as usize & self.mask;
         while self.index[i].reference != EMPTY {
             i = (i + 1) & self.mask;
@@ -1155,9 +1177,10 @@ impl Conntrack {
         self.index[i] = Slot { hash, reference };
     }
 
-    /// Removes the slot holding `reference` and closes the gap by backward shift.
-    fn index_remove(&mut self, key: &FlowKey, reference: u32) {
-        let mut i = key.hash() as u32 as usize & self.mask;
+    /// Removes the slot holding `reference` (whose key's index hash is `hash`) and closes
+    /// the gap by backward shift.
+    fn index_remove(&mut self, hash: u32, reference: u32) {
+        let mut i = hash as usize & self.mask;
         while self.index[i].reference != reference {
             debug_assert!(self.index[i].reference != EMPTY, "key missing from index");
             i = (i + 1) & self.mask;

@@ -762,7 +762,7 @@ impl Pipeline {
                 ctx.outer_src = Some(outer_src);
             }
         }
-        self.ip_stage(frame, ctx, snap, now, stats)
+        self.ip_stage(frame, ctx, snap, now, stats, prefetched_hash)
     }
 
     /// Strips outer Ethernet/IPv4/UDP/VXLAN (validated up to UDP by the caller).
@@ -891,6 +891,8 @@ impl Pipeline {
 
     // ----- IPv4 ------------------------------------------------------------------------
 
+    /// `prefetched_hash`: as for the fast path, the burst prefetch read the same header
+    /// bytes as the key below whenever it gave a hash.
     fn ip_stage<F: Frame>(
         &mut self,
         frame: &mut F,
@@ -898,6 +900,7 @@ impl Pipeline {
         snap: &Snapshot,
         now: Tick,
         stats: &mut WorkerStats,
+        prefetched_hash: Option<u64>,
     ) -> Verdict {
         let (src, dst, protocol, fragment, l4) = {
             let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
@@ -929,7 +932,13 @@ impl Pipeline {
             tcp_flags,
         } = l4
         {
-            let hash = FlowKey::hash_of(protocol, src, sport, dst, dport);
+            let hash = prefetched_hash
+                .unwrap_or_else(|| FlowKey::hash_of(protocol, src, sport, dst, dport));
+            debug_assert_eq!(
+                hash,
+                FlowKey::hash_of(protocol, src, sport, dst, dport),
+                "the burst prefetch read another key"
+            );
             let key = FlowKey::new(protocol, src, sport, dst, dport);
             ctx.flow_hash = Some(hash);
             if let Some((id, dir)) = self.ct.lookup_hashed(&key, hash, now) {
@@ -1111,12 +1120,15 @@ impl Pipeline {
                 None => return Verdict::Drop(DropReason::NoEndpoints),
             },
         };
+        let reply_without_snat =
+            FlowKey::new(key.protocol, backend.0, backend.1, key.src, key.src_port);
+        let reply_without_snat_hash = reply_without_snat.hash();
         if !fe.masquerade {
             // The reply key is known now (without SNAT): start fetching its index slot,
             // which the insert below probes, while the route and counters are looked up.
-            let reply = FlowKey::new(key.protocol, backend.0, backend.1, key.src, key.src_port);
-            self.ct.prefetch_slot(reply.hash());
+            self.ct.prefetch_slot(reply_without_snat_hash);
         }
+        let key_hash = ctx.flow_hash.unwrap_or_else(|| key.hash());
         let route_slot = self.route_slot(backend.0);
         let Some(hop) = self.route_cache[route_slot].hop else {
             return Verdict::Drop(DropReason::NoRoute);
@@ -1142,9 +1154,17 @@ impl Pipeline {
                 backend_port: backend.1,
                 snat,
             };
-            let (ra, rp) = snat.unwrap_or((key.src, key.src_port));
-            let reply = FlowKey::new(key.protocol, backend.0, backend.1, ra, rp);
-            match self.ct.insert(key, reply, nat, binding, now) {
+            let (reply, reply_hash) = match snat {
+                None => (reply_without_snat, reply_without_snat_hash),
+                Some((ra, rp)) => {
+                    let reply = FlowKey::new(key.protocol, backend.0, backend.1, ra, rp);
+                    (reply, reply.hash())
+                }
+            };
+            let inserted =
+                self.ct
+                    .insert_hashed([key, reply], [key_hash, reply_hash], nat, binding, now);
+            match inserted {
                 Ok(id) => break id,
                 Err(InsertError::Full) => return Verdict::Drop(DropReason::CtFull),
                 Err(InsertError::Clash) => {
