@@ -94,6 +94,17 @@ impl Pipeline {
         {
             return None;
         }
+        // A plain TCP SYN goes to the general path before any checksum work (a SYN flood is
+        // all new flows); `ports` refuses the SYNs this misses (IPv4 options, VXLAN).
+        const TCP_FLAGS: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + 13;
+        if data.get(ethernet::HEADER_LEN + 9) == Some(&ipv4::PROTO_TCP)
+            && data
+                .get(TCP_FLAGS)
+                .is_some_and(|f| f & TcpFlags::SYN.bits() as u8 != 0)
+            && data[ethernet::HEADER_LEN] == 0x45
+        {
+            return None;
+        }
         let (mut ip, mut payload) = whole_ipv4(&data[ethernet::HEADER_LEN..])?;
         let mut l2 = ethernet::HEADER_LEN;
         let mut prev_mac = MacAddr([eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]]);
