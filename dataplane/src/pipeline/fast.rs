@@ -15,7 +15,7 @@
 use std::net::Ipv4Addr;
 
 use super::{rewrite, Ctx, Pipeline, Rewrite, Verdict, VXLAN_OVERHEAD};
-use crate::conntrack::{Direction, FlowKey, Tick};
+use crate::conntrack::{FlowKey, Tick};
 use crate::frame::Frame;
 use crate::snapshot::Snapshot;
 use crate::stats::{DropReason, WorkerStats};
@@ -160,16 +160,7 @@ impl Pipeline {
         if binding.generation != snap.generation {
             return None;
         }
-        let rw = match dir {
-            Direction::Original => Rewrite {
-                src: nat.snat,
-                dst: Some((nat.backend_addr, nat.backend_port)),
-            },
-            Direction::Reply => Rewrite {
-                src: Some((nat.frontend_addr, nat.frontend_port)),
-                dst: nat.snat.map(|_| (original.src, original.src_port)),
-            },
-        };
+        let rw = Rewrite::of_tracked(&nat, &original, dir);
         let final_dst = rw.dst.map_or(ip.dst, |(a, _)| a);
         let slot = self.route_slot(final_dst);
         let cached = self.route_cache[slot];

@@ -373,6 +373,24 @@ struct Rewrite {
     dst: Option<(Ipv4Addr, u16)>,
 }
 
+impl Rewrite {
+    /// The translation of a tracked flow's packet in direction `dir`: toward the backend
+    /// (DNAT, and SNAT when the entry has it), or back to the client (the reverse).
+    #[inline]
+    fn of_tracked(nat: &Nat, original: &FlowKey, dir: Direction) -> Rewrite {
+        match dir {
+            Direction::Original => Rewrite {
+                src: nat.snat,
+                dst: Some((nat.backend_addr, nat.backend_port)),
+            },
+            Direction::Reply => Rewrite {
+                src: Some((nat.frontend_addr, nat.frontend_port)),
+                dst: nat.snat.map(|_| (original.src, original.src_port)),
+            },
+        }
+    }
+}
+
 pub struct Pipeline {
     ports: Vec<Port>,
     /// (exception port id, index of its real port).
@@ -1043,16 +1061,7 @@ impl Pipeline {
                 }
             }
         }
-        let rw = match dir {
-            Direction::Original => Rewrite {
-                src: nat.snat,
-                dst: Some((nat.backend_addr, nat.backend_port)),
-            },
-            Direction::Reply => Rewrite {
-                src: Some((nat.frontend_addr, nat.frontend_port)),
-                dst: nat.snat.map(|_| (original.src, original.src_port)),
-            },
-        };
+        let rw = Rewrite::of_tracked(&nat, &original, dir);
         let len = frame.len().saturating_sub(ctx.l2) as u32;
         // Packets the TCP state machine calls invalid are still forwarded (no window
         // tracking here; the backend judges them).

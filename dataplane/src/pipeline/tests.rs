@@ -679,28 +679,20 @@ fn cached_l2_follows_neighbor_and_vtep_changes() {
         assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
         parse(&r.out[50..]).eth_dst
     };
-    let dns = |mac| {
-        FrameBuilder::new(mac, CLUSTER_MAC).udp_v4(sa("10.245.2.9:5353"), sa("8.8.8.8:53"), b"d")
+    // node-2's VTEP sends a frame whose inner source is `mac`.
+    let node2_sends_from = |p: &mut Pipeline, stats: &mut WorkerStats, mac| {
+        let dns = FrameBuilder::new(mac, CLUSTER_MAC).udp_v4(
+            sa("10.245.2.9:5353"),
+            sa("8.8.8.8:53"),
+            b"d",
+        );
+        run(p, &snap, CLUSTER, &from_node2(&dns), 40_000, stats);
     };
-    run(
-        &mut p,
-        &snap,
-        CLUSTER,
-        &from_node2(&dns(NODE2_VXLAN_MAC)),
-        40_000,
-        &mut stats,
-    );
+    node2_sends_from(&mut p, &mut stats, NODE2_VXLAN_MAC);
     assert_eq!(inner_dst(&mut p, &mut stats), NODE2_VXLAN_MAC);
     assert_eq!(inner_dst(&mut p, &mut stats), NODE2_VXLAN_MAC);
     let moved = MacAddr([0x02, 0xbb, 0, 0, 0, 0x09]);
-    run(
-        &mut p,
-        &snap,
-        CLUSTER,
-        &from_node2(&dns(moved)),
-        40_000,
-        &mut stats,
-    );
+    node2_sends_from(&mut p, &mut stats, moved);
     assert_eq!(inner_dst(&mut p, &mut stats), moved);
 }
 
