@@ -14,14 +14,14 @@
 
 use std::net::Ipv4Addr;
 
-use super::{rewrite, Ctx, Pipeline, Rewrite, Verdict, VXLAN_OVERHEAD};
+use super::{rewrite, Ctx, Pipeline, Rewrite, Verdict, L4, VXLAN_OVERHEAD};
 use crate::conntrack::{FlowKey, Tick};
 use crate::frame::Frame;
 use crate::snapshot::Snapshot;
 use crate::stats::{DropReason, WorkerStats};
 use crate::wire::ethernet::{self, MacAddr};
 use crate::wire::ipv4::{self, Ipv4Packet};
-use crate::wire::{TcpFlags, TcpPacket, UdpPacket, VxlanPacket};
+use crate::wire::{TcpFlags, UdpPacket, VxlanPacket};
 
 /// An IPv4 packet the fast path takes, read from its header.
 struct Whole {
@@ -51,23 +51,24 @@ fn whole_ipv4(ip: &[u8]) -> Option<(Whole, &[u8])> {
     Some((whole, &ip[ipv4::HEADER_LEN..total_len]))
 }
 
-/// Ports and TCP flags of a TCP or UDP header the general path would accept.
+/// Ports and TCP flags of a TCP (not SYN) or UDP header the general path would accept:
+/// its own parser, [`rewrite::parse_l4`], limited to the protocols taken here.
 #[inline]
 fn ports(protocol: u8, payload: &[u8]) -> Option<(u16, u16, Option<u8>)> {
-    match protocol {
-        ipv4::PROTO_TCP => {
-            let t = TcpPacket::new_checked(payload).ok()?;
-            let flags = t.flags().bits() as u8;
-            // A SYN mostly opens a new flow: not worth a lookup the general path repeats.
-            if flags & TcpFlags::SYN.bits() as u8 != 0 {
-                return None;
-            }
-            Some((t.src_port(), t.dst_port(), Some(flags)))
-        }
-        ipv4::PROTO_UDP => {
-            let u = UdpPacket::new_checked(payload).ok()?;
-            Some((u.src_port(), u.dst_port(), None))
-        }
+    if !matches!(protocol, ipv4::PROTO_TCP | ipv4::PROTO_UDP) {
+        return None;
+    }
+    match rewrite::parse_l4(protocol, true, payload).ok()? {
+        // A SYN mostly opens a new flow: not worth a lookup the general path repeats.
+        L4::Ports {
+            tcp_flags: Some(flags),
+            ..
+        } if flags & TcpFlags::SYN.bits() as u8 != 0 => None,
+        L4::Ports {
+            sport,
+            dport,
+            tcp_flags,
+        } => Some((sport, dport, tcp_flags)),
         _ => None,
     }
 }

@@ -603,6 +603,16 @@ fn arp_reply_resolves_a_held_next_hop() {
     assert_eq!(p.take_learned().count(), 0);
 }
 
+/// Runs housekeeping at `now` until the neighbor sweep has covered the whole table;
+/// returns the ARP requests it emitted.
+fn arp_requests_of_a_full_sweep(p: &mut Pipeline, now: Tick) -> usize {
+    let mut n = 0;
+    for _ in 0..NEIGHBOR_CAPACITY / NEIGHBOR_SWEEP_BUDGET {
+        p.housekeeping(now, &mut |_, _| n += 1);
+    }
+    n
+}
+
 #[test]
 fn neighbor_ageing_refreshes_then_forgets() {
     let snap = empty_snapshot();
@@ -612,13 +622,7 @@ fn neighbor_ageing_refreshes_then_forgets() {
     let reply = build::arp_reply(host, ip("192.0.2.51"), UPLINK_MAC, ip("192.0.2.1"));
     run(&mut p, &snap, UPLINK, &reply, 0, &mut stats);
     let input = from_cluster().udp_v4(sa("10.244.9.9:5000"), sa("192.0.2.51:53"), b"q");
-    let count = |p: &mut Pipeline, now| {
-        let mut n = 0;
-        for _ in 0..NEIGHBOR_CAPACITY / NEIGHBOR_SWEEP_BUDGET {
-            p.housekeeping(now, &mut |_, _| n += 1);
-        }
-        n
-    };
+    let count = arp_requests_of_a_full_sweep;
     // In use and aged past the timeout: refreshed by a request, still usable.
     let r = run(&mut p, &snap, CLUSTER, &input, 29_000, &mut stats);
     assert_eq!(r.verdict, Verdict::Transmit { port: UPLINK });
@@ -660,11 +664,7 @@ fn cached_l2_follows_neighbor_and_vtep_changes() {
     // Packets through the cached copy keep the neighbor in use: aged past the timeout, it
     // is refreshed by a request instead of being freed.
     run(&mut p, &snap, CLUSTER, &input, 29_000, &mut stats);
-    let mut requests = 0;
-    for _ in 0..NEIGHBOR_CAPACITY / NEIGHBOR_SWEEP_BUDGET {
-        p.housekeeping(31_000, &mut |_, _| requests += 1);
-    }
-    assert_eq!(requests, 1);
+    assert_eq!(arp_requests_of_a_full_sweep(&mut p, 31_000), 1);
     assert_eq!(p.neighbor(UPLINK, ip("192.0.2.51")), Some(second));
 
     // The inner destination MAC toward node-2 follows what its VTEP last sent from.
