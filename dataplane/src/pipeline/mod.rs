@@ -105,7 +105,7 @@ use crate::wire::ipv4::{self, Ipv4Packet};
 use crate::wire::{checksum, UdpPacket, VxlanPacket};
 
 use neighbor::NeighborTable;
-use rewrite::{Encap, L4, VXLAN_OVERHEAD};
+use rewrite::{EncapHop, EncapTemplate, L4, VXLAN_OVERHEAD};
 
 /// Neighbors one worker remembers (all ports together).
 pub const NEIGHBOR_CAPACITY: usize = 4096;
@@ -285,8 +285,9 @@ struct Adjacency {
     port_mac: MacAddr,
     /// The next hop's MAC.
     next_hop_mac: MacAddr,
-    /// The remote VTEP's inner destination MAC (when the hop encapsulates).
-    vtep_mac: MacAddr,
+    /// The hop's VXLAN headers (when it encapsulates), with these MACs and the remote
+    /// VTEP's as the inner destination.
+    encap: Option<EncapTemplate>,
     /// The next hop's neighbor slot, marked used per packet as a lookup would.
     neighbor_slot: usize,
 }
@@ -636,10 +637,17 @@ impl Pipeline {
         self.snat.iter().any(|(a, _)| *a == addr)
     }
 
+    #[inline]
     fn sync_snapshot(&mut self, snap: &Snapshot) {
-        if self.snap.generation == Some(snap.generation) {
-            return;
+        if self.snap.generation != Some(snap.generation) {
+            self.take_snapshot(snap);
         }
+    }
+
+    /// Once per snapshot: kept out of line so the per-packet check above stays small.
+    #[cold]
+    #[inline(never)]
+    fn take_snapshot(&mut self, snap: &Snapshot) {
         self.l2_changes += 1;
         let mut pod_routes = PrefixMap::new();
         let mut vtep_nodes = HashMap::new();
@@ -1407,24 +1415,32 @@ impl Pipeline {
     /// it held something else.
     #[inline]
     fn route_slot(&mut self, dst: Ipv4Addr) -> usize {
-        let tag = self.snap.generation.map_or(0, |g| g.wrapping_add(1));
         let key = u32::from(dst);
         // Fibonacci hashing: one multiply spreads neighbouring addresses over the slots.
         let slot =
             (key.wrapping_mul(0x9e37_79b9) >> (32 - ROUTE_CACHE_SLOTS.trailing_zeros())) as usize;
-        if self.slot_holds(slot, dst) {
-            return slot;
+        if !self.slot_holds(slot, dst) {
+            self.fill_route_slot(slot, dst);
         }
+        slot
+    }
+
+    /// A route cache miss: the longest-prefix matches, out of line.
+    #[cold]
+    #[inline(never)]
+    fn fill_route_slot(&mut self, slot: usize, dst: Ipv4Addr) {
+        let tag = self.snap.generation.map_or(0, |g| g.wrapping_add(1));
+        let key = u32::from(dst);
         self.route_cache[slot] = CachedRoute {
             dst: key,
             tag,
             hop: self.route_uncached(dst),
             l2: None,
         };
-        slot
     }
 
     /// Whether route cache `slot` holds `dst`'s hop under the current snapshot.
+    #[inline]
     fn slot_holds(&self, slot: usize, dst: Ipv4Addr) -> bool {
         let tag = self.snap.generation.map_or(0, |g| g.wrapping_add(1));
         let cached = &self.route_cache[slot];
@@ -1560,7 +1576,7 @@ impl Pipeline {
                     port_id,
                     port_mac: self.ports[hop.port].mac,
                     next_hop_mac,
-                    vtep_mac: hop.vtep.map_or(MacAddr::BROADCAST, |v| self.vtep_mac(v)),
+                    encap: self.encap_template(hop, next_hop_mac),
                     neighbor_slot,
                 };
                 if let (Some(slot), Some(_)) = (cache_slot, resolution) {
@@ -1585,8 +1601,7 @@ impl Pipeline {
         adjacency: &Adjacency,
         resolved: bool,
     ) -> Verdict {
-        let port_mac = adjacency.port_mac;
-        if let (Some(vtep), Some(vx)) = (hop.vtep, &self.vxlan) {
+        if let Some(template) = &adjacency.encap {
             let entropy = ctx.flow_hash.unwrap_or_else(|| {
                 let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
                 let (sport, dport) =
@@ -1597,35 +1612,41 @@ impl Pipeline {
                     };
                 FlowKey::hash_of(ip.protocol(), ip.src(), sport, ip.dst(), dport)
             });
-            {
-                let mut inner = EthernetFrame::new_unchecked(frame.data_mut());
-                inner.set_dst_addr(adjacency.vtep_mac);
-                inner.set_src_addr(port_mac);
-            }
-            let e = Encap {
-                src_mac: port_mac,
-                local_vtep: vx.local_vtep,
-                remote_vtep: vtep,
-                udp_port: vx.udp_port,
-                vni: vx.vni,
-                entropy,
-            };
-            if !rewrite::vxlan_encap(frame, ctx.l2, &e) {
+            // The template holds every MAC, the next hop's too (zero while unresolved).
+            if !template.encapsulate(frame, ctx.l2, entropy) {
                 return Verdict::Drop(DropReason::NoMbuf);
             }
+        } else {
+            let mut e = EthernetFrame::new_unchecked(frame.data_mut());
+            e.set_src_addr(adjacency.port_mac);
+            if resolved {
+                e.set_dst_addr(adjacency.next_hop_mac);
+            }
         }
-        let mut e = EthernetFrame::new_unchecked(frame.data_mut());
-        e.set_src_addr(port_mac);
         if !resolved {
             return Verdict::HoldForNeighbor {
                 port: adjacency.port_id,
                 next_hop: hop.next_hop,
             };
         }
-        e.set_dst_addr(adjacency.next_hop_mac);
         Verdict::Transmit {
             port: adjacency.port_id,
         }
+    }
+
+    /// The VXLAN headers of `hop` when it encapsulates, toward `next_hop_mac`.
+    fn encap_template(&self, hop: Hop, next_hop_mac: MacAddr) -> Option<EncapTemplate> {
+        let (vtep, vx) = (hop.vtep?, self.vxlan.as_ref()?);
+        let port_mac = self.ports[hop.port].mac;
+        Some(EncapTemplate::new(&EncapHop {
+            next_hop_mac,
+            src_mac: port_mac,
+            inner_dst_mac: self.vtep_mac(vtep),
+            local_vtep: vx.local_vtep,
+            remote_vtep: vtep,
+            udp_port: vx.udp_port,
+            vni: vx.vni,
+        }))
     }
 
     // ----- Burst prefetch --------------------------------------------------------------

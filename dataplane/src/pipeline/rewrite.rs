@@ -272,77 +272,114 @@ pub fn echo_reply(ip: &mut [u8]) {
     m.set_checksum(c);
 }
 
-/// Outer header fields of a VXLAN encapsulation.
-pub struct Encap {
+/// Bytes of an [`EncapTemplate`]: the outer headers and the inner Ethernet addresses.
+pub const ENCAP_TEMPLATE_LEN: usize = VXLAN_OVERHEAD + 12;
+
+/// What a VXLAN hop sends every packet with.
+pub struct EncapHop {
+    /// The outer next hop's MAC (zero while it is unresolved).
+    pub next_hop_mac: MacAddr,
+    /// The out-port's MAC: outer and inner source.
     pub src_mac: MacAddr,
+    /// The remote VTEP's MAC: the inner destination.
+    pub inner_dst_mac: MacAddr,
     pub local_vtep: Ipv4Addr,
     pub remote_vtep: Ipv4Addr,
     pub udp_port: u16,
     pub vni: u32,
-    /// Inner flow hash ([`crate::conntrack::FlowKey::hash`] of the flow as received): the
-    /// outer UDP source port is 49152 + hash % 16384.
-    pub entropy: u64,
 }
 
-/// Prepends outer Ethernet + IPv4 + UDP + VXLAN in front of the frame (whose Ethernet
-/// header becomes the inner one). The outer destination MAC is left zero (set by the L2
-/// stage). DF is copied from the inner IPv4 header at `inner_ip`; DSCP/ECN too. Outer UDP
-/// checksum 0 (RFC 7348), ident 0, TTL 64. Returns false without headroom.
-pub fn vxlan_encap(frame: &mut impl crate::frame::Frame, inner_ip: usize, e: &Encap) -> bool {
-    let (df, tos) = {
-        let p = Ipv4Packet::new_unchecked(&frame.data()[inner_ip..]);
-        (p.dont_frag(), p.dscp_ecn())
-    };
-    let inner_len = frame.len();
-    let ip_len = VXLAN_OVERHEAD - ethernet::HEADER_LEN + inner_len;
-    let (Ok(ip_len), Ok(udp_len)) = (
-        u16::try_from(ip_len),
-        u16::try_from(ip_len - ipv4::HEADER_LEN),
-    ) else {
-        return false;
-    };
-    if !frame.prepend(VXLAN_OVERHEAD) {
-        return false;
-    }
-    // Written field by field straight into the headroom, through a fixed-size view (no
-    // bounds checks), with the outer IPv4 checksum summed from the values: building the
-    // header elsewhere and copying it, or summing the bytes just written, makes the CPU
-    // wait for its own narrow stores (failed store-to-load forwarding).
-    let Some(outer) = frame.data_mut().first_chunk_mut::<VXLAN_OVERHEAD>() else {
-        return false;
-    };
-    let (local, remote) = (u32::from(e.local_vtep), u32::from(e.remote_vtep));
-    let flags: u16 = if df { 0x4000 } else { 0 };
-    let ttl_protocol = (64u16 << 8) | u16::from(ipv4::PROTO_UDP);
-    let version_tos = 0x4500 | u16::from(tos);
-    let ip_checksum = !checksum::fold(
-        u32::from(version_tos)
-            + u32::from(ip_len)
-            + u32::from(flags)
+/// A VXLAN hop's rewrite string (VPP's term): the outer Ethernet, IPv4, UDP and VXLAN
+/// headers and the inner MACs, built once per adjacency. Per packet, [`Self::encapsulate`]
+/// copies it and patches only what depends on the packet: the outer TOS, DF, lengths,
+/// IPv4 checksum (from a precomputed sum of the fixed words) and the entropy port.
+#[derive(Clone, Copy, Debug)]
+pub struct EncapTemplate {
+    bytes: [u8; ENCAP_TEMPLATE_LEN],
+    /// Ones'-complement sum of the outer IPv4 header words that never change.
+    fixed_sum: u32,
+}
+
+impl EncapTemplate {
+    pub fn new(hop: &EncapHop) -> EncapTemplate {
+        let mut b = [0u8; ENCAP_TEMPLATE_LEN];
+        let (local, remote) = (u32::from(hop.local_vtep), u32::from(hop.remote_vtep));
+        let version_ihl = 0x4500u16;
+        let ttl_protocol = (64u16 << 8) | u16::from(ipv4::PROTO_UDP);
+        b[0..6].copy_from_slice(hop.next_hop_mac.as_bytes());
+        b[6..12].copy_from_slice(hop.src_mac.as_bytes());
+        b[12..14].copy_from_slice(&ethernet::ETHERTYPE_IPV4.to_be_bytes());
+        // 14..26: version/IHL, TOS, length, ident 0, flags, TTL 64, UDP, checksum.
+        b[14..16].copy_from_slice(&version_ihl.to_be_bytes());
+        b[22..24].copy_from_slice(&ttl_protocol.to_be_bytes());
+        b[26..30].copy_from_slice(&local.to_be_bytes());
+        b[30..34].copy_from_slice(&remote.to_be_bytes());
+        // 34..42: entropy port, VXLAN port, length, checksum 0 (allowed for VXLAN over
+        // IPv4, RFC 7348 §5).
+        b[36..38].copy_from_slice(&hop.udp_port.to_be_bytes());
+        b[42..46].copy_from_slice(&(u32::from(vxlan::FLAG_I) << 24).to_be_bytes());
+        b[46..50].copy_from_slice(&((hop.vni & 0x00ff_ffff) << 8).to_be_bytes());
+        b[50..56].copy_from_slice(hop.inner_dst_mac.as_bytes());
+        b[56..62].copy_from_slice(hop.src_mac.as_bytes());
+        let fixed_sum = u32::from(version_ihl)
             + u32::from(ttl_protocol)
             + (local >> 16)
             + (local & 0xffff)
             + (remote >> 16)
-            + (remote & 0xffff),
-    );
-    let source_port = 49152 + (e.entropy % 16384) as u16;
-    outer[0..6].fill(0);
-    outer[6..12].copy_from_slice(e.src_mac.as_bytes());
-    outer[12..14].copy_from_slice(&ethernet::ETHERTYPE_IPV4.to_be_bytes());
-    outer[14..16].copy_from_slice(&version_tos.to_be_bytes());
-    outer[16..18].copy_from_slice(&ip_len.to_be_bytes());
-    outer[18..20].fill(0);
-    outer[20..22].copy_from_slice(&flags.to_be_bytes());
-    outer[22..24].copy_from_slice(&ttl_protocol.to_be_bytes());
-    outer[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
-    outer[26..30].copy_from_slice(&local.to_be_bytes());
-    outer[30..34].copy_from_slice(&remote.to_be_bytes());
-    outer[34..36].copy_from_slice(&source_port.to_be_bytes());
-    outer[36..38].copy_from_slice(&e.udp_port.to_be_bytes());
-    outer[38..40].copy_from_slice(&udp_len.to_be_bytes());
-    // UDP checksum 0: allowed for VXLAN over IPv4 (RFC 7348 §5). VXLAN: I flag, VNI.
-    outer[40..42].fill(0);
-    outer[42..46].copy_from_slice(&(u32::from(vxlan::FLAG_I) << 24).to_be_bytes());
-    outer[46..50].copy_from_slice(&((e.vni & 0x00ff_ffff) << 8).to_be_bytes());
-    true
+            + (remote & 0xffff);
+        EncapTemplate {
+            bytes: b,
+            fixed_sum,
+        }
+    }
+
+    /// Prepends the outer headers to `frame` and sets its (now inner) Ethernet addresses.
+    /// The inner IPv4 header is at `inner_ip` and the frame ends with it: DF and DSCP/ECN
+    /// are copied from it. The outer UDP source port is 49152 + `entropy` % 16384 (the
+    /// inner flow's hash: stable per flow and direction). Returns false without headroom
+    /// or when the result would exceed 64 KiB.
+    #[inline]
+    pub fn encapsulate(
+        &self,
+        frame: &mut impl crate::frame::Frame,
+        inner_ip: usize,
+        entropy: u64,
+    ) -> bool {
+        let Some(ip) = frame
+            .data()
+            .get(inner_ip..)
+            .and_then(|d| d.first_chunk::<{ ipv4::HEADER_LEN }>())
+        else {
+            return false;
+        };
+        let tos = ip[1];
+        let flags: u16 = if ip[6] & 0x40 != 0 { 0x4000 } else { 0 };
+        let ip_len = VXLAN_OVERHEAD - ethernet::HEADER_LEN + frame.len();
+        let (Ok(ip_len), Ok(udp_len)) = (
+            u16::try_from(ip_len),
+            u16::try_from(ip_len - ipv4::HEADER_LEN),
+        ) else {
+            return false;
+        };
+        if !frame.prepend(VXLAN_OVERHEAD) {
+            return false;
+        }
+        // One copy of the whole template, then the patches: each written once, and the
+        // checksum summed from values, never read back from the frame (reading bytes just
+        // written narrower defeats store-to-load forwarding).
+        let Some(out) = frame.data_mut().first_chunk_mut::<ENCAP_TEMPLATE_LEN>() else {
+            return false;
+        };
+        *out = self.bytes;
+        let ip_checksum =
+            !checksum::fold(self.fixed_sum + u32::from(tos) + u32::from(ip_len) + u32::from(flags));
+        let source_port = 49152 + (entropy % 16384) as u16;
+        out[15] = tos;
+        out[16..18].copy_from_slice(&ip_len.to_be_bytes());
+        out[20..22].copy_from_slice(&flags.to_be_bytes());
+        out[24..26].copy_from_slice(&ip_checksum.to_be_bytes());
+        out[34..36].copy_from_slice(&source_port.to_be_bytes());
+        out[38..40].copy_from_slice(&udp_len.to_be_bytes());
+        true
+    }
 }

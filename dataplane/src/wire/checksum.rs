@@ -17,6 +17,7 @@ use std::net::Ipv4Addr;
 /// added in a `u32` without overflow.
 ///
 /// Only the last of several concatenated parts may have an odd length.
+#[inline]
 pub fn sum(data: &[u8]) -> u32 {
     // 32-bit words: the ones'-complement sum does not depend on the word size (RFC 1071
     // §2(B)), so folding the wide sum gives the 16-bit one in half the additions.
@@ -31,20 +32,21 @@ pub fn sum(data: &[u8]) -> u32 {
         [a] => acc += u64::from(a) << 8,
         _ => {}
     }
-    // Fold to 16 bits (plus at most one carry) so callers can add several sums safely.
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u32
+    // Fold to 16 bits (plus at most one carry) so callers can add several sums safely:
+    // 64 → 33 → 32 bits, then `fold`'s two steps. A fixed number of steps, no loop.
+    acc = (acc & 0xffff_ffff) + (acc >> 32);
+    acc = (acc & 0xffff_ffff) + (acc >> 32);
+    u32::from(fold(acc as u32))
 }
 
 /// Folds the carries of a ones'-complement sum into 16 bits (end-around carry). Does not
 /// complement.
-pub fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
+#[inline]
+pub fn fold(sum: u32) -> u16 {
+    // Two steps always suffice: the first leaves at most 0x1fffe, the second at most
+    // 0xffff.
+    let sum = (sum & 0xffff) + (sum >> 16);
+    ((sum & 0xffff) + (sum >> 16)) as u16
 }
 
 /// Sum of the IPv4 pseudo-header used by TCP, UDP (RFC 768/9293): source, destination, zero,
@@ -59,6 +61,7 @@ pub fn pseudo_header_v4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, length: u16)
 ///
 /// Verifying is the same call over the data *with* the checksum in place: the result is 0
 /// when the checksum is right.
+#[inline]
 pub fn compute(initial: u32, data: &[u8]) -> u16 {
     !fold(initial + sum(data))
 }
