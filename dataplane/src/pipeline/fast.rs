@@ -14,14 +14,14 @@
 
 use std::net::Ipv4Addr;
 
-use super::{rewrite, Ctx, Pipeline, Rewrite, Verdict, L4, VXLAN_OVERHEAD};
+use super::{rewrite, Pipeline, Rewrite, Verdict, VXLAN_OVERHEAD};
 use crate::conntrack::{FlowKey, Tick};
 use crate::frame::Frame;
 use crate::snapshot::Snapshot;
 use crate::stats::{DropReason, WorkerStats};
 use crate::wire::ethernet::{self, MacAddr};
-use crate::wire::ipv4::{self, Ipv4Packet};
-use crate::wire::{checksum, TcpFlags, UdpPacket, VxlanPacket};
+use crate::wire::ipv4;
+use crate::wire::{checksum, tcp, udp, TcpFlags, UdpPacket, VxlanPacket};
 
 /// An IPv4 packet the fast path takes, read from its header.
 struct Whole {
@@ -32,48 +32,60 @@ struct Whole {
     total_len: usize,
 }
 
-/// The IPv4 header at the start of `ip` when the general path would accept it (length,
-/// version, checksum) and it has no options and is not a fragment.
+/// The IPv4 header at the start of `ip`, read at fixed offsets, when the general path would
+/// accept it (`Ipv4Packet::check_len`, the header checksum) and it has no options and is
+/// not a fragment; with the packet's payload (up to its total length).
 #[inline]
 fn whole_ipv4(ip: &[u8]) -> Option<(Whole, &[u8])> {
-    let p = Ipv4Packet::new_checked(ip).ok()?;
-    if p.header_len() != ipv4::HEADER_LEN || p.is_fragment() {
+    let h = ip.first_chunk::<{ ipv4::HEADER_LEN }>()?;
+    let total_len = usize::from(u16::from_be_bytes([h[2], h[3]]));
+    // Version 4 with a 20-byte header; neither the MF flag nor a fragment offset.
+    if h[0] != 0x45 || h[6] & 0x3f != 0 || h[7] != 0 {
         return None;
     }
     // `verify_checksum` over a header of known length: the sum unrolls to five words.
-    let header = ip.first_chunk::<{ ipv4::HEADER_LEN }>()?;
-    if checksum::compute(0, header) != 0 {
+    if checksum::compute(0, h) != 0 {
         return None;
     }
-    let total_len = usize::from(p.total_len());
+    let payload = ip.get(ipv4::HEADER_LEN..total_len)?;
     let whole = Whole {
-        src: p.src(),
-        dst: p.dst(),
-        protocol: p.protocol(),
-        ttl: p.ttl(),
+        src: Ipv4Addr::new(h[12], h[13], h[14], h[15]),
+        dst: Ipv4Addr::new(h[16], h[17], h[18], h[19]),
+        protocol: h[9],
+        ttl: h[8],
         total_len,
     };
-    Some((whole, &ip[ipv4::HEADER_LEN..total_len]))
+    Some((whole, payload))
 }
 
-/// Ports and TCP flags of a TCP (not SYN) or UDP header the general path would accept:
-/// its own parser, [`rewrite::parse_l4`], limited to the protocols taken here.
+/// Ports and TCP flags of a TCP (not SYN) or UDP header that the general path's parser,
+/// [`rewrite::parse_l4`], accepts (`TcpPacket::check_len`, `UdpPacket::check_len`), read
+/// at fixed offsets.
 #[inline]
 fn ports(protocol: u8, payload: &[u8]) -> Option<(u16, u16, Option<u8>)> {
-    if !matches!(protocol, ipv4::PROTO_TCP | ipv4::PROTO_UDP) {
-        return None;
-    }
-    match rewrite::parse_l4(protocol, true, payload).ok()? {
-        // A SYN mostly opens a new flow: not worth a lookup the general path repeats.
-        L4::Ports {
-            tcp_flags: Some(flags),
-            ..
-        } if flags & TcpFlags::SYN.bits() as u8 != 0 => None,
-        L4::Ports {
-            sport,
-            dport,
-            tcp_flags,
-        } => Some((sport, dport, tcp_flags)),
+    let port = |h: &[u8], at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
+    match protocol {
+        ipv4::PROTO_TCP => {
+            let t = payload.first_chunk::<{ tcp::HEADER_LEN }>()?;
+            let header_len = usize::from(t[12] >> 4) * 4;
+            let flags = t[13];
+            // A SYN mostly opens a new flow: not worth a lookup the general path repeats.
+            if header_len < tcp::HEADER_LEN
+                || header_len > payload.len()
+                || flags & TcpFlags::SYN.bits() as u8 != 0
+            {
+                return None;
+            }
+            Some((port(t, 0), port(t, 2), Some(flags)))
+        }
+        ipv4::PROTO_UDP => {
+            let u = payload.first_chunk::<{ udp::HEADER_LEN }>()?;
+            let len = usize::from(port(u, 4));
+            if len < udp::HEADER_LEN || len > payload.len() {
+                return None;
+            }
+            Some((port(u, 0), port(u, 2), None))
+        }
         _ => None,
     }
 }
@@ -113,7 +125,6 @@ impl Pipeline {
         }
         let (mut ip, mut payload) = whole_ipv4(&data[ethernet::HEADER_LEN..])?;
         let mut l2 = ethernet::HEADER_LEN;
-        let mut prev_mac = MacAddr([eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]]);
         // (outer source, inner source MAC) of a VXLAN frame from a node.
         let mut tunnel = None;
         if let Some(vx) = &self.vxlan {
@@ -141,7 +152,6 @@ impl Pipeline {
                     inner_eth[11],
                 ]);
                 tunnel = Some((ip.src, src_mac));
-                prev_mac = src_mac;
                 l2 = VXLAN_OVERHEAD + ethernet::HEADER_LEN;
                 (ip, payload) = whole_ipv4(&inner[ethernet::HEADER_LEN..])?;
             }
@@ -169,12 +179,14 @@ impl Pipeline {
         let rw = Rewrite::of_tracked(&nat, &original, dir);
         let final_dst = rw.dst.map_or(ip.dst, |(a, _)| a);
         let slot = self.route_slot(final_dst);
-        let cached = self.route_cache[slot];
+        let epoch = self.l2_epoch();
+        let cached = &self.route_cache[slot];
         let hop = cached.hop?;
-        let adjacency = match cached.l2 {
-            Some((at, adjacency)) if at == self.l2_epoch() => adjacency,
+        let adjacency = match &cached.l2 {
+            Some((at, adjacency)) if *at == epoch => adjacency,
             _ => return None,
         };
+        let neighbor_slot = adjacency.neighbor_slot;
         let overhead = if hop.vtep.is_some() {
             VXLAN_OVERHEAD
         } else {
@@ -203,15 +215,9 @@ impl Pipeline {
         let len = frame.len().saturating_sub(l2) as u32;
         self.ct.on_packet(id, dir, tcp_flags, len, now);
         stats.count_packet(binding.frontend_id, binding.backend_counter);
-        rewrite::forward_rewrite(&mut frame.data_mut()[l2..], rw.src, rw.dst);
-        let ctx = Ctx {
-            in_port: pidx,
-            l2,
-            prev_mac,
-            outer_src: tunnel.map(|(outer, _)| outer),
-            flow_hash: Some(hash),
-        };
-        self.neighbors.touch(adjacency.neighbor_slot, now);
-        Some(self.write_l2(frame, ctx, hop, &adjacency, true))
+        rewrite::forward_rewrite_whole(&mut frame.data_mut()[l2..], rw.src, rw.dst);
+        self.neighbors.touch(neighbor_slot, now);
+        let adjacency = self.route_cache[slot].l2.as_ref().map(|(_, a)| a)?;
+        Some(self.write_l2(frame, l2, Some(hash), hop, adjacency, true))
     }
 }

@@ -1587,7 +1587,7 @@ impl Pipeline {
                 (adjacency, resolution.is_some())
             }
         };
-        self.write_l2(frame, ctx, hop, &adjacency, resolved)
+        self.write_l2(frame, ctx.l2, ctx.flow_hash, hop, &adjacency, resolved)
     }
 
     /// Encapsulates when the hop says so, then writes the MACs of `adjacency` (all but the
@@ -1596,14 +1596,15 @@ impl Pipeline {
     fn write_l2<F: Frame>(
         &self,
         frame: &mut F,
-        ctx: Ctx,
+        l2: usize,
+        flow_hash: Option<u64>,
         hop: Hop,
         adjacency: &Adjacency,
         resolved: bool,
     ) -> Verdict {
         if let Some(template) = &adjacency.encap {
-            let entropy = ctx.flow_hash.unwrap_or_else(|| {
-                let ip = Ipv4Packet::new_unchecked(&frame.data()[ctx.l2..]);
+            let entropy = flow_hash.unwrap_or_else(|| {
+                let ip = Ipv4Packet::new_unchecked(&frame.data()[l2..]);
                 let (sport, dport) =
                     match rewrite::parse_l4(ip.protocol(), ip.frag_offset() == 0, ip.payload()) {
                         Ok(L4::Ports { sport, dport, .. }) => (sport, dport),
@@ -1613,7 +1614,7 @@ impl Pipeline {
                 FlowKey::hash_of(ip.protocol(), ip.src(), sport, ip.dst(), dport)
             });
             // The template holds every MAC, the next hop's too (zero while unresolved).
-            if !template.encapsulate(frame, ctx.l2, entropy) {
+            if !template.encapsulate(frame, l2, entropy) {
                 return Verdict::Drop(DropReason::NoMbuf);
             }
         } else {
