@@ -407,6 +407,9 @@ pub struct Pipeline {
     neighbor_timeout: Tick,
     learned: Vec<(u16, Ipv4Addr, MacAddr)>,
     vtep_macs: FxHashMap<Ipv4Addr, MacAddr>,
+    /// The pair `remember_vtep_mac` stored last (and `vtep_macs` still holds): a burst of
+    /// frames from one node repeats it, and checking it costs no hashing.
+    last_vtep_mac: Option<(Ipv4Addr, MacAddr)>,
     route_cache: Box<[CachedRoute]>,
     /// Counts changes of `vtep_macs` and of the snapshot (see [`Pipeline::l2_epoch`]).
     l2_changes: u64,
@@ -552,6 +555,7 @@ impl Pipeline {
                 map.reserve(VTEP_MACS);
                 map
             },
+            last_vtep_mac: None,
             route_cache: vec![EMPTY_ROUTE; ROUTE_CACHE_SLOTS].into_boxed_slice(),
             l2_changes: 0,
             worker_index: config.worker_index,
@@ -822,7 +826,14 @@ impl Pipeline {
         Ok(())
     }
 
+    #[inline]
     fn remember_vtep_mac(&mut self, vtep: Ipv4Addr, mac: MacAddr) {
+        if self.last_vtep_mac != Some((vtep, mac)) {
+            self.store_vtep_mac(vtep, mac);
+        }
+    }
+
+    fn store_vtep_mac(&mut self, vtep: Ipv4Addr, mac: MacAddr) {
         let room = self.vtep_macs.len() < VTEP_MACS;
         match self.vtep_macs.entry(vtep) {
             std::collections::hash_map::Entry::Occupied(mut known) => {
@@ -836,6 +847,9 @@ impl Pipeline {
                 self.l2_changes += 1;
             }
             std::collections::hash_map::Entry::Vacant(_) => {}
+        }
+        if self.vtep_macs.get(&vtep) == Some(&mac) {
+            self.last_vtep_mac = Some((vtep, mac));
         }
     }
 
@@ -1440,7 +1454,7 @@ impl Pipeline {
     }
 
     /// Whether route cache `slot` holds `dst`'s hop under the current snapshot.
-    #[inline]
+    #[inline(always)]
     fn slot_holds(&self, slot: usize, dst: Ipv4Addr) -> bool {
         let tag = self.snap.generation.map_or(0, |g| g.wrapping_add(1));
         let cached = &self.route_cache[slot];
