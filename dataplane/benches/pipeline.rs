@@ -1,4 +1,5 @@
-//! The whole pipeline on bursts of established flows, without DPDK or I/O:
+//! The whole pipeline on bursts of established flows and of new connections, without DPDK
+//! or I/O:
 //! `cargo bench -p dataplane --bench pipeline`. Frames are plain buffers; what this measures
 //! is the per-packet cost of the stages (prefetch, parse, conntrack, NAT, route, VXLAN
 //! encapsulation, L2) that `perf`'s end-to-end figures add on top of the I/O ceiling.
@@ -142,13 +143,18 @@ fn snapshot() -> Snapshot {
 
 /// 64-byte TCP ACKs from `flows` distinct clients to the Service.
 fn frames(flows: usize) -> Vec<Vec<u8>> {
+    segments(flows, TcpFlags::ACK)
+}
+
+/// 64-byte TCP segments with `flags` from `flows` distinct clients to the Service.
+fn segments(flows: usize, flags: TcpFlags) -> Vec<Vec<u8>> {
     (0..flows)
         .map(|i| {
             let client = Ipv4Addr::from(0x0a01_0000 + (i as u32 >> 14));
             FrameBuilder::new(ROUTER_MAC, UPLINK_MAC).pad(true).tcp_v4(
                 SocketAddrV4::new(client, 1024 + (i as u16 & 0x3fff)),
                 SERVICE,
-                TcpFlags::ACK,
+                flags,
                 b"",
             )
         })
@@ -192,6 +198,53 @@ fn vxlan_frames(flows: usize) -> Vec<Vec<u8>> {
 /// Builds the frames of `flows` distinct flows.
 type FrameMaker = fn(usize) -> Vec<Vec<u8>>;
 
+/// Criterion filters benchmarks by a substring of their id: the filter, so that the setup
+/// (up to 1M flows) of the ones it would not run is skipped.
+fn name_filter() -> Option<String> {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-') && a.parse::<f64>().is_err())
+}
+
+/// perf's scenario d without I/O: every packet is the SYN of a new flow (frontend match,
+/// Maglev pick, conntrack insert, DNAT, VXLAN encap), into a table at its steady state,
+/// full, where each insert early-drops the oldest unreplied entry. 2^19 flows cycle through
+/// a table of 2^17 entries, so none is still there when its SYN comes round again.
+fn new_connections(c: &mut Criterion) {
+    const FLOWS: usize = 1 << 19;
+    const CAPACITY: usize = 1 << 17;
+    let name = "new connections (SYN), full table";
+    if name_filter().is_some_and(|f| !name.contains(f.as_str())) {
+        return;
+    }
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Elements(PREFETCH_BURST as u64));
+    let mut pipeline = pipeline(CAPACITY / 2);
+    assert_eq!(pipeline.conntrack().capacity(), CAPACITY);
+    let snap = snapshot();
+    let mut stats = WorkerStats::default();
+    let templates = segments(FLOWS, TcpFlags::SYN);
+    let mut burst: Vec<VecFrame> = (0..PREFETCH_BURST)
+        .map(|_| VecFrame::new(&templates[0]))
+        .collect();
+    let mut next = 0usize;
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            for frame in burst.iter_mut() {
+                next = (next + 7919) % templates.len();
+                frame.refill(&templates[next]);
+            }
+            run_burst(&mut pipeline, &mut burst, 0, &snap, &mut stats);
+        })
+    });
+    let ct = pipeline.conntrack().stats();
+    eprintln!(
+        "{name}: {} inserts, {} evictions, {} of {} lookups hit",
+        ct.inserts, ct.evictions, ct.hits, ct.lookups
+    );
+    g.finish();
+}
+
 fn established(c: &mut Criterion) {
     let mut g = c.benchmark_group("pipeline established ClusterIP + VXLAN encap");
     g.throughput(Throughput::Elements(PREFETCH_BURST as u64));
@@ -201,11 +254,7 @@ fn established(c: &mut Criterion) {
         ("1000000 flows", 1_000_000, 0, frames),
         ("vxlan in, 10000 flows", 10_000, 1, vxlan_frames),
     ];
-    // Criterion filters benchmarks by a substring of their id; skip the setup (up to 1M
-    // flows) of the ones it would not run.
-    let filter = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-') && a.parse::<f64>().is_err());
+    let filter = name_filter();
     for (name, flows, in_port, make) in scenarios {
         if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
             continue;
@@ -250,6 +299,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = established
+    targets = established, new_connections
 }
 criterion_main!(benches);
