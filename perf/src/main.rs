@@ -83,6 +83,12 @@ fn scenarios(suite: Suite) -> Vec<Scenario> {
     ];
     if suite == Suite::Full {
         v.push(Scenario {
+            name: "io-pcap",
+            io_mode: true,
+            note: "mode io, replay of the 1M-flow capture -> net_null: the replay ceiling of a-clusterip at 1M flows",
+            ..Scenario::new("", 1_000_000, Traffic::ClusterIpAck)
+        });
+        v.push(Scenario {
             masquerade: false,
             note: "ClusterIP, established, DNAT only (SNAT ports: 3 backends x 28,232 < 1M)",
             ..Scenario::new("a-clusterip", 1_000_000, Traffic::ClusterIpAck)
