@@ -123,6 +123,13 @@ impl Worker {
     /// counters.
     pub fn run(mut self) {
         let hz = dpdk::tsc_hz().max(1);
+        // TSC → time without a division per loop: milliseconds by one u64 division of the
+        // elapsed ticks, nanoseconds by a 32.32 fixed-point multiply.
+        let tsc_per_ms = (hz / 1000).max(1);
+        let ns_per_tsc_q32 = ((1_000_000_000u128 << 32) / u128::from(hz)) as u64;
+        // A cheap per-loop check of the published snapshot: one relaxed pointer load, where
+        // `ArcSwap::load` takes and releases a debt slot.
+        let mut snapshots = arc_swap::Cache::new(self.snapshot.clone());
         let mut stats = WorkerStats::default();
         let mut tx: Vec<TxBuffer> = (0..self.port_count).map(|_| TxBuffer::default()).collect();
         let mut held: Vec<Held> = Vec::with_capacity(HOLD_CAPACITY);
@@ -135,10 +142,10 @@ impl Worker {
 
         while !self.stop.load(Ordering::Relaxed) {
             let loop_start = dpdk::tsc();
-            let now: Tick = (u128::from(loop_start - start_tsc) * 1000 / u128::from(hz)) as Tick;
-            let snapshot = self.snapshot.load();
+            let now: Tick = (loop_start - start_tsc) / tsc_per_ms;
+            let snapshot: &Arc<Snapshot> = snapshots.load();
             if stats.generation != snapshot.generation {
-                stats.begin_generation(&self.peers[self.index].stats, &snapshot);
+                stats.begin_generation(&self.peers[self.index].stats, snapshot);
             }
             let mut received = 0usize;
 
@@ -150,7 +157,7 @@ impl Worker {
                 taken += 1;
                 stats.handoffs_in += 1;
                 let in_port = mbuf.port();
-                let verdict = self.handle(&mut mbuf, in_port, &snapshot, now, &mut stats, None);
+                let verdict = self.handle(&mut mbuf, in_port, snapshot, now, &mut stats, None);
                 self.dispatch(mbuf, verdict, now, &mut tx, &mut held, &mut stats);
             }
             received += taken;
@@ -175,7 +182,7 @@ impl Worker {
                     // `pop` takes the frames in the order `pending_data` showed them.
                     let hash = hashes.get(position);
                     position += 1;
-                    let verdict = self.handle(&mut mbuf, in_port, &snapshot, now, &mut stats, hash);
+                    let verdict = self.handle(&mut mbuf, in_port, snapshot, now, &mut stats, hash);
                     self.dispatch(mbuf, verdict, now, &mut tx, &mut held, &mut stats);
                 }
             }
@@ -194,7 +201,7 @@ impl Worker {
                 stats.bursts += 1;
                 let cycles = loop_end - loop_start;
                 stats.busy_cycles += cycles;
-                let ns = (u128::from(cycles) * 1_000_000_000 / u128::from(hz)) as u64;
+                let ns = ((u128::from(cycles) * u128::from(ns_per_tsc_q32)) >> 32) as u64;
                 let _ = stats.burst_latency_ns.record(ns.max(1));
             } else {
                 empty_polls = empty_polls.saturating_add(1);
