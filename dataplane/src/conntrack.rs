@@ -576,6 +576,9 @@ pub struct Conntrack {
     cursor: usize,
     timeouts: Timeouts,
     stats: ConntrackStats,
+    /// The key the last `lookup_hashed` missed, while no key has been added since: a new
+    /// flow's insert then skips probing for it again.
+    absent: Option<FlowKey>,
 }
 
 impl fmt::Debug for Conntrack {
@@ -710,6 +713,7 @@ impl Conntrack {
             cursor: 0,
             timeouts: config.timeouts,
             stats: ConntrackStats::default(),
+            absent: None,
         }
     }
 
@@ -818,10 +822,14 @@ impl Conntrack {
         now: Tick,
     ) -> Option<(EntryId, Direction)> {
         self.stats.lookups += 1;
-        let (id, dir) = self.find_hashed(key, hash)?;
+        let Some((id, dir)) = self.find_hashed(key, hash) else {
+            self.absent = Some(*key);
+            return None;
+        };
         if self.entries[id.index()].expires_at <= now {
             self.remove_inner(id.0);
             self.stats.expirations += 1;
+            self.absent = Some(*key);
             return None;
         }
         self.stats.hits += 1;
@@ -925,7 +933,12 @@ impl Conntrack {
             self.stats.clashes += 1;
             return Err(InsertError::Clash);
         }
-        for (key, hash) in [(&original, hashes[0]), (&reply, hashes[1])] {
+        // A new flow's original key was looked up and missed just before: that probe need
+        // not run again.
+        let original_absent = self.absent == Some(original);
+        debug_assert!(!original_absent || self.find_hashed(&original, hashes[0]).is_none());
+        let keys = [(&original, hashes[0]), (&reply, hashes[1])];
+        for &(key, hash) in &keys[usize::from(original_absent)..] {
             if let Some((id, _)) = self.find_hashed(key, hash) {
                 if self.entries[id.index()].expires_at <= now {
                     self.remove_inner(id.0);
@@ -1170,6 +1183,7 @@ impl Conntrack {
     }
 
     fn index_insert(&mut self, hash: u32, reference: u32) {
+        self.absent = None;
         let mut i = hash as usize & self.mask;
         while self.index[i].reference != EMPTY {
             i = (i + 1) & self.mask;
