@@ -1048,6 +1048,21 @@ impl Conntrack {
         debug_assert!(e.live, "stale conntrack handle");
         e.packets[dir as usize] += 1;
         e.bytes[dir as usize] += u64::from(len);
+        // Almost every packet: an ACK (without SYN, FIN or RST) of an established
+        // connection that changes neither `seen_reply` nor `assured`. The state machine
+        // below would keep the state and only move the deadline.
+        if e.state == State::Tcp(TcpState::Established) {
+            use tcp_flags::{ACK, FIN, RST, SYN};
+            let flags = tcp_flags.unwrap_or(0);
+            if flags & (ACK | FIN | RST | SYN) == ACK
+                && (dir == Direction::Original || e.seen_reply)
+                && e.assured == e.seen_reply
+            {
+                e.expires_at =
+                    now.saturating_add(timeouts.for_state(e.state, e.seen_reply, e.assured));
+                return true;
+            }
+        }
         let was_assured = e.assured;
         let mut reopened = false;
         match e.state {
@@ -1472,7 +1487,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::HashSet;
-    use tcp_flags::{ACK, FIN, RST, SYN};
+    use tcp_flags::{ACK, FIN, PSH, RST, SYN};
 
     const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
     const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
@@ -1597,6 +1612,48 @@ mod tests {
             (s.inserts, s.removals, s.entries, s.lookups, s.hits),
             (1, 1, 0, 6, 2)
         );
+    }
+
+    /// A connection picked up mid-stream (its first packet an ACK) stays unreplied, and
+    /// evictable, through any number of client ACKs; the first ACK from the backend makes it
+    /// assured. The same counters and deadlines whether `on_packet` takes its shortcut for
+    /// established ACKs or the state machine.
+    #[test]
+    fn mid_stream_pickup_is_assured_by_the_first_reply() {
+        let to = Timeouts::default();
+        let mut t = ct(16);
+        let id = insert(&mut t, PROTO_TCP, 1, 0).unwrap();
+        for now in 1..=3 {
+            assert!(t.on_packet(id, Direction::Original, Some(ACK | PSH), 100, now));
+            let e = t.entry(id);
+            assert_eq!(e.state(), State::Tcp(TcpState::Established));
+            assert!(!e.assured());
+            // Unreplied: the SYN_SENT cap applies.
+            assert_eq!(
+                e.expires_at(),
+                now + to.tcp_established.min(to.tcp_syn_sent)
+            );
+        }
+        assert!(t.on_packet(id, Direction::Reply, Some(ACK), 52, 10));
+        assert!(t.entry(id).assured());
+        assert_eq!(t.entry(id).expires_at(), 10 + to.tcp_established);
+        assert!(t.on_packet(id, Direction::Original, Some(ACK), 52, 20));
+        assert!(t.on_packet(id, Direction::Reply, Some(ACK), 52, 30));
+        let e = t.entry(id);
+        assert_eq!(e.expires_at(), 30 + to.tcp_established);
+        assert_eq!(e.packets(Direction::Original), 4);
+        assert_eq!(e.packets(Direction::Reply), 2);
+        // Assured: a flood of new unreplied flows cannot evict it.
+        for i in 2..100 {
+            let _ = insert(&mut t, PROTO_TCP, i, 40);
+        }
+        assert_eq!(
+            t.lookup(&flow(PROTO_TCP, 1).0, 41),
+            Some((id, Direction::Original))
+        );
+        // A FIN still goes through the state machine.
+        assert!(t.on_packet(id, Direction::Original, Some(FIN | ACK), 52, 50));
+        assert_eq!(t.entry(id).state(), State::Tcp(TcpState::FinWait));
     }
 
     #[test]
