@@ -9,7 +9,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use dataplane::conntrack::ConntrackConfig;
 use dataplane::frame::{Frame, VecFrame};
 use dataplane::maglev::MaglevTable;
@@ -195,6 +196,33 @@ fn vxlan_frames(flows: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Benchmarks `templates` through `pipeline` as bursts of [`PREFETCH_BURST`] buffers,
+/// refilled before each run like a driver's mbufs (a stride through the templates): the
+/// frames are hot in cache, the tables as hot as the flow count lets them be.
+fn bench_bursts(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    pipeline: &mut Pipeline,
+    templates: &[Vec<u8>],
+    in_port: u16,
+    snap: &Snapshot,
+    stats: &mut WorkerStats,
+) {
+    let mut burst: Vec<VecFrame> = (0..PREFETCH_BURST)
+        .map(|_| VecFrame::new(&templates[0]))
+        .collect();
+    let mut next = 0usize;
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            for frame in burst.iter_mut() {
+                next = (next + 7919) % templates.len();
+                frame.refill(&templates[next]);
+            }
+            run_burst(pipeline, &mut burst, in_port, snap, stats);
+        })
+    });
+}
+
 /// Builds the frames of `flows` distinct flows.
 type FrameMaker = fn(usize) -> Vec<Vec<u8>>;
 
@@ -224,19 +252,15 @@ fn new_connections(c: &mut Criterion) {
     let snap = snapshot();
     let mut stats = WorkerStats::default();
     let templates = segments(FLOWS, TcpFlags::SYN);
-    let mut burst: Vec<VecFrame> = (0..PREFETCH_BURST)
-        .map(|_| VecFrame::new(&templates[0]))
-        .collect();
-    let mut next = 0usize;
-    g.bench_function(name, |b| {
-        b.iter(|| {
-            for frame in burst.iter_mut() {
-                next = (next + 7919) % templates.len();
-                frame.refill(&templates[next]);
-            }
-            run_burst(&mut pipeline, &mut burst, 0, &snap, &mut stats);
-        })
-    });
+    bench_bursts(
+        &mut g,
+        name,
+        &mut pipeline,
+        &templates,
+        0,
+        &snap,
+        &mut stats,
+    );
     let ct = pipeline.conntrack().stats();
     eprintln!(
         "{name}: {} inserts, {} evictions, {} of {} lookups hit",
@@ -270,21 +294,15 @@ fn established(c: &mut Criterion) {
                 "{verdict:?}"
             );
         }
-        // One burst of buffers, refilled before each run like a driver's mbufs: the frames
-        // are hot in cache, the tables as hot as the flow count lets them be.
-        let mut burst: Vec<VecFrame> = (0..PREFETCH_BURST)
-            .map(|_| VecFrame::new(&templates[0]))
-            .collect();
-        let mut next = 0usize;
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                for frame in burst.iter_mut() {
-                    next = (next + 7919) % templates.len();
-                    frame.refill(&templates[next]);
-                }
-                run_burst(&mut pipeline, &mut burst, in_port, &snap, &mut stats);
-            })
-        });
+        bench_bursts(
+            &mut g,
+            name,
+            &mut pipeline,
+            &templates,
+            in_port,
+            &snap,
+            &mut stats,
+        );
         eprintln!(
             "{name}: {} of {} packets took the fast path",
             stats.fast_path,

@@ -1866,13 +1866,7 @@ fn translate_quoted(emb: &mut [u8], src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) 
             };
             if let Some(at) = at {
                 let change = addresses.u16(osp, src.1).u16(odp, dst.1);
-                let old = rd(l4, at);
-                let c = if protocol == ipv4::PROTO_UDP {
-                    change.apply_udp(old)
-                } else {
-                    change.apply(old)
-                };
-                l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+                rewrite::patch_l4_checksum(l4, at, protocol, change);
             }
         }
         ipv4::PROTO_ICMP => {

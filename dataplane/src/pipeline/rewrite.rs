@@ -161,13 +161,19 @@ pub fn forward_rewrite_whole(
         change = change.u16(port(ports, 2), new);
         ports[2..4].copy_from_slice(&new.to_be_bytes());
     }
-    let old = port(ports, at);
+    patch_l4_checksum(ports, at, protocol, change);
+}
+
+/// Applies `change` to the TCP or UDP checksum at `l4[at..at + 2]` (UDP's "no checksum"
+/// stays 0). The caller has checked that the field is within `l4`.
+pub(super) fn patch_l4_checksum(l4: &mut [u8], at: usize, protocol: u8, change: checksum::Delta) {
+    let old = u16::from_be_bytes([l4[at], l4[at + 1]]);
     let new = if protocol == ipv4::PROTO_UDP {
         change.apply_udp(old)
     } else {
         change.apply(old)
     };
-    ports[at..at + 2].copy_from_slice(&new.to_be_bytes());
+    l4[at..at + 2].copy_from_slice(&new.to_be_bytes());
 }
 
 fn translate(
