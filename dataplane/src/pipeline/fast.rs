@@ -14,14 +14,14 @@
 
 use std::net::Ipv4Addr;
 
-use super::{rewrite, Pipeline, Rewrite, Verdict, VXLAN_OVERHEAD};
+use super::{rewrite, Pipeline, Rewrite, Verdict, L4, VXLAN_OVERHEAD};
 use crate::conntrack::{FlowKey, Tick};
 use crate::frame::Frame;
 use crate::snapshot::Snapshot;
 use crate::stats::{DropReason, WorkerStats};
 use crate::wire::ethernet::{self, MacAddr};
 use crate::wire::ipv4;
-use crate::wire::{checksum, tcp, udp, TcpFlags, UdpPacket, VxlanPacket};
+use crate::wire::{checksum, TcpFlags, UdpPacket, VxlanPacket};
 
 /// An IPv4 packet the fast path takes, read from its header.
 struct Whole {
@@ -58,34 +58,24 @@ fn whole_ipv4(ip: &[u8]) -> Option<(Whole, &[u8])> {
     Some((whole, payload))
 }
 
-/// Ports and TCP flags of a TCP (not SYN) or UDP header that the general path's parser,
-/// [`rewrite::parse_l4`], accepts (`TcpPacket::check_len`, `UdpPacket::check_len`), read
-/// at fixed offsets.
+/// Ports and TCP flags of a TCP (not SYN) or UDP header the general path would accept:
+/// its own parser, [`rewrite::parse_l4`], limited to the protocols taken here.
 #[inline]
 fn ports(protocol: u8, payload: &[u8]) -> Option<(u16, u16, Option<u8>)> {
-    let port = |h: &[u8], at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
-    match protocol {
-        ipv4::PROTO_TCP => {
-            let t = payload.first_chunk::<{ tcp::HEADER_LEN }>()?;
-            let header_len = usize::from(t[12] >> 4) * 4;
-            let flags = t[13];
-            // A SYN mostly opens a new flow: not worth a lookup the general path repeats.
-            if header_len < tcp::HEADER_LEN
-                || header_len > payload.len()
-                || flags & TcpFlags::SYN.bits() as u8 != 0
-            {
-                return None;
-            }
-            Some((port(t, 0), port(t, 2), Some(flags)))
-        }
-        ipv4::PROTO_UDP => {
-            let u = payload.first_chunk::<{ udp::HEADER_LEN }>()?;
-            let len = usize::from(port(u, 4));
-            if len < udp::HEADER_LEN || len > payload.len() {
-                return None;
-            }
-            Some((port(u, 0), port(u, 2), None))
-        }
+    if !matches!(protocol, ipv4::PROTO_TCP | ipv4::PROTO_UDP) {
+        return None;
+    }
+    match rewrite::parse_l4(protocol, true, payload).ok()? {
+        // A SYN mostly opens a new flow: not worth a lookup the general path repeats.
+        L4::Ports {
+            tcp_flags: Some(flags),
+            ..
+        } if flags & TcpFlags::SYN.bits() as u8 != 0 => None,
+        L4::Ports {
+            sport,
+            dport,
+            tcp_flags,
+        } => Some((sport, dport, tcp_flags)),
         _ => None,
     }
 }
@@ -186,7 +176,6 @@ impl Pipeline {
             Some((at, adjacency)) if *at == epoch => adjacency,
             _ => return None,
         };
-        let neighbor_slot = adjacency.neighbor_slot;
         let overhead = if hop.vtep.is_some() {
             VXLAN_OVERHEAD
         } else {
@@ -196,14 +185,16 @@ impl Pipeline {
             return None;
         }
 
-        // Committed: from here on, the general path's effects, in its order.
+        // Committed: from here on, the general path's effects, in its order but for the
+        // sender's VTEP MAC, remembered last (the adjacency above stays borrowed until the
+        // frame is written; what it holds was checked against the epoch before, as the
+        // general path checks it).
         let end = l2 + ip.total_len;
-        if let Some((outer_src, src_mac)) = tunnel {
+        if tunnel.is_some() {
             let extra = frame.len() - end;
             if !frame.trim(extra) || !frame.adj(VXLAN_OVERHEAD) {
                 return Some(Verdict::Drop(DropReason::Malformed));
             }
-            self.remember_vtep_mac(outer_src, src_mac);
             l2 -= VXLAN_OVERHEAD;
         } else {
             let extra = frame.len() - end;
@@ -216,8 +207,11 @@ impl Pipeline {
         self.ct.on_packet(id, dir, tcp_flags, len, now);
         stats.count_packet(binding.frontend_id, binding.backend_counter);
         rewrite::forward_rewrite_whole(&mut frame.data_mut()[l2..], rw.src, rw.dst);
-        self.neighbors.touch(neighbor_slot, now);
-        let adjacency = self.route_cache[slot].l2.as_ref().map(|(_, a)| a)?;
-        Some(self.write_l2(frame, l2, Some(hash), hop, adjacency, true))
+        self.neighbors.touch(adjacency.neighbor_slot, now);
+        let verdict = self.write_l2(frame, l2, Some(hash), hop, adjacency, true);
+        if let Some((outer_src, src_mac)) = tunnel {
+            self.remember_vtep_mac(outer_src, src_mac);
+        }
+        Some(verdict)
     }
 }

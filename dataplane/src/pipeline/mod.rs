@@ -846,11 +846,10 @@ impl Pipeline {
                 slot.insert(mac);
                 self.l2_changes += 1;
             }
-            std::collections::hash_map::Entry::Vacant(_) => {}
+            // Full: not stored, so not the pair the map holds.
+            std::collections::hash_map::Entry::Vacant(_) => return,
         }
-        if self.vtep_macs.get(&vtep) == Some(&mac) {
-            self.last_vtep_mac = Some((vtep, mac));
-        }
+        self.last_vtep_mac = Some((vtep, mac));
     }
 
     #[inline]
