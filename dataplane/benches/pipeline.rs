@@ -32,7 +32,21 @@ const ROUTER_MAC: MacAddr = MacAddr([2, 0xee, 0, 0, 0, 0xfe]);
 const NODE_MAC: MacAddr = MacAddr([2, 0xaa, 0, 0, 0, 2]);
 const SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
 
-fn pipeline(flows: usize) -> Pipeline {
+/// The gateway's pipeline; with `routed`, pod CIDR 10.245.2.0/24 is routed through its
+/// node (flannel host-gw) instead of the snapshot's VXLAN pod route.
+fn pipeline(flows: usize, routed: bool) -> Pipeline {
+    let mut routes = vec![RouteConfig {
+        prefix: "0.0.0.0/0".parse().unwrap(),
+        via: Some(Ipv4Addr::new(192, 0, 2, 254)),
+        port: 0,
+    }];
+    if routed {
+        routes.push(RouteConfig {
+            prefix: "10.245.2.0/24".parse().unwrap(),
+            via: Some(Ipv4Addr::new(10, 0, 0, 2)),
+            port: 1,
+        });
+    }
     Pipeline::new(PipelineConfig {
         ports: vec![
             PortConfig {
@@ -52,11 +66,7 @@ fn pipeline(flows: usize) -> Pipeline {
                 exception_port: None,
             },
         ],
-        routes: vec![RouteConfig {
-            prefix: "0.0.0.0/0".parse().unwrap(),
-            via: Some(Ipv4Addr::new(192, 0, 2, 254)),
-            port: 0,
-        }],
+        routes,
         static_neighbors: vec![
             (0, Ipv4Addr::new(192, 0, 2, 254), ROUTER_MAC),
             (1, Ipv4Addr::new(10, 0, 0, 2), NODE_MAC),
@@ -81,8 +91,8 @@ fn pipeline(flows: usize) -> Pipeline {
     .expect("pipeline")
 }
 
-/// One ClusterIP with three pods on a remote node (reached through VXLAN).
-fn snapshot() -> Snapshot {
+/// One ClusterIP with three pods on a remote node (reached through VXLAN unless `routed`).
+fn snapshot(routed: bool) -> Snapshot {
     let backends: Vec<Backend> = (2..5)
         .map(|i| Backend {
             addr: Ipv4Addr::new(10, 245, 2, i),
@@ -118,13 +128,17 @@ fn snapshot() -> Snapshot {
     let mut s = Snapshot {
         generation: 1,
         service_cidr: Some("10.96.0.0/12".parse().unwrap()),
-        pod_routes: vec![PodCidrRoute {
-            cidr: "10.245.2.0/24".parse().unwrap(),
-            vtep: Ipv4Addr::new(10, 0, 0, 2),
-            vni: 1,
-            node: Some(Arc::from("node-2")),
-            vtep_mac: Some(NODE_MAC),
-        }],
+        pod_routes: if routed {
+            vec![]
+        } else {
+            vec![PodCidrRoute {
+                cidr: "10.245.2.0/24".parse().unwrap(),
+                vtep: Ipv4Addr::new(10, 0, 0, 2),
+                vni: 1,
+                node: Some(Arc::from("node-2")),
+                vtep_mac: Some(NODE_MAC),
+            }]
+        },
         ..Snapshot::default()
     };
     s.service_addresses
@@ -247,9 +261,9 @@ fn new_connections(c: &mut Criterion) {
     }
     let mut g = c.benchmark_group("pipeline");
     g.throughput(Throughput::Elements(PREFETCH_BURST as u64));
-    let mut pipeline = pipeline(CAPACITY / 2);
+    let mut pipeline = pipeline(CAPACITY / 2, false);
     assert_eq!(pipeline.conntrack().capacity(), CAPACITY);
-    let snap = snapshot();
+    let snap = snapshot(false);
     let mut stats = WorkerStats::default();
     let templates = segments(FLOWS, TcpFlags::SYN);
     bench_bursts(
@@ -270,21 +284,24 @@ fn new_connections(c: &mut Criterion) {
 }
 
 fn established(c: &mut Criterion) {
-    let mut g = c.benchmark_group("pipeline established ClusterIP + VXLAN encap");
+    let mut g = c.benchmark_group("pipeline established ClusterIP");
     g.throughput(Throughput::Elements(PREFETCH_BURST as u64));
-    let scenarios: [(&str, usize, u16, FrameMaker); 4] = [
-        ("1 flow", 1, 0, frames),
-        ("10000 flows", 10_000, 0, frames),
-        ("1000000 flows", 1_000_000, 0, frames),
-        ("vxlan in, 10000 flows", 10_000, 1, vxlan_frames),
+    // (name, flows, in port, frames, pods routed rather than behind VXLAN)
+    let scenarios: [(&str, usize, u16, FrameMaker, bool); 6] = [
+        ("1 flow", 1, 0, frames, false),
+        ("10000 flows", 10_000, 0, frames, false),
+        ("1000000 flows", 1_000_000, 0, frames, false),
+        ("vxlan in, 10000 flows", 10_000, 1, vxlan_frames, false),
+        ("routed: one flow", 1, 0, frames, true),
+        ("routed: 1M flows", 1_000_000, 0, frames, true),
     ];
     let filter = name_filter();
-    for (name, flows, in_port, make) in scenarios {
+    for (name, flows, in_port, make, routed) in scenarios {
         if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
             continue;
         }
-        let mut pipeline = pipeline(flows);
-        let snap = snapshot();
+        let mut pipeline = pipeline(flows, routed);
+        let snap = snapshot(routed);
         let mut stats = WorkerStats::default();
         let templates = make(flows);
         for t in &templates {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use gen::Traffic;
-use run::{Device, SgSetup};
+use run::{Device, PodNetwork, SgSetup};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Suite {
@@ -35,6 +35,8 @@ struct Scenario {
     /// Conntrack entries (default 2 Mi).
     conntrack_capacity: Option<u64>,
     many_services: bool,
+    /// Routed for all but the VXLAN scenario: the (a) is DNAT only.
+    pod_network: PodNetwork,
     note: &'static str,
 }
 
@@ -51,6 +53,7 @@ impl Scenario {
             syn_timeout: None,
             conntrack_capacity: None,
             many_services: false,
+            pod_network: PodNetwork::Routed,
             note: "",
         }
     }
@@ -73,11 +76,13 @@ fn scenarios(suite: Suite) -> Vec<Scenario> {
             ..Scenario::new("", 10_000, Traffic::ClusterIpAck)
         },
         Scenario {
-            note: "ClusterIP, established, DNAT+SNAT",
+            masquerade: false,
+            note: "ClusterIP, established, DNAT only, pods routed via their node",
             ..Scenario::new("a-clusterip", 1, Traffic::ClusterIpAck)
         },
         Scenario {
-            note: "ClusterIP, established, DNAT+SNAT",
+            masquerade: false,
+            note: "ClusterIP, established, DNAT only, pods routed via their node",
             ..Scenario::new("a-clusterip", 10_000, Traffic::ClusterIpAck)
         },
     ];
@@ -90,12 +95,13 @@ fn scenarios(suite: Suite) -> Vec<Scenario> {
         });
         v.push(Scenario {
             masquerade: false,
-            note: "ClusterIP, established, DNAT only (SNAT ports: 3 backends x 28,232 < 1M)",
+            note: "ClusterIP, established, DNAT only, pods routed via their node",
             ..Scenario::new("a-clusterip", 1_000_000, Traffic::ClusterIpAck)
         });
         v.push(Scenario {
             on_cluster: true,
-            note: "VXLAN from node-1 VTEP, decap, DNAT+SNAT, re-encap",
+            pod_network: PodNetwork::Vxlan,
+            note: "VXLAN from node-1 VTEP, decap, DNAT+SNAT, re-encap to the backend's node VTEP",
             ..Scenario::new("b-vxlan", 10_000, Traffic::VxlanAck)
         });
     }
@@ -122,7 +128,8 @@ fn scenarios(suite: Suite) -> Vec<Scenario> {
         });
         v.push(Scenario {
             workers: vec![0, 1],
-            note: "two workers (cores 0,1; control shares core 0), 2 pcap rx queues, each holding the flows its worker owns",
+            masquerade: false,
+            note: "a-clusterip 10k with two workers (cores 0,1; control shares core 0), 2 pcap rx queues, each holding the flows its worker owns",
             ..Scenario::new("g-2-workers", 10_000, Traffic::ClusterIpAck)
         });
     }
@@ -238,6 +245,7 @@ fn run_scenario(ctx: &mut Ctx, s: &Scenario, files: &[PathBuf], run: usize) -> R
         } else {
             ctx.lab.clone()
         },
+        pod_network: s.pod_network,
         masquerade_cluster_ip: s.masquerade,
         tcp_syn_sent_timeout: s.syn_timeout,
         conntrack_capacity: s.conntrack_capacity.unwrap_or(1 << 21),

@@ -46,6 +46,13 @@ impl Device {
     }
 }
 
+/// How the pod CIDRs of the bench cluster are reached from the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodNetwork {
+    Vxlan,
+    Routed,
+}
+
 /// What a servicegate run is made of.
 #[derive(Clone, Debug)]
 pub struct SgSetup {
@@ -58,10 +65,29 @@ pub struct SgSetup {
     pub workers: Vec<usize>,
     pub frames: u64,
     pub manifests: PathBuf,
+    /// How the gateway reaches pods: `Vxlan` encapsulates to the node's VTEP (flannel's
+    /// vxlan backend), `Routed` forwards to the node as next hop (flannel host-gw, Calico
+    /// BGP): DNAT and a MAC rewrite, no tunnel.
+    pub pod_network: PodNetwork,
     pub masquerade_cluster_ip: bool,
     pub tcp_syn_sent_timeout: Option<u64>,
     pub conntrack_capacity: u64,
 }
+
+/// Pod CIDRs behind the node VTEPs (configs/bench.yaml).
+const VXLAN_PODS: &str = "vxlan:
+  vni: 1
+  local_vtep: 10.0.0.1
+  pod_cidrs:
+    - { cidr: 10.244.1.0/24, vtep: 10.0.0.11, node: node-1 }
+    - { cidr: 10.244.2.0/24, vtep: 10.0.0.12, node: node-2 }
+";
+
+/// The same pod CIDRs routed through the nodes.
+const ROUTED_PODS: &str = "routes:
+  - { prefix: 10.244.1.0/24, via: 10.0.0.11, port: cluster }
+  - { prefix: 10.244.2.0/24, via: 10.0.0.12, port: cluster }
+";
 
 /// EAL memory (MB) for `mbufs` 2 KiB buffers plus slack.
 fn eal_megabytes(mbufs: u64) -> u64 {
@@ -118,13 +144,7 @@ ports:
   - {{ address: 10.0.0.11, mac: "02:00:00:00:00:11", port: cluster }}
   - {{ address: 10.0.0.12, mac: "02:00:00:00:00:12", port: cluster }}
   - {{ address: 192.168.100.2, mac: "02:00:00:00:01:02", port: uplink }}
-vxlan:
-  vni: 1
-  local_vtep: 10.0.0.1
-  pod_cidrs:
-    - {{ cidr: 10.244.1.0/24, vtep: 10.0.0.11, node: node-1 }}
-    - {{ cidr: 10.244.2.0/24, vtep: 10.0.0.12, node: node-2 }}
-services:
+{pods}services:
   source: files
   path: {manifests}
   service_cidr: 10.96.0.0/12
@@ -135,6 +155,10 @@ conntrack:
   listen: 127.0.0.1:{admin_port}
 "#,
             mode = if self.io_mode { "io" } else { "gateway" },
+            pods = match self.pod_network {
+                PodNetwork::Vxlan => VXLAN_PODS,
+                PodNetwork::Routed => ROUTED_PODS,
+            },
             workers = workers.join(", "),
             manifests = self.manifests.display(),
             masq = self.masquerade_cluster_ip,
