@@ -115,17 +115,18 @@ impl Pipeline {
         }
         let (mut ip, mut payload) = whole_ipv4(&data[ethernet::HEADER_LEN..])?;
         let mut l2 = ethernet::HEADER_LEN;
-        // (outer source, inner source MAC) of a VXLAN frame from a node.
-        let mut tunnel = None;
-        if let Some(vx) = &self.vxlan {
-            if ip.dst == vx.local_vtep && ip.protocol == ipv4::PROTO_UDP {
+        let mut tunneled = false;
+        if let Some((local_vtep, udp_port, vni)) =
+            (self.vxlan.as_ref()).map(|vx| (vx.local_vtep, vx.udp_port, vx.vni))
+        {
+            if ip.dst == local_vtep && ip.protocol == ipv4::PROTO_UDP {
                 let udp = UdpPacket::new_checked(payload).ok()?;
-                if udp.dst_port() != vx.udp_port {
+                if udp.dst_port() != udp_port {
                     return None;
                 }
                 let datagram = &payload[8..usize::from(udp.len())];
                 let v = VxlanPacket::new_checked(datagram).ok()?;
-                if v.vni() != vx.vni {
+                if v.vni() != vni {
                     return None;
                 }
                 let inner = &datagram[8..];
@@ -141,9 +142,14 @@ impl Pipeline {
                     inner_eth[10],
                     inner_eth[11],
                 ]);
-                tunnel = Some((ip.src, src_mac));
+                let outer_src = ip.src;
                 l2 = VXLAN_OVERHEAD + ethernet::HEADER_LEN;
                 (ip, payload) = whole_ipv4(&inner[ethernet::HEADER_LEN..])?;
+                // Where the general path remembers it too (it accepts every frame this far),
+                // so that a changed VTEP MAC moves the L2 epoch before the adjacency check
+                // below: this frame, if it goes back to the same node, then takes the new MAC.
+                self.remember_vtep_mac(outer_src, src_mac);
+                tunneled = true;
             }
         }
         let (sport, dport, tcp_flags) = ports(ip.protocol, payload)?;
@@ -185,12 +191,11 @@ impl Pipeline {
             return None;
         }
 
-        // Committed: from here on, the general path's effects, in its order but for the
-        // sender's VTEP MAC, remembered last (the adjacency above stays borrowed until the
-        // frame is written; what it holds was checked against the epoch before, as the
-        // general path checks it).
+        // Committed: from here on, the general path's effects, in its order (the adjacency
+        // above stays borrowed until the frame is written; what it holds was checked
+        // against the epoch before, as the general path checks it).
         let end = l2 + ip.total_len;
-        if tunnel.is_some() {
+        if tunneled {
             let extra = frame.len() - end;
             if !frame.trim(extra) || !frame.adj(VXLAN_OVERHEAD) {
                 return Some(Verdict::Drop(DropReason::Malformed));
@@ -208,10 +213,6 @@ impl Pipeline {
         stats.count_packet(binding.frontend_id, binding.backend_counter);
         rewrite::forward_rewrite_whole(&mut frame.data_mut()[l2..], rw.src, rw.dst);
         self.neighbors.touch(adjacency.neighbor_slot, now);
-        let verdict = self.write_l2(frame, l2, Some(hash), hop, adjacency, true);
-        if let Some((outer_src, src_mac)) = tunnel {
-            self.remember_vtep_mac(outer_src, src_mac);
-        }
-        Some(verdict)
+        Some(self.write_l2(frame, l2, Some(hash), hop, adjacency, true))
     }
 }
