@@ -1035,6 +1035,7 @@ impl Conntrack {
     /// (`tcp_flags` is the TCP flags byte for TCP, ignored otherwise). Valid packets refresh
     /// the expiry with the new state's timeout. Returns `false` for TCP packets that are
     /// invalid or ignored in the current state (state and timer unchanged).
+    #[inline]
     pub fn on_packet(
         &mut self,
         id: EntryId,
@@ -1043,26 +1044,39 @@ impl Conntrack {
         len: u32,
         now: Tick,
     ) -> bool {
-        let timeouts = &self.timeouts;
         let e = &mut self.entries[id.index()];
         debug_assert!(e.live, "stale conntrack handle");
         e.packets[dir as usize] += 1;
         e.bytes[dir as usize] += u64::from(len);
-        // Almost every packet: an ACK (without SYN, FIN or RST) of an established
-        // connection that changes neither `seen_reply` nor `assured`. The state machine
-        // below would keep the state and only move the deadline.
-        if e.state == State::Tcp(TcpState::Established) {
-            use tcp_flags::{ACK, FIN, RST, SYN};
-            let flags = tcp_flags.unwrap_or(0);
-            if flags & (ACK | FIN | RST | SYN) == ACK
-                && (dir == Direction::Original || e.seen_reply)
-                && e.assured == e.seen_reply
-            {
-                e.expires_at =
-                    now.saturating_add(timeouts.for_state(e.state, e.seen_reply, e.assured));
-                return true;
+        // Almost every packet changes neither the state nor `seen_reply` nor `assured`, and
+        // the state machine would only move the deadline: an ACK (without SYN, FIN or RST)
+        // of an established TCP connection, or a datagram of a flow whose reply direction
+        // has nothing left to mark. This part is inlined into the packet path, the state
+        // machine ([`Conntrack::advance`]) is not.
+        let unchanged = match e.state {
+            State::Tcp(TcpState::Established) => {
+                use tcp_flags::{ACK, FIN, RST, SYN};
+                tcp_flags.unwrap_or(0) & (ACK | FIN | RST | SYN) == ACK
+                    && (dir == Direction::Original || e.seen_reply)
+                    && e.assured == e.seen_reply
             }
+            State::Tcp(_) => false,
+            // `advance` marks the reply direction seen and assured, nothing else.
+            _ => dir == Direction::Original || (e.seen_reply && e.assured),
+        };
+        if unchanged {
+            e.expires_at =
+                now.saturating_add(self.timeouts.for_state(e.state, e.seen_reply, e.assured));
+            return true;
         }
+        self.advance(id, dir, tcp_flags, now)
+    }
+
+    /// The state machine part of [`Conntrack::on_packet`] (counters already taken).
+    #[inline(never)]
+    fn advance(&mut self, id: EntryId, dir: Direction, tcp_flags: Option<u8>, now: Tick) -> bool {
+        let timeouts = &self.timeouts;
+        let e = &mut self.entries[id.index()];
         let was_assured = e.assured;
         let mut reopened = false;
         match e.state {
@@ -2061,6 +2075,29 @@ mod tests {
     }
 
     proptest! {
+        /// `on_packet`'s inlined shortcut leaves an entry exactly as the state machine alone
+        /// does, for any protocol and any sequence of directions and TCP flags.
+        #[test]
+        fn shortcut_agrees_with_the_state_machine(
+            protocol in prop::sample::select(vec![PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_SCTP, 47u8]),
+            packets in proptest::collection::vec((any::<bool>(), any::<u8>(), 0u32..1500), 1..40),
+        ) {
+            let (mut with, mut without) = (ct(8), ct(8));
+            let a = insert(&mut with, protocol, 1, 0).unwrap();
+            let b = insert(&mut without, protocol, 1, 0).unwrap();
+            for (now, &(reply, flags, len)) in (1..).zip(&packets) {
+                let dir = if reply { Direction::Reply } else { Direction::Original };
+                let flags = (protocol == PROTO_TCP).then_some(flags);
+                let accepted = with.on_packet(a, dir, flags, len, now);
+                let e = &mut without.entries[b.index()];
+                e.packets[dir as usize] += 1;
+                e.bytes[dir as usize] += u64::from(len);
+                prop_assert_eq!(accepted, without.advance(b, dir, flags, now));
+                prop_assert_eq!(format!("{:?}", with.entry(a)), format!("{:?}", without.entry(b)));
+                prop_assert_eq!(with.stats(), without.stats());
+            }
+        }
+
         /// Random insert/remove/lookup sequences agree with a model: a map of keys plus the
         /// FIFO of (all unassured) entries that early drop consumes.
         #[test]
