@@ -747,7 +747,7 @@ impl Conntrack {
         self.find_hashed(key, key.hash())
     }
 
-    #[inline]
+    #[inline(always)]
     fn find_hashed(&self, key: &FlowKey, hash: u64) -> Option<(EntryId, Direction)> {
         debug_assert_eq!(hash, key.hash());
         let hash = hash as u32;
@@ -839,7 +839,7 @@ impl Conntrack {
     /// [`Conntrack::lookup_hashed`] without its effects: a live entry's handle, or `None`
     /// for a missing or expired one (left for `lookup_hashed` to remove). Not counted: a
     /// caller that goes on with the hit calls [`Conntrack::count_hit`].
-    #[inline]
+    #[inline(always)]
     pub fn find_live(&self, key: &FlowKey, hash: u64, now: Tick) -> Option<(EntryId, Direction)> {
         self.find_hashed(key, hash)
             .filter(|(id, _)| self.entries[id.index()].expires_at > now)
@@ -1035,7 +1035,7 @@ impl Conntrack {
     /// (`tcp_flags` is the TCP flags byte for TCP, ignored otherwise). Valid packets refresh
     /// the expiry with the new state's timeout. Returns `false` for TCP packets that are
     /// invalid or ignored in the current state (state and timer unchanged).
-    #[inline]
+    #[inline(always)]
     pub fn on_packet(
         &mut self,
         id: EntryId,

@@ -1605,7 +1605,7 @@ impl Pipeline {
 
     /// Encapsulates when the hop says so, then writes the MACs of `adjacency` (all but the
     /// next hop's when it is not `resolved`: the frame then waits for it).
-    #[inline]
+    #[inline(always)]
     fn write_l2<F: Frame>(
         &self,
         frame: &mut F,
@@ -1615,19 +1615,9 @@ impl Pipeline {
         adjacency: &Adjacency,
         resolved: bool,
     ) -> Verdict {
+        // The plain case (two MACs) is inlined into the packet path; encapsulation is not.
         if let Some(template) = &adjacency.encap {
-            let entropy = flow_hash.unwrap_or_else(|| {
-                let ip = Ipv4Packet::new_unchecked(&frame.data()[l2..]);
-                let (sport, dport) =
-                    match rewrite::parse_l4(ip.protocol(), ip.frag_offset() == 0, ip.payload()) {
-                        Ok(L4::Ports { sport, dport, .. }) => (sport, dport),
-                        Ok(L4::Echo { ident, .. }) => (ident, ident),
-                        _ => (0, 0),
-                    };
-                FlowKey::hash_of(ip.protocol(), ip.src(), sport, ip.dst(), dport)
-            });
-            // The template holds every MAC, the next hop's too (zero while unresolved).
-            if !template.encapsulate(frame, l2, entropy) {
+            if !Self::encapsulate(frame, l2, flow_hash, template) {
                 return Verdict::Drop(DropReason::NoMbuf);
             }
         } else {
@@ -1646,6 +1636,30 @@ impl Pipeline {
         Verdict::Transmit {
             port: adjacency.port_id,
         }
+    }
+
+    /// Puts the packet at `l2` inside the VXLAN headers of `template` (the flow's hash, or
+    /// one computed from the packet, chooses the outer source port); `false` when the
+    /// frame has no headroom for them.
+    #[inline(never)]
+    fn encapsulate<F: Frame>(
+        frame: &mut F,
+        l2: usize,
+        flow_hash: Option<u64>,
+        template: &EncapTemplate,
+    ) -> bool {
+        let entropy = flow_hash.unwrap_or_else(|| {
+            let ip = Ipv4Packet::new_unchecked(&frame.data()[l2..]);
+            let (sport, dport) =
+                match rewrite::parse_l4(ip.protocol(), ip.frag_offset() == 0, ip.payload()) {
+                    Ok(L4::Ports { sport, dport, .. }) => (sport, dport),
+                    Ok(L4::Echo { ident, .. }) => (ident, ident),
+                    _ => (0, 0),
+                };
+            FlowKey::hash_of(ip.protocol(), ip.src(), sport, ip.dst(), dport)
+        });
+        // The template holds every MAC, the next hop's too (zero while unresolved).
+        template.encapsulate(frame, l2, entropy)
     }
 
     /// The VXLAN headers of `hop` when it encapsulates, toward `next_hop_mac`.

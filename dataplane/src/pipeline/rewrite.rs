@@ -33,6 +33,7 @@ pub enum L4 {
 
 /// Parses the transport header of an IPv4 packet's payload. An error when a TCP, UDP,
 /// SCTP or ICMP header is truncated in a first (or unfragmented) packet.
+#[inline(always)]
 pub fn parse_l4(protocol: u8, first_fragment: bool, payload: &[u8]) -> crate::wire::Result<L4> {
     if !first_fragment {
         return Ok(L4::Other);
@@ -104,7 +105,11 @@ pub fn forward_rewrite(ip: &mut [u8], src: Option<(Ipv4Addr, u16)>, dst: Option<
 /// [`forward_rewrite`] of a packet the fast path has checked: IPv4 without options, not a
 /// fragment, TTL above 1, carrying a whole TCP or UDP header. The same changes, read and
 /// written at fixed offsets instead of through the header views.
-#[inline]
+///
+/// The checksum arithmetic runs on 16-bit words in the CPU's byte order, fields and
+/// checksums alike: the ones'-complement sum does not depend on byte order (RFC 1071
+/// §2(B)), so no field is byte-swapped on the way in or out.
+#[inline(always)]
 pub fn forward_rewrite_whole(
     ip: &mut [u8],
     src: Option<(Ipv4Addr, u16)>,
@@ -113,29 +118,26 @@ pub fn forward_rewrite_whole(
     let Some((h, l4)) = ip.split_first_chunk_mut::<{ ipv4::HEADER_LEN }>() else {
         return;
     };
-    let addr = |h: &[u8; ipv4::HEADER_LEN], at: usize| {
-        u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]])
-    };
-    let (ttl, protocol) = (h[8], h[9]);
-    let next = ttl.saturating_sub(1);
-    let header = checksum::Delta::default().u16(
-        u16::from_be_bytes([ttl, protocol]),
-        u16::from_be_bytes([next, protocol]),
-    );
-    h[8] = next;
+    let word = |b: &[u8], at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
+    let quad = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let protocol = h[9];
+    let ttl = h[8];
+    h[8] = ttl.saturating_sub(1);
+    // TTL and protocol share a 16-bit word of the header.
+    let header = checksum::Delta::default().u16(word(&[ttl, protocol], 0), word(h, 8));
     let mut addresses = checksum::Delta::default();
     if let Some((a, _)) = src {
-        addresses = addresses.u32(addr(h, 12), u32::from(a));
-        h[12..16].copy_from_slice(&a.octets());
+        let new = a.octets();
+        addresses = addresses.u32(quad(h, 12), u32::from_ne_bytes(new));
+        h[12..16].copy_from_slice(&new);
     }
     if let Some((a, _)) = dst {
-        addresses = addresses.u32(addr(h, 16), u32::from(a));
-        h[16..20].copy_from_slice(&a.octets());
+        let new = a.octets();
+        addresses = addresses.u32(quad(h, 16), u32::from_ne_bytes(new));
+        h[16..20].copy_from_slice(&new);
     }
-    let ip_checksum = header
-        .plus(addresses)
-        .apply(u16::from_be_bytes([h[10], h[11]]));
-    h[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
+    let ip_checksum = header.plus(addresses).apply(word(h, 10));
+    h[10..12].copy_from_slice(&ip_checksum.to_ne_bytes());
     if src.is_none() && dst.is_none() {
         return;
     }
@@ -152,16 +154,25 @@ pub fn forward_rewrite_whole(
         _ => return,
     };
     let mut change = addresses;
-    let port = |p: &[u8], at: usize| u16::from_be_bytes([p[at], p[at + 1]]);
     if let Some((_, new)) = src {
-        change = change.u16(port(ports, 0), new);
-        ports[0..2].copy_from_slice(&new.to_be_bytes());
+        let new = new.to_be_bytes();
+        change = change.u16(word(ports, 0), u16::from_ne_bytes(new));
+        ports[0..2].copy_from_slice(&new);
     }
     if let Some((_, new)) = dst {
-        change = change.u16(port(ports, 2), new);
-        ports[2..4].copy_from_slice(&new.to_be_bytes());
+        let new = new.to_be_bytes();
+        change = change.u16(word(ports, 2), u16::from_ne_bytes(new));
+        ports[2..4].copy_from_slice(&new);
     }
-    patch_l4_checksum(ports, at, protocol, change);
+    // Byte order does not matter to UDP's "no checksum" (0) and "computed 0" (0xffff)
+    // either: both are the same in either order.
+    let old = word(ports, at);
+    let new = if protocol == ipv4::PROTO_UDP {
+        change.apply_udp(old)
+    } else {
+        change.apply(old)
+    };
+    ports[at..at + 2].copy_from_slice(&new.to_ne_bytes());
 }
 
 /// Applies `change` to the TCP or UDP checksum at `l4[at..at + 2]` (UDP's "no checksum"
