@@ -307,6 +307,7 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
+    #[inline]
     fn tcp(&self, state: TcpState) -> Tick {
         match state {
             TcpState::None | TcpState::Close => self.tcp_close,
@@ -321,6 +322,7 @@ impl Timeouts {
     }
 
     /// The timeout an entry in `state` gets on a valid packet.
+    #[inline]
     pub fn for_state(&self, state: State, seen_reply: bool, assured: bool) -> Tick {
         match state {
             State::Tcp(s) if seen_reply => self.tcp(s),
@@ -841,8 +843,10 @@ impl Conntrack {
     /// caller that goes on with the hit calls [`Conntrack::count_hit`].
     #[inline(always)]
     pub fn find_live(&self, key: &FlowKey, hash: u64, now: Tick) -> Option<(EntryId, Direction)> {
-        self.find_hashed(key, hash)
-            .filter(|(id, _)| self.entries[id.index()].expires_at > now)
+        match self.find_hashed(key, hash) {
+            Some((id, dir)) if self.entries[id.index()].expires_at > now => Some((id, dir)),
+            _ => None,
+        }
     }
 
     /// Counts a lookup that hit, as [`Conntrack::lookup_hashed`] does.

@@ -410,7 +410,9 @@ pub struct Pipeline {
     /// The pair `remember_vtep_mac` stored last (and `vtep_macs` still holds): a burst of
     /// frames from one node repeats it, and checking it costs no hashing.
     last_vtep_mac: Option<(Ipv4Addr, MacAddr)>,
-    route_cache: Box<[CachedRoute]>,
+    /// An array, so that indexing it with a slot (< ROUTE_CACHE_SLOTS by construction)
+    /// needs no bounds check.
+    route_cache: Box<[CachedRoute; ROUTE_CACHE_SLOTS]>,
     /// Counts changes of `vtep_macs` and of the snapshot (see [`Pipeline::l2_epoch`]).
     l2_changes: u64,
     worker_index: usize,
@@ -556,7 +558,11 @@ impl Pipeline {
                 map
             },
             last_vtep_mac: None,
-            route_cache: vec![EMPTY_ROUTE; ROUTE_CACHE_SLOTS].into_boxed_slice(),
+            // Built on the heap (an array literal in `Box::new` may pass through the stack).
+            route_cache: vec![EMPTY_ROUTE; ROUTE_CACHE_SLOTS]
+                .into_boxed_slice()
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("ROUTE_CACHE_SLOTS entries")),
             l2_changes: 0,
             worker_index: config.worker_index,
             workers: config.workers,
