@@ -322,7 +322,7 @@ impl Timeouts {
     }
 
     /// The timeout an entry in `state` gets on a valid packet.
-    #[inline]
+    #[inline(always)]
     pub fn for_state(&self, state: State, seen_reply: bool, assured: bool) -> Tick {
         match state {
             State::Tcp(s) if seen_reply => self.tcp(s),

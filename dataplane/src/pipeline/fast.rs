@@ -35,7 +35,7 @@ struct Whole {
 /// The IPv4 header at the start of `ip`, read at fixed offsets, when the general path would
 /// accept it (`Ipv4Packet::check_len`, the header checksum) and it has no options and is
 /// not a fragment; with the packet's payload (up to its total length).
-#[inline]
+#[inline(always)]
 fn whole_ipv4(ip: &[u8]) -> Option<(Whole, &[u8])> {
     let h = ip.first_chunk::<{ ipv4::HEADER_LEN }>()?;
     let total_len = usize::from(u16::from_be_bytes([h[2], h[3]]));
