@@ -139,9 +139,12 @@ impl Default for WorkerStats {
     }
 }
 
-/// 1 ns to 1 s at 3 significant digits: fixed size, so recording never allocates.
+/// 1 ns to 1 s at 2 significant digits (1 %): fixed size, so recording never allocates.
+/// Each worker adds its histogram into its published cell and clears it every 10 ms: at
+/// 3 digits that was 21.5k counters (172 KB) walked and cleared, ~2 % of a worker core
+/// and a sweep through its L2; at 2 digits it is 3.1k (25 KB).
 pub fn new_latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 1_000_000_000, 3).expect("static histogram bounds")
+    Histogram::new_with_bounds(1, 1_000_000_000, 2).expect("static histogram bounds")
 }
 
 impl WorkerStats {
