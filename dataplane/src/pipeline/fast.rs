@@ -116,8 +116,10 @@ impl Pipeline {
         let (mut ip, mut payload) = whole_ipv4(&data[ethernet::HEADER_LEN..])?;
         let mut l2 = ethernet::HEADER_LEN;
         let mut tunneled = false;
-        if let Some((local_vtep, udp_port, vni)) =
-            (self.vxlan.as_ref()).map(|vx| (vx.local_vtep, vx.udp_port, vx.vni))
+        if let Some((local_vtep, udp_port, vni)) = self
+            .vxlan
+            .as_ref()
+            .map(|vx| (vx.local_vtep, vx.udp_port, vx.vni))
         {
             if ip.dst == local_vtep && ip.protocol == ipv4::PROTO_UDP {
                 let udp = UdpPacket::new_checked(payload).ok()?;
