@@ -116,19 +116,16 @@ impl Pipeline {
         let (mut ip, mut payload) = whole_ipv4(&data[ethernet::HEADER_LEN..])?;
         let mut l2 = ethernet::HEADER_LEN;
         let mut tunneled = false;
-        if let Some((local_vtep, udp_port, vni)) = self
-            .vxlan
-            .as_ref()
-            .map(|vx| (vx.local_vtep, vx.udp_port, vx.vni))
-        {
-            if ip.dst == local_vtep && ip.protocol == ipv4::PROTO_UDP {
+        // A copy, so that remembering the VTEP MAC below can borrow `self` mutably.
+        if let Some(vx) = self.vxlan {
+            if ip.dst == vx.local_vtep && ip.protocol == ipv4::PROTO_UDP {
                 let udp = UdpPacket::new_checked(payload).ok()?;
-                if udp.dst_port() != udp_port {
+                if udp.dst_port() != vx.udp_port {
                     return None;
                 }
                 let datagram = &payload[8..usize::from(udp.len())];
                 let v = VxlanPacket::new_checked(datagram).ok()?;
-                if v.vni() != vni {
+                if v.vni() != vx.vni {
                     return None;
                 }
                 let inner = &datagram[8..];

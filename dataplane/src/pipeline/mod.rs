@@ -155,7 +155,7 @@ pub struct RouteConfig {
     pub port: u16,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct VxlanConfig {
     /// 4789.
     pub udp_port: u16,
@@ -560,7 +560,6 @@ impl Pipeline {
             last_vtep_mac: None,
             // Built on the heap (an array literal in `Box::new` may pass through the stack).
             route_cache: vec![EMPTY_ROUTE; ROUTE_CACHE_SLOTS]
-                .into_boxed_slice()
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("ROUTE_CACHE_SLOTS entries")),
             l2_changes: 0,

@@ -166,25 +166,26 @@ pub fn forward_rewrite_whole(
     }
     // Byte order does not matter to UDP's "no checksum" (0) and "computed 0" (0xffff)
     // either: both are the same in either order.
-    let old = word(ports, at);
-    let new = if protocol == ipv4::PROTO_UDP {
-        change.apply_udp(old)
-    } else {
-        change.apply(old)
-    };
+    let new = l4_checksum_after(protocol, change, word(ports, at));
     ports[at..at + 2].copy_from_slice(&new.to_ne_bytes());
 }
 
 /// Applies `change` to the TCP or UDP checksum at `l4[at..at + 2]` (UDP's "no checksum"
 /// stays 0). The caller has checked that the field is within `l4`.
 pub(super) fn patch_l4_checksum(l4: &mut [u8], at: usize, protocol: u8, change: checksum::Delta) {
-    let old = u16::from_be_bytes([l4[at], l4[at + 1]]);
-    let new = if protocol == ipv4::PROTO_UDP {
+    let new = l4_checksum_after(protocol, change, u16::from_be_bytes([l4[at], l4[at + 1]]));
+    l4[at..at + 2].copy_from_slice(&new.to_be_bytes());
+}
+
+/// A TCP or UDP checksum `old` after `change` (UDP's "no checksum" stays 0), in whichever
+/// byte order both were read.
+#[inline(always)]
+fn l4_checksum_after(protocol: u8, change: checksum::Delta, old: u16) -> u16 {
+    if protocol == ipv4::PROTO_UDP {
         change.apply_udp(old)
     } else {
         change.apply(old)
-    };
-    l4[at..at + 2].copy_from_slice(&new.to_be_bytes());
+    }
 }
 
 fn translate(
