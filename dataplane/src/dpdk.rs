@@ -407,7 +407,7 @@ impl Frame for Mbuf {
     // `prepend`, `adj` and `trim` run on every encapsulated, decapsulated or padded frame:
     // for the single segment the workers produce they are a few field updates here, not a
     // call into DPDK's out-of-line wrapper of its inline function (which does the same).
-    #[inline]
+    #[inline(always)]
     fn prepend(&mut self, len: usize) -> bool {
         let Ok(len) = u16::try_from(len) else {
             return false;
@@ -426,7 +426,7 @@ impl Frame for Mbuf {
         !unsafe { sys::rte_pktmbuf_prepend(self.mbuf.as_ptr(), len) }.is_null()
     }
 
-    #[inline]
+    #[inline(always)]
     fn adj(&mut self, len: usize) -> bool {
         let Ok(len) = u16::try_from(len) else {
             return false;
@@ -445,7 +445,7 @@ impl Frame for Mbuf {
         !unsafe { sys::rte_pktmbuf_adj(self.mbuf.as_ptr(), len) }.is_null()
     }
 
-    #[inline]
+    #[inline(always)]
     fn trim(&mut self, len: usize) -> bool {
         let Ok(len) = u16::try_from(len) else {
             return false;
