@@ -405,7 +405,6 @@ enum Arrival {
 
 pub struct Pipeline {
     ports: Vec<Port>,
-    /// (exception port id, index of its real port).
     /// What a frame's arrival port is, by DPDK port id: one index per packet instead of a
     /// search of the ports and of the exception ports.
     arrivals: Vec<Arrival>,
@@ -768,8 +767,8 @@ impl Pipeline {
         self.fast_path && self.workers == 1 && self.snap.generation == Some(snap.generation)
     }
 
-    /// Everything but the inlined fast path above, which it tries itself for the frames
-    /// that did not.
+    /// Everything but the inlined fast path above. It tries the fast path itself for the
+    /// frames that did not take it first (a changed snapshot, several workers).
     #[inline(never)]
     fn process_general<F: Frame>(
         &mut self,
