@@ -32,11 +32,16 @@ pub fn sum(data: &[u8]) -> u32 {
         [a] => acc += u64::from(a) << 8,
         _ => {}
     }
-    // Fold to 16 bits (plus at most one carry) so callers can add several sums safely:
-    // 64 → 33 → 32 bits, then `fold`'s two steps. A fixed number of steps, no loop.
-    acc = (acc & 0xffff_ffff) + (acc >> 32);
-    acc = (acc & 0xffff_ffff) + (acc >> 32);
-    u32::from(fold(acc as u32))
+    u32::from(fold_wide(acc))
+}
+
+/// Folds a ones'-complement sum of 32-bit words into 16 bits: 64 → 33 → 32 bits, then
+/// [`fold`]'s two steps. A fixed number of steps, no loop.
+#[inline(always)]
+fn fold_wide(acc: u64) -> u16 {
+    let acc = (acc & 0xffff_ffff) + (acc >> 32);
+    let acc = (acc & 0xffff_ffff) + (acc >> 32);
+    fold(acc as u32)
 }
 
 /// Folds the carries of a ones'-complement sum into 16 bits (end-around carry). Does not
@@ -76,10 +81,7 @@ pub fn ipv4_header_verifies(header: &[u8; 20]) -> bool {
         let w = [header[at], header[at + 1], header[at + 2], header[at + 3]];
         u64::from(u32::from_ne_bytes(w))
     };
-    let mut acc = word(0) + word(4) + word(8) + word(12) + word(16);
-    acc = (acc & 0xffff_ffff) + (acc >> 32);
-    acc = (acc & 0xffff_ffff) + (acc >> 32);
-    fold(acc as u32) == 0xffff
+    fold_wide(word(0) + word(4) + word(8) + word(12) + word(16)) == 0xffff
 }
 
 /// RFC 1624 eqn. 3: the checksum after one 16-bit word of the covered data changed from
