@@ -375,6 +375,7 @@ fn pipeline_config(
         conntrack: ConntrackConfig {
             capacity: config.conntrack.capacity,
             timeouts,
+            overlap_bursts_from: config.conntrack.overlap_bursts_from,
         },
         affinity_capacity: config.conntrack.affinity_capacity,
         icmp_errors_per_second: config.icmp_errors_per_second,

@@ -314,6 +314,10 @@ pub struct ConntrackSection {
     pub capacity: usize,
     #[serde(default = "default_affinity_capacity")]
     pub affinity_capacity: usize,
+    /// Live entries from which a worker overlaps a burst's table misses with the
+    /// processing of the burst before it (0: always).
+    #[serde(default = "default_overlap_bursts_from")]
+    pub overlap_bursts_from: usize,
     /// Per-state timeouts in seconds; omitted ones keep Linux nf_conntrack's defaults.
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
@@ -325,12 +329,16 @@ fn default_ct_capacity() -> usize {
 fn default_affinity_capacity() -> usize {
     65_536
 }
+fn default_overlap_bursts_from() -> usize {
+    dataplane::conntrack::OVERLAP_BURSTS_FROM
+}
 
 impl Default for ConntrackSection {
     fn default() -> Self {
         ConntrackSection {
             capacity: default_ct_capacity(),
             affinity_capacity: default_affinity_capacity(),
+            overlap_bursts_from: default_overlap_bursts_from(),
             timeouts: TimeoutsConfig::default(),
         }
     }

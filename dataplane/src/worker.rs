@@ -1,8 +1,10 @@
 //! The polling loop of one worker lcore: receive a burst from each (port, queue) it owns,
 //! hand frames of other workers' flows over, run the pipeline, transmit per port at the end
-//! of the burst. Nothing here locks, allocates or touches a shared atomic per packet: the
-//! snapshot is loaded once per burst, the stop flag read once per loop, counters are the
-//! worker's own and published every few milliseconds.
+//! of the burst. With a conntrack table larger than the caches, each burst is held back
+//! until the next one has been received and its table lines requested. Nothing here locks,
+//! allocates or touches a shared atomic per packet: the snapshot is loaded once per burst,
+//! the stop flag read once per loop, counters are the worker's own and published every few
+//! milliseconds.
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,6 +113,17 @@ pub struct Worker {
     pub idle_sleep_us: u64,
 }
 
+/// A received burst whose conntrack lines are on their way (software pipelining across
+/// bursts, as VPP's and DPVS's loops do): when the table is larger than the caches
+/// ([`Pipeline::overlaps_bursts`]), a burst is processed after the next one has been
+/// received and its index slots prefetched, or at the end of a loop that received nothing.
+#[derive(Default)]
+struct ReadyBurst {
+    frames: RxBurst,
+    port: u16,
+    hashes: BurstHashes,
+}
+
 struct Held {
     mbuf: Mbuf,
     port: u16,
@@ -136,6 +149,7 @@ impl Worker {
         let mut tx: Vec<TxBuffer> = (0..self.port_count).map(|_| TxBuffer::default()).collect();
         let mut held: Vec<Held> = Vec::with_capacity(HOLD_CAPACITY);
         let mut burst = RxBurst::default();
+        let mut ready = ReadyBurst::default();
         let mut next_publish = 0u64;
         let mut next_housekeeping = 0u64;
         let mut empty_polls = 0u32;
@@ -166,30 +180,41 @@ impl Worker {
             }
             received += taken;
 
+            let mut fresh = 0usize;
             for q in 0..self.rx_queues.len() {
                 let (port, queue) = self.rx_queues[q];
                 let n = dpdk::rx_burst(port, queue, &mut burst);
-                received += n;
+                fresh += n;
+                if n == 0 {
+                    continue;
+                }
                 let mut hashes = BurstHashes::default();
+                let mut overlap = false;
                 if let Mode::Gateway(pipeline) = &self.mode {
                     if n > 1 {
                         burst.prefetch_data();
-                        hashes = pipeline.prefetch_burst(burst.pending_data());
+                        hashes = pipeline.prefetch_slots(burst.pending_data());
+                        overlap = pipeline.overlaps_bursts();
                     }
                 }
-                let mut position = 0;
-                while let Some(mut mbuf) = burst.pop() {
-                    let in_port = port.0;
-                    let p = usize::from(in_port) % MAX_PORTS;
-                    stats.rx_packets[p] += 1;
-                    stats.rx_bytes[p] += mbuf.len() as u64;
-                    // `pop` takes the frames in the order `pending_data` showed them.
-                    let hash = hashes.get(position);
-                    position += 1;
-                    let verdict = self.handle(&mut mbuf, in_port, snapshot, now, &mut stats, hash);
-                    self.dispatch(mbuf, verdict, now, &mut tx, &mut held, &mut stats);
+                // A burst held back from before goes through the pipeline while this one's
+                // index lines arrive; it goes first, so frames of one queue keep their order.
+                self.process_burst(&mut ready, snapshot, now, &mut stats, &mut tx, &mut held);
+                if let Mode::Gateway(pipeline) = &self.mode {
+                    pipeline.prefetch_entries(&hashes);
+                }
+                std::mem::swap(&mut ready.frames, &mut burst);
+                ready.port = port.0;
+                ready.hashes = hashes;
+                if !overlap {
+                    self.process_burst(&mut ready, snapshot, now, &mut stats, &mut tx, &mut held);
                 }
             }
+            // Nothing new arrived behind a held burst: it waits no longer.
+            if fresh == 0 {
+                self.process_burst(&mut ready, snapshot, now, &mut stats, &mut tx, &mut held);
+            }
+            received += fresh;
 
             for (port, buffer) in tx.iter_mut().enumerate() {
                 if !buffer.is_empty() {
@@ -233,6 +258,31 @@ impl Worker {
             drop(h.mbuf);
         }
         self.publish(&mut stats);
+    }
+
+    /// Runs every frame of `burst` through [`Worker::handle`] and [`Worker::dispatch`].
+    #[inline(always)]
+    fn process_burst(
+        &mut self,
+        burst: &mut ReadyBurst,
+        snapshot: &Snapshot,
+        now: Tick,
+        stats: &mut WorkerStats,
+        tx: &mut [TxBuffer],
+        held: &mut Vec<Held>,
+    ) {
+        let in_port = burst.port;
+        let p = usize::from(in_port) % MAX_PORTS;
+        let mut position = 0;
+        while let Some(mut mbuf) = burst.frames.pop() {
+            stats.rx_packets[p] += 1;
+            stats.rx_bytes[p] += mbuf.len() as u64;
+            // `pop` takes the frames in the order `pending_data` showed them.
+            let hash = burst.hashes.get(position);
+            position += 1;
+            let verdict = self.handle(&mut mbuf, in_port, snapshot, now, stats, hash);
+            self.dispatch(mbuf, verdict, now, tx, held, stats);
+        }
     }
 
     /// Runs the frame through this worker's mode; `hash` is the burst prefetch's for it.

@@ -1752,7 +1752,27 @@ impl Pipeline {
     /// Frames beyond [`PREFETCH_BURST`] are left alone. Changes nothing but cache contents;
     /// returns the hashes, which the caller hands back with each frame to
     /// [`Pipeline::process_hashed`] so that the fast path does not compute them again.
+    ///
+    /// Both stages back to back wait once for the index lines (stage 2 reads them) and once
+    /// more for the entries; a caller with other work to do in between calls
+    /// [`Pipeline::prefetch_slots`] and [`Pipeline::prefetch_entries`] apart.
     pub fn prefetch_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> BurstHashes {
+        let burst = self.prefetch_slots(frames);
+        self.prefetch_entries(&burst);
+        burst
+    }
+
+    /// [`Conntrack::overlaps_bursts`]: whether a worker holds each burst until the next
+    /// one's index slots are on their way ([`Pipeline::prefetch_slots`]).
+    #[inline]
+    pub fn overlaps_bursts(&self) -> bool {
+        self.ct.overlaps_bursts()
+    }
+
+    /// Stage 1 of [`Pipeline::prefetch_burst`]: the hashes, and the index slots where
+    /// their probes start.
+    #[inline]
+    pub fn prefetch_slots<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> BurstHashes {
         let mut burst = BurstHashes::default();
         for (position, data) in frames.take(PREFETCH_BURST).enumerate() {
             if let Some(hash) = self.prefetch_hash(data) {
@@ -1761,12 +1781,18 @@ impl Pipeline {
                 burst.present |= 1 << position;
             }
         }
+        burst
+    }
+
+    /// Stage 2 of [`Pipeline::prefetch_burst`]: the entries the (by now arrived) index
+    /// slots of `burst` point at.
+    #[inline]
+    pub fn prefetch_entries(&self, burst: &BurstHashes) {
         for position in 0..PREFETCH_BURST {
             if let Some(hash) = burst.get(position) {
                 self.ct.prefetch_entry(hash);
             }
         }
-        burst
     }
 
     /// The conntrack key hash ([`FlowKey::hash`]) of the common frame shapes, read at
