@@ -250,6 +250,7 @@ fn runtime_spec(
         ports,
         workers: worker_specs,
         idle_sleep_us: config.cores.idle_sleep_us,
+        overlap_bursts_from: config.conntrack.overlap_bursts_from,
     })
 }
 
@@ -375,7 +376,6 @@ fn pipeline_config(
         conntrack: ConntrackConfig {
             capacity: config.conntrack.capacity,
             timeouts,
-            overlap_bursts_from: config.conntrack.overlap_bursts_from,
         },
         affinity_capacity: config.conntrack.affinity_capacity,
         icmp_errors_per_second: config.icmp_errors_per_second,

@@ -314,8 +314,8 @@ pub struct ConntrackSection {
     pub capacity: usize,
     #[serde(default = "default_affinity_capacity")]
     pub affinity_capacity: usize,
-    /// Live entries from which a worker overlaps a burst's table misses with the
-    /// processing of the burst before it (0: always).
+    /// Live entries from which a worker holds each burst back until the next one has
+    /// been received (`dataplane::worker::Worker::overlap_bursts_from`; 0: always).
     #[serde(default = "default_overlap_bursts_from")]
     pub overlap_bursts_from: usize,
     /// Per-state timeouts in seconds; omitted ones keep Linux nf_conntrack's defaults.
@@ -330,7 +330,7 @@ fn default_affinity_capacity() -> usize {
     65_536
 }
 fn default_overlap_bursts_from() -> usize {
-    dataplane::conntrack::OVERLAP_BURSTS_FROM
+    dataplane::worker::OVERLAP_BURSTS_FROM
 }
 
 impl Default for ConntrackSection {

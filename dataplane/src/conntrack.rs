@@ -343,22 +343,13 @@ pub struct ConntrackConfig {
     /// Maximum number of connections (entries) this worker tracks.
     pub capacity: usize,
     pub timeouts: Timeouts,
-    /// Live entries from which the table no longer fits the caches, so that a worker
-    /// overlaps one burst's table misses with the processing of the burst before it
-    /// ([`Conntrack::overlaps_bursts`]).
-    pub overlap_bursts_from: usize,
 }
-
-/// [`ConntrackConfig::overlap_bursts_from`] by default: at 2^18 live flows the entries alone
-/// are 32 MB, an L3 cache's size.
-pub const OVERLAP_BURSTS_FROM: usize = 1 << 18;
 
 impl Default for ConntrackConfig {
     fn default() -> ConntrackConfig {
         ConntrackConfig {
             capacity: 262_144,
             timeouts: Timeouts::default(),
-            overlap_bursts_from: OVERLAP_BURSTS_FROM,
         }
     }
 }
@@ -586,7 +577,6 @@ pub struct Conntrack {
     len: usize,
     cursor: usize,
     timeouts: Timeouts,
-    overlap_bursts_from: usize,
     stats: ConntrackStats,
     /// The key the last `lookup_hashed` missed, while no key has been added since: a new
     /// flow's insert then skips probing for it again.
@@ -724,7 +714,6 @@ impl Conntrack {
             len: 0,
             cursor: 0,
             timeouts: config.timeouts,
-            overlap_bursts_from: config.overlap_bursts_from,
             stats: ConntrackStats::default(),
             absent: None,
         }
@@ -732,16 +721,6 @@ impl Conntrack {
 
     pub fn capacity(&self) -> usize {
         self.entries.len()
-    }
-
-    /// Whether the table holds enough live flows that a worker should hold each burst
-    /// until it has received the next one and prefetched that one's index slots, so that
-    /// the slots and entries of one burst arrive while the other is processed. It pays
-    /// when lookups miss the caches; a table that mostly hits would only lose L1 room and
-    /// latency to it.
-    #[inline]
-    pub fn overlaps_bursts(&self) -> bool {
-        self.len >= self.overlap_bursts_from
     }
 
     pub fn len(&self) -> usize {
@@ -1535,7 +1514,7 @@ mod tests {
     fn ct(capacity: usize) -> Conntrack {
         Conntrack::new(ConntrackConfig {
             capacity,
-            ..ConntrackConfig::default()
+            timeouts: Timeouts::default(),
         })
     }
 

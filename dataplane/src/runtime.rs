@@ -36,6 +36,8 @@ pub struct RuntimeSpec {
     pub ports: Vec<PortSpec>,
     pub workers: Vec<WorkerSpec>,
     pub idle_sleep_us: u64,
+    /// [`Worker::overlap_bursts_from`].
+    pub overlap_bursts_from: usize,
 }
 
 /// What `Runtime::stop` observed.
@@ -141,6 +143,7 @@ impl Runtime {
                 pool: self.pool.clone(),
                 peers: self.workers.clone(),
                 idle_sleep_us: spec.idle_sleep_us,
+                overlap_bursts_from: spec.overlap_bursts_from,
             };
             let lcore = self.lcores[index];
             self.eal

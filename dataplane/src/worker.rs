@@ -111,12 +111,21 @@ pub struct Worker {
     pub peers: Arc<[WorkerShared]>,
     /// Sleep this long after a run of empty polls (0: pure busy polling).
     pub idle_sleep_us: u64,
+    /// Live conntrack entries from which each burst is held back until the next one has
+    /// been received and its index slots requested (0: always).
+    pub overlap_bursts_from: usize,
 }
 
+/// [`Worker::overlap_bursts_from`] by default: at 2^18 live flows the conntrack entries
+/// alone are 32 MB, an L3 cache's size. Below it lookups mostly hit the caches, and holding
+/// a burst back would only cost L1 room and latency.
+pub const OVERLAP_BURSTS_FROM: usize = 1 << 18;
+
 /// A received burst whose conntrack lines are on their way (software pipelining across
-/// bursts, as VPP's and DPVS's loops do): when the table is larger than the caches
-/// ([`Pipeline::overlaps_bursts`]), a burst is processed after the next one has been
-/// received and its index slots prefetched, or at the end of a loop that received nothing.
+/// bursts, as VPP's and DPVS's loops do): with a table larger than the caches, a burst is
+/// processed after the next one has been received and its index slots requested, so that
+/// one burst's slots and entries arrive while the other is processed; or at the end of a
+/// loop that received nothing.
 #[derive(Default)]
 struct ReadyBurst {
     frames: RxBurst,
@@ -194,7 +203,7 @@ impl Worker {
                     if n > 1 {
                         burst.prefetch_data();
                         hashes = pipeline.prefetch_slots(burst.pending_data());
-                        overlap = pipeline.overlaps_bursts();
+                        overlap = pipeline.conntrack().len() >= self.overlap_bursts_from;
                     }
                 }
                 // A burst held back from before goes through the pipeline while this one's

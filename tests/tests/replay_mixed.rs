@@ -754,7 +754,7 @@ fn drop_counters(report: &str) -> std::collections::BTreeMap<String, u64> {
 
 #[test]
 fn replay_of_a_mixed_capture_gives_the_expected_captures() {
-    replay_mixed_capture(dataplane::conntrack::OVERLAP_BURSTS_FROM);
+    replay_mixed_capture(dataplane::worker::OVERLAP_BURSTS_FROM);
 }
 
 /// The same capture through a worker that holds every burst until it has received the

@@ -1762,13 +1762,6 @@ impl Pipeline {
         burst
     }
 
-    /// [`Conntrack::overlaps_bursts`]: whether a worker holds each burst until the next
-    /// one's index slots are on their way ([`Pipeline::prefetch_slots`]).
-    #[inline]
-    pub fn overlaps_bursts(&self) -> bool {
-        self.ct.overlaps_bursts()
-    }
-
     /// Stage 1 of [`Pipeline::prefetch_burst`]: the hashes, and the index slots where
     /// their probes start.
     #[inline]
@@ -1788,10 +1781,11 @@ impl Pipeline {
     /// slots of `burst` point at.
     #[inline]
     pub fn prefetch_entries(&self, burst: &BurstHashes) {
-        for position in 0..PREFETCH_BURST {
-            if let Some(hash) = burst.get(position) {
-                self.ct.prefetch_entry(hash);
-            }
+        let mut present = burst.present;
+        while present != 0 {
+            self.ct
+                .prefetch_entry(burst.hashes[present.trailing_zeros() as usize]);
+            present &= present - 1;
         }
     }
 
