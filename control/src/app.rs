@@ -117,6 +117,65 @@ enum Devices<'a> {
     },
 }
 
+/// The net_pcap device standing in for port `name` under replay: frames from `rx`, and
+/// one capture per transmit queue (every worker has one), see [`replay_tx_capture`].
+fn pcap_device(index: usize, rx: &Path, out_dir: &Path, name: &str, workers: usize) -> String {
+    let mut device = format!("net_pcap{index},rx_pcap={}", rx.display());
+    for worker in 0..workers {
+        let capture = replay_tx_capture(out_dir, name, workers, worker);
+        device.push_str(&format!(",tx_pcap={}", capture.display()));
+    }
+    device
+}
+
+/// Where worker `worker`'s transmit queue of port `name` writes under replay. net_pcap
+/// gives each `tx_pcap` its own queue and file, so with several workers each writes a
+/// capture of its own, which [`join_captures`] makes `DIR/PORT.pcap` after the run.
+fn replay_tx_capture(out_dir: &Path, name: &str, workers: usize, worker: usize) -> PathBuf {
+    if workers == 1 {
+        out_dir.join(format!("{name}.pcap"))
+    } else {
+        out_dir.join(format!(".{name}.worker{worker}.pcap"))
+    }
+}
+
+/// Writes the frames of `parts`, in order, into one capture at `into`; the header is the
+/// first part's (every part comes from the same kind of port).
+fn join_captures(parts: &[PathBuf], into: &Path) -> anyhow::Result<u64> {
+    use pcap_file::pcap::{PcapReader, PcapWriter};
+    let open = |path: &Path| -> anyhow::Result<PcapReader<std::io::BufReader<std::fs::File>>> {
+        let file = std::fs::File::open(path).with_context(|| format!("read {}", path.display()))?;
+        PcapReader::new(std::io::BufReader::new(file)).with_context(|| {
+            format!(
+                "{}: not a classic pcap file (pcapng is not supported)",
+                path.display()
+            )
+        })
+    };
+    let first = parts.first().ok_or_else(|| anyhow!("no capture to join"))?;
+    let header = open(first)?.header();
+    let out = std::fs::File::create(into).with_context(|| format!("write {}", into.display()))?;
+    let mut writer = PcapWriter::with_header(std::io::BufWriter::new(out), header)
+        .with_context(|| format!("write {}", into.display()))?;
+    let mut frames = 0;
+    for part in parts {
+        let mut reader = open(part)?;
+        while let Some(packet) = reader.next_raw_packet() {
+            let packet =
+                packet.with_context(|| format!("{}: record {}", part.display(), frames + 1))?;
+            writer
+                .write_raw_packet(&packet)
+                .with_context(|| format!("write {}", into.display()))?;
+            frames += 1;
+        }
+    }
+    writer
+        .into_writer()
+        .into_inner()
+        .map_err(|e| anyhow!("write {}: {}", into.display(), e.error()))?;
+    Ok(frames)
+}
+
 /// The EAL arguments and runtime layout for `config`.
 fn runtime_spec(
     config: &Config,
@@ -207,11 +266,7 @@ fn runtime_spec(
                     .find(|(p, _)| *p == i)
                     .map(|(_, f)| f.as_path())
                     .unwrap_or(empty);
-                format!(
-                    "net_pcap{i},rx_pcap={},tx_pcap={}",
-                    rx.display(),
-                    out_dir.join(format!("{}.pcap", port.name)).display()
-                )
+                pcap_device(i, rx, out_dir, &port.name, workers)
             }
         };
         let queues = if matches!(devices, Devices::Pcap { .. }) {
@@ -225,13 +280,12 @@ fn runtime_spec(
         if let Some(exception) = &port.exception {
             let device = match &devices {
                 Devices::Configured => exception.clone(),
-                Devices::Pcap { out_dir, empty, .. } => format!(
-                    "net_pcap{},rx_pcap={},tx_pcap={}",
+                Devices::Pcap { out_dir, empty, .. } => pcap_device(
                     config.ports.len() + i,
-                    empty.display(),
-                    out_dir
-                        .join(format!("{}-exception.pcap", port.name))
-                        .display()
+                    empty,
+                    out_dir,
+                    &format!("{}-exception", port.name),
+                    workers,
                 ),
             };
             add_port(
@@ -732,7 +786,8 @@ pub fn pcap_frame_count(path: &Path) -> anyhow::Result<u64> {
 
 /// `servicegate replay`.
 pub fn replay(config: Config, inputs: &[String], out_dir: &Path) -> anyhow::Result<()> {
-    let mut parsed = Vec::new();
+    // (port index, its input captures in the order given)
+    let mut by_port: Vec<(usize, Vec<PathBuf>)> = Vec::new();
     for input in inputs {
         let (port, file) = input
             .split_once('=')
@@ -741,13 +796,32 @@ pub fn replay(config: Config, inputs: &[String], out_dir: &Path) -> anyhow::Resu
             .port_index(port)
             .ok_or_else(|| anyhow!("--in {input:?}: no port named {port:?} in the config"))?;
         let file = PathBuf::from(file);
-        let frames = pcap_frame_count(&file)?;
-        parsed.push((index, std::fs::canonicalize(&file)?, frames));
+        pcap_frame_count(&file)?;
+        let file = std::fs::canonicalize(&file)?;
+        match by_port.iter_mut().find(|(i, _)| *i == index) {
+            Some((_, files)) => files.push(file),
+            None => by_port.push((index, vec![file])),
+        }
     }
     std::fs::create_dir_all(out_dir).with_context(|| format!("create {}", out_dir.display()))?;
     let out_dir = std::fs::canonicalize(out_dir)?;
     let empty = out_dir.join(".empty-input.pcap");
     write_empty_pcap(&empty)?;
+    // Scratch captures removed when replay returns, whatever happens.
+    let mut scratch = ScratchFiles(vec![empty.clone()]);
+    // A port given several captures reads them one after the other, as one capture.
+    let mut parsed = Vec::new();
+    for (index, files) in by_port {
+        let (file, frames) = if let [file] = files.as_slice() {
+            (file.clone(), pcap_frame_count(file)?)
+        } else {
+            let joined = out_dir.join(format!(".{}.input.pcap", config.ports[index].name));
+            scratch.0.push(joined.clone());
+            let frames = join_captures(&files, &joined)?;
+            (joined, frames)
+        };
+        parsed.push((index, file, frames));
+    }
 
     let model = match config.services.source {
         SourceKind::Files => {
@@ -806,8 +880,26 @@ pub fn replay(config: Config, inputs: &[String], out_dir: &Path) -> anyhow::Resu
         Ok(())
     })();
     let report = runtime.stop();
-    let _ = std::fs::remove_file(&empty);
     result?;
+    // Each worker's frames of a port, worker 0's first, in the order it sent them.
+    let workers = config.cores.workers.len();
+    if workers > 1 {
+        let names = config.ports.iter().map(|p| p.name.clone()).chain(
+            config
+                .ports
+                .iter()
+                .filter(|p| p.exception.is_some())
+                .map(|p| format!("{}-exception", p.name)),
+        );
+        for name in names {
+            let parts: Vec<PathBuf> = (0..workers)
+                .map(|w| replay_tx_capture(&out_dir, &name, workers, w))
+                .collect();
+            scratch.0.extend(parts.iter().cloned());
+            join_captures(&parts, &out_dir.join(format!("{name}.pcap")))?;
+        }
+    }
+    drop(scratch);
     print_report(&report, &config);
     if report.mbufs_in_use != 0 {
         bail!(
@@ -847,6 +939,17 @@ fn print_report(report: &dataplane::runtime::StopReport, config: &Config) {
 }
 
 /// A pcap file without frames: the rx side of ports that have no input.
+/// Files removed when dropped.
+struct ScratchFiles(Vec<PathBuf>);
+
+impl Drop for ScratchFiles {
+    fn drop(&mut self) {
+        for file in &self.0 {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
 fn write_empty_pcap(path: &Path) -> anyhow::Result<()> {
     let file = std::fs::File::create(path).with_context(|| format!("write {}", path.display()))?;
     pcap_file::pcap::PcapWriter::new(file).with_context(|| format!("write {}", path.display()))?;

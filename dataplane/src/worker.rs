@@ -141,8 +141,8 @@ struct Held {
 }
 
 impl Worker {
-    /// Polls until the stop flag is set, then frees what it holds and publishes its final
-    /// counters.
+    /// Polls until the stop flag is set, then forwards the burst it holds, drops the frames
+    /// waiting for a neighbor and publishes its final counters.
     pub fn run(mut self) {
         let hz = dpdk::tsc_hz().max(1);
         // TSC → time without a division per loop: milliseconds by one u64 division of the
@@ -259,8 +259,13 @@ impl Worker {
             }
         }
 
-        for buffer in tx.iter_mut() {
-            buffer.discard();
+        // Draining: a burst held back for the overlap is forwarded like any other, and
+        // what that queues is sent; only frames still waiting for a neighbor are dropped.
+        let now: Tick = (dpdk::tsc() - start_tsc) / tsc_per_ms;
+        let snapshot: &Arc<Snapshot> = snapshots.load();
+        self.process_burst(&mut ready, snapshot, now, &mut stats, &mut tx, &mut held);
+        for (port, buffer) in tx.iter_mut().enumerate() {
+            flush(port as u16, self.tx_queue, buffer, &mut stats);
         }
         for h in held.drain(..) {
             stats.drop(DropReason::Shutdown);

@@ -58,7 +58,8 @@ fn sock(addr: Ipv4Addr, port: u16) -> SocketAddrV4 {
 
 /// `overlap_bursts_from`: the conntrack size from which the worker holds each burst until
 /// the next one has been received (0: every burst, so that this path is what is tested).
-fn write_config(dir: &Path, overlap_bursts_from: usize) -> std::path::PathBuf {
+/// `workers`: the CPUs of the workers, as YAML (`[1]`).
+fn write_config(dir: &Path, overlap_bursts_from: usize, workers: &str) -> std::path::PathBuf {
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).expect("manifests dir");
     std::fs::write(
@@ -86,7 +87,7 @@ fn write_config(dir: &Path, overlap_bursts_from: usize) -> std::path::PathBuf {
     // kept, so the gateway's MACs are known here.
     let config = format!(
         "eal:\n  file_prefix: {prefix}\n  no_pci: true\n\
-         cores:\n  control: 0\n  workers: [1]\n\
+         cores:\n  control: 0\n  workers: {workers}\n\
          ports:\n\
          \x20 - name: uplink\n    device: \"net_tap0,iface=sgr-up,mac={GW_UPLINK_MAC}\"\n    role: uplink\n    \
          addresses: [{GW_UPLINK}/24]\n    exception: \"net_tap2,iface=sgr-up-k\"\n\
@@ -767,7 +768,7 @@ fn replay_with_bursts_held_back_gives_the_same_captures() {
 fn replay_mixed_capture(overlap_bursts_from: usize) {
     require_root();
     let dir = TempDir::new("mixed");
-    let config = write_config(dir.path(), overlap_bursts_from);
+    let config = write_config(dir.path(), overlap_bursts_from, "[1]");
     let cases = cases();
     let input: Vec<Vec<u8>> = cases.iter().map(|c| c.input.clone()).collect();
     let input_path = dir.path().join("mixed.pcap");
@@ -887,4 +888,92 @@ fn replay_mixed_capture(overlap_bursts_from: usize) {
     };
     assert_eq!(PORTS.iter().map(|p| tx(p)).sum::<usize>(), sent, "{report}");
     assert!(report.contains("mbufs in use after stop: 0"), "{report}");
+}
+
+/// Replay with two workers: every worker transmits on a queue of its own, which net_pcap
+/// writes to a capture of its own; replay joins them into one capture per port. The input
+/// is given as two captures for one port, which replay reads one after the other.
+#[test]
+fn replay_with_two_workers_joins_their_captures() {
+    require_root();
+    let dir = TempDir::new("mixed2w");
+    let config = write_config(dir.path(), dataplane::worker::OVERLAP_BURSTS_FROM, "[0, 1]");
+    let client = FrameBuilder::new(CLIENT_MAC, GW_UPLINK_MAC);
+    // Routed datagrams to one host: a flow's owner is the hash of its destination address
+    // and port, so these spread over both workers.
+    let input: Vec<Vec<u8>> = (0..64u16)
+        .map(|i| client.udp_v4(sock(CLIENT, 5000), sock(HOST, 1000 + i), &i.to_be_bytes()))
+        .collect();
+    let expected: Vec<Vec<u8>> = input
+        .iter()
+        .map(|f| routed(f, GW_CLUSTER_MAC, HOST_MAC))
+        .collect();
+    let (first, second) = (
+        dir.path().join("first.pcap"),
+        dir.path().join("second.pcap"),
+    );
+    write_pcap(&first, &input[..40]);
+    write_pcap(&second, &input[40..]);
+    let out_dir = dir.path().join("out");
+    let output = Command::new(servicegate_bin())
+        .args(["replay", "--config"])
+        .arg(&config)
+        .arg("--in")
+        .arg(format!("uplink={}", first.display()))
+        .arg("--in")
+        .arg(format!("uplink={}", second.display()))
+        .arg("--out-dir")
+        .arg(&out_dir)
+        .output()
+        .expect("run servicegate replay");
+    let report = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "replay failed:\n{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(report.contains("port uplink: rx 64 tx 0 "), "{report}");
+    assert!(report.contains("port cluster: rx 0 tx 64 "), "{report}");
+    assert!(report.contains("drops total: 0\n"), "{report}");
+    assert!(report.contains("mbufs in use after stop: 0"), "{report}");
+    let handoffs: u64 = report
+        .lines()
+        .find_map(|l| l.strip_prefix("workers: 2 "))
+        .and_then(|l| l.split("handoffs: ").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no handoff count for two workers in:\n{report}"));
+    assert!(
+        handoffs > 0 && handoffs < 64,
+        "both workers should transmit: {handoffs} of 64 handed off\n{report}"
+    );
+
+    // Worker 0's frames, then worker 1's, each in the order received: every frame once,
+    // in two runs of increasing input position.
+    let actual = read_pcap(&out_dir.join("cluster.pcap"));
+    let positions: Vec<usize> = actual
+        .iter()
+        .map(|got| {
+            expected
+                .iter()
+                .position(|want| want == got)
+                .unwrap_or_else(|| panic!("unexpected frame {}", hex(got)))
+        })
+        .collect();
+    let mut sorted = positions.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..64).collect::<Vec<_>>(), "{positions:?}");
+    let runs = 1 + positions.windows(2).filter(|w| w[1] < w[0]).count();
+    assert_eq!(runs, 2, "one run per worker: {positions:?}");
+    for port in ["uplink", "uplink-exception"] {
+        assert!(
+            read_pcap(&out_dir.join(format!("{port}.pcap"))).is_empty(),
+            "{port}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(&out_dir)
+        .expect("out dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "scratch captures left behind: {left:?}");
 }
