@@ -21,7 +21,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use dataplane::conntrack::{Direction, FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
-use dataplane::dpdk::PortStats;
+use dataplane::dpdk::{PortStats, QUEUE_STAT_COUNTERS};
+use dataplane::pipeline::route::{PodRoutes, RouteTable};
 use dataplane::snapshot::{
     Backend, BackendSet, EndpointState, Frontend, FrontendKind, InternalPolicy, Protocol, Snapshot,
 };
@@ -44,10 +45,18 @@ pub const STUCK_AFTER: Duration = Duration::from_secs(2);
 pub const DEFAULT_CONNTRACK_LIMIT: usize = 1000;
 pub const MAX_CONNTRACK_LIMIT: usize = 100_000;
 
-/// A configured port, as the metrics and `ctl` name it.
 /// A driver counter exported per port: metric name, help, accessor.
 type DriverCounter = (&'static str, &'static str, fn(&PortStats) -> u64);
+/// A driver counter exported per (port, queue): metric name, help, the per-queue values,
+/// how many queues of that direction the port has.
+type DriverQueueCounter = (
+    &'static str,
+    &'static str,
+    fn(&PortStats) -> &[u64; QUEUE_STAT_COUNTERS],
+    fn(&PortInfo) -> u16,
+);
 
+/// A configured port, as the metrics and `ctl` name it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortInfo {
     /// Name from the config (the `port` label).
@@ -56,7 +65,44 @@ pub struct PortInfo {
     pub id: u16,
     /// What the port is for (e.g. `uplink`, `cluster`, `exception`).
     pub role: String,
+    /// Receive queues.
     pub queues: u16,
+    /// Transmit queues (one per worker: a worker's tx queue is its index).
+    pub tx_queues: u16,
+}
+
+/// What `trace` needs to name where a packet leaves: the route table the pipeline builds
+/// from the same config, with the ports' names.
+#[derive(Clone, Debug, Default)]
+pub struct Routing {
+    pub table: RouteTable,
+    /// The config's port names, indexed like the table's ports.
+    pub port_names: Vec<String>,
+    /// Whether VXLAN is configured: only then are pod CIDRs encapsulated (as in the
+    /// pipeline).
+    pub vxlan: bool,
+}
+
+impl Routing {
+    /// The routes of `config` as the pipeline holds them: its static routes, then every
+    /// port's connected subnets (ports are the config's, in order).
+    pub fn from_config(config: &crate::config::Config) -> Routing {
+        // Validation rejects a route naming an unknown port, so none is skipped here.
+        let statics = config
+            .routes
+            .iter()
+            .filter_map(|r| Some((r.prefix, r.via, config.port_index(&r.port)?)));
+        let connected = config
+            .ports
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.addresses.iter().map(move |&net| (net, i)));
+        Routing {
+            table: RouteTable::new(statics, connected),
+            port_names: config.ports.iter().map(|p| p.name.clone()).collect(),
+            vxlan: config.vxlan.is_some(),
+        }
+    }
 }
 
 /// What the control side last did to the service tables.
@@ -87,6 +133,8 @@ pub struct AdminState {
     pub sync: Arc<parking_lot::Mutex<SyncInfo>>,
     /// The pipeline's flow hash (what Maglev is indexed with), for `trace`.
     pub flow_hash: fn(&FlowKey) -> u64,
+    /// The route table, for `trace`'s egress port and next hop.
+    pub routing: Routing,
     pub tsc_hz: u64,
     /// Per-service and per-backend packet totals (the publisher registers snapshots).
     pub packets: Arc<parking_lot::Mutex<crate::packets::PacketTotals>>,
@@ -427,6 +475,51 @@ fn render_metrics(state: &AdminState) -> String {
             family
                 .get_or_create(&labels(&[("port", port)]))
                 .inc_by(field(stats));
+        }
+        registry.register(name, help, family);
+    }
+    let per_queue: [DriverQueueCounter; 4] = [
+        (
+            "servicegate_port_queue_rx_packets",
+            "Driver: frames received, per rx queue (a worker owns its rx queues)",
+            |s| &s.rx_queue_packets,
+            |p| p.queues,
+        ),
+        (
+            "servicegate_port_queue_rx_bytes",
+            "Driver: bytes received, per rx queue",
+            |s| &s.rx_queue_bytes,
+            |p| p.queues,
+        ),
+        (
+            "servicegate_port_queue_tx_packets",
+            "Driver: frames transmitted, per tx queue (tx queue = worker index)",
+            |s| &s.tx_queue_packets,
+            |p| p.tx_queues,
+        ),
+        (
+            "servicegate_port_queue_tx_bytes",
+            "Driver: bytes transmitted, per tx queue",
+            |s| &s.tx_queue_bytes,
+            |p| p.tx_queues,
+        ),
+    ];
+    for (name, help, values, queues) in per_queue {
+        let family = counter_family();
+        for port in &state.ports {
+            let Some((_, stats)) = port_stats.iter().find(|(name, _)| *name == port.name) else {
+                continue;
+            };
+            // DPDK keeps per-queue counters for the first QUEUE_STAT_COUNTERS queues only.
+            let counted = usize::from(queues(port)).min(QUEUE_STAT_COUNTERS);
+            for (queue, value) in values(stats).iter().take(counted).enumerate() {
+                family
+                    .get_or_create(&labels(&[
+                        ("port", &port.name),
+                        ("queue", &queue.to_string()),
+                    ]))
+                    .inc_by(*value);
+            }
         }
         registry.register(name, help, family);
     }
@@ -1024,32 +1117,123 @@ fn step(rule: &str, decision: &str, detail: impl Into<String>) -> Value {
     json!({ "rule": rule, "decision": decision, "detail": detail.into() })
 }
 
-/// Where a destination goes after translation, as far as the snapshot knows.
-fn egress_json(snapshot: &Snapshot, dst: Ipv4Addr) -> Value {
-    match snapshot.pod_routes.iter().find(|r| r.cidr.contains(&dst)) {
-        Some(r) => json!({
+/// Where a packet to `dst` leaves, computed like the pipeline does: a pod CIDR of the
+/// snapshot (VXLAN configured) is encapsulated toward its node's VTEP and the VTEP's route
+/// gives the port and next hop; anything else takes the longest-prefix route. `port` and
+/// `next_hop` are null when there is no route (the pipeline drops with `no_route`).
+fn egress_json(snapshot: &Snapshot, routing: &Routing, dst: Ipv4Addr) -> Value {
+    let pods = routing.vxlan.then(|| PodRoutes::new(&snapshot.pod_routes));
+    let pod = pods
+        .as_ref()
+        .and_then(|p| p.vtep_for(dst))
+        .and_then(|(cidr, _)| {
+            // The last route of a CIDR is the one the table kept.
+            snapshot
+                .pod_routes
+                .iter()
+                .rev()
+                .find(|r| r.cidr.trunc() == cidr)
+        });
+    let hop = routing.table.hop(dst, pods.as_ref());
+    let port = hop.map(|h| {
+        routing
+            .port_names
+            .get(h.port)
+            .cloned()
+            .unwrap_or_else(|| format!("#{}", h.port))
+    });
+    // The route the next hop came from: the VTEP's when encapsulating, else dst's.
+    let route = routing
+        .table
+        .lookup(pod.map_or(dst, |r| r.vtep))
+        .map(|(prefix, r)| (prefix, r.via));
+    let next_hop_detail = match (hop, route) {
+        (Some(_), Some((prefix, Some(via)))) => format!(
+            "out of port {}, next hop {} (gateway of route {prefix})",
+            port.as_deref().unwrap_or_default(),
+            via
+        ),
+        (Some(h), Some((prefix, None))) => format!(
+            "out of port {}, next hop {} (on-link: connected subnet {prefix})",
+            port.as_deref().unwrap_or_default(),
+            h.next_hop
+        ),
+        _ => String::new(),
+    };
+    let no_route = DropReason::NoRoute.as_str();
+    match (pod, hop) {
+        (Some(r), Some(h)) => json!({
             "via": "vxlan",
+            "port": port,
+            "next_hop": h.next_hop.to_string(),
+            "route": route.map(|(prefix, _)| prefix.to_string()),
             "pod_cidr": r.cidr.to_string(),
             "vtep": r.vtep.to_string(),
             "vni": r.vni,
             "node": r.node.as_deref(),
             "detail": format!(
-                "re-encapsulated in VXLAN (VNI {}) to VTEP {}{}",
+                "{dst} is in pod CIDR {}: re-encapsulated in VXLAN (VNI {}) to VTEP {}{}, {next_hop_detail}",
+                r.cidr,
                 r.vni,
                 r.vtep,
                 r.node.as_deref().map(|n| format!(" (node {n})")).unwrap_or_default()
             ),
         }),
-        None => json!({
+        (Some(r), None) => json!({
+            "via": "no-route",
+            "port": null,
+            "next_hop": null,
+            "pod_cidr": r.cidr.to_string(),
+            "vtep": r.vtep.to_string(),
+            "vni": r.vni,
+            "node": r.node.as_deref(),
+            "detail": format!(
+                "{dst} is in pod CIDR {} behind VTEP {}, but no route reaches the VTEP: dropped (drop reason {no_route})",
+                r.cidr, r.vtep
+            ),
+        }),
+        (None, Some(h)) => json!({
             "via": "route",
-            "detail": format!("{dst} is not in a pod CIDR behind a VTEP: routed by the gateway's route table (longest prefix), next hop resolved by ARP"),
+            "port": port,
+            "next_hop": h.next_hop.to_string(),
+            "route": route.map(|(prefix, _)| prefix.to_string()),
+            "detail": format!("{dst} is routed {next_hop_detail}; the next hop's MAC is resolved by ARP"),
+        }),
+        (None, None) => json!({
+            "via": "no-route",
+            "port": null,
+            "next_hop": null,
+            "detail": format!("no route to {dst}: dropped (drop reason {no_route})"),
         }),
     }
+}
+
+/// Adds the egress step and `out["egress"]` for a packet to `dst`; without a route the
+/// verdict becomes a `no_route` drop, as in the pipeline.
+fn add_egress(
+    out: &mut Value,
+    steps: &mut Vec<Value>,
+    snapshot: &Snapshot,
+    routing: &Routing,
+    dst: Ipv4Addr,
+) {
+    let egress = egress_json(snapshot, routing, dst);
+    steps.push(step(
+        "egress",
+        egress["via"].as_str().unwrap_or_default(),
+        egress["detail"].as_str().unwrap_or_default(),
+    ));
+    if egress["port"].is_null() {
+        out["verdict"] = json!("drop");
+        out["drop_reason"] = json!(DropReason::NoRoute.as_str());
+    }
+    out["egress"] = egress;
 }
 
 /// The answer of `/v1/trace` (and `ctl trace`).
 pub fn explain(
     snapshot: &Snapshot,
+    routing: &Routing,
     flow: &FlowKey,
     flow_hash: fn(&FlowKey) -> u64,
     conntrack: Option<(&ConntrackRow, Direction)>,
@@ -1109,7 +1293,7 @@ pub fn explain(
             "snat": nat.snat.map(|(a, p)| format!("{a}:{p}")),
         });
         out["translation"] = json!({ "from": flow.to_string(), "to": translated.to_string() });
-        out["egress"] = egress_json(snapshot, translated.dst);
+        add_egress(&mut out, &mut steps, snapshot, routing, translated.dst);
         out["steps"] = json!(steps);
         return out;
     }
@@ -1133,7 +1317,7 @@ pub fn explain(
             "not TCP, UDP or SCTP: no service matches; routed like any other packet",
         ));
         out["verdict"] = json!("routed");
-        out["egress"] = egress_json(snapshot, flow.dst);
+        add_egress(&mut out, &mut steps, snapshot, routing, flow.dst);
         out["steps"] = json!(steps);
         return out;
     };
@@ -1185,7 +1369,7 @@ pub fn explain(
                 ),
             ));
             out["verdict"] = json!("routed");
-            out["egress"] = egress_json(snapshot, flow.dst);
+            add_egress(&mut out, &mut steps, snapshot, routing, flow.dst);
         }
         out["steps"] = json!(steps);
         return out;
@@ -1338,7 +1522,13 @@ pub fn explain(
         ),
     ));
 
-    let hash = flow_hash(flow);
+    // With ClientIP affinity a first connection picks by the client address alone.
+    let hash = dataplane::pipeline::pick_hash(f, flow_hash(flow), flow.src);
+    let hashed = if f.affinity_timeout_secs.is_some() {
+        "client address"
+    } else {
+        "flow"
+    };
     let size = set.maglev.size() as u64;
     let slot = hash % size.max(1);
     let index = set.maglev.lookup(hash);
@@ -1357,7 +1547,7 @@ pub fn explain(
         "maglev",
         "pick",
         format!(
-            "flow hash {hash:#018x} % table size {size} = slot {slot} -> usable[{}] = {}:{}",
+            "{hashed} hash {hash:#018x} % table size {size} = slot {slot} -> usable[{}] = {}:{}",
             index.unwrap_or(0),
             backend.addr,
             backend.port
@@ -1365,6 +1555,7 @@ pub fn explain(
     ));
     out["maglev"] = json!({
         "flow_hash": format!("{hash:#018x}"),
+        "hash_of": hashed,
         "table_size": size,
         "slot": slot,
         "usable_index": index,
@@ -1376,7 +1567,7 @@ pub fn explain(
                 "session_affinity",
                 "maybe",
                 format!(
-                    "sessionAffinity ClientIP ({t}s): if {} already has an affinity entry on its owning worker, that backend is used instead of the Maglev pick; the admin API cannot see affinity entries, so this is what a first connection gets",
+                    "sessionAffinity ClientIP ({t}s): a first connection of {} picks by its address (above), the same backend on every worker and gateway; later ones take the backend its worker remembers for the Service port while it stays usable (the admin API cannot see those entries)",
                     flow.src
                 ),
             ));
@@ -1436,17 +1627,11 @@ pub fn explain(
         "rewrite",
         format!("{flow}  =>  {translated}"),
     ));
-    let egress = egress_json(snapshot, backend.addr);
-    steps.push(step(
-        "egress",
-        egress["via"].as_str().unwrap_or("route"),
-        egress["detail"].as_str().unwrap_or("").to_string(),
-    ));
     out["verdict"] = json!("forward");
     out["backend"] = json!({ "address": backend.addr.to_string(), "port": backend.port, "state": backend.state.as_str() });
     out["snat"] = json!({ "masquerade": f.masquerade, "client_address_preserved": !f.masquerade });
     out["translation"] = json!({ "from": flow.to_string(), "to": translated });
-    out["egress"] = egress;
+    add_egress(&mut out, &mut steps, snapshot, routing, backend.addr);
     out["steps"] = json!(steps);
     out
 }
@@ -1478,6 +1663,7 @@ async fn trace(
     let hit = answers.into_iter().find_map(|(_, a)| a);
     let body = explain(
         &snapshot,
+        &app.state.routing,
         &flow,
         app.state.flow_hash,
         hit.as_ref().map(|(row, dir)| (row, *dir)),
@@ -1497,4 +1683,62 @@ pub fn human_ms(ms: u64) -> String {
         let _ = write!(s, "{}.{:01}s", ms / 1000, (ms % 1000) / 100);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `from_config` indexes ports as the pipeline does (config order), lets a connected
+    /// subnet win over a static route of the same prefix, and enables pod CIDRs with VXLAN.
+    #[test]
+    fn routing_from_config_matches_the_pipeline_table() {
+        let text = "
+ports:
+  - name: uplink
+    device: net_null0
+    role: uplink
+    addresses: [192.0.2.1/24]
+  - name: cluster
+    device: net_null1
+    role: cluster
+    addresses: [10.0.0.1/24]
+routes:
+  - { prefix: 0.0.0.0/0, via: 192.0.2.254, port: uplink }
+  - { prefix: 10.0.0.0/24, via: 192.0.2.9, port: uplink }
+  - { prefix: 172.16.0.0/16, via: 10.0.0.254, port: cluster }
+vxlan:
+  vni: 42
+  local_vtep: 10.0.0.1
+  pod_cidrs:
+    - { cidr: 10.244.1.0/24, vtep: 172.16.0.11 }
+services:
+  source: kubernetes
+";
+        let config = crate::config::Config::parse(text, "test.yaml").expect("valid config");
+        let routing = Routing::from_config(&config);
+        assert_eq!(routing.port_names, ["uplink", "cluster"]);
+        assert!(routing.vxlan);
+        let hop = |dst: &str| {
+            let h = routing
+                .table
+                .hop(dst.parse().unwrap(), None)
+                .expect("a hop");
+            (routing.port_names[h.port].as_str(), h.next_hop.to_string())
+        };
+        assert_eq!(hop("10.0.0.7"), ("cluster", "10.0.0.7".to_string()));
+        assert_eq!(hop("172.16.3.3"), ("cluster", "10.0.0.254".to_string()));
+        assert_eq!(hop("8.8.8.8"), ("uplink", "192.0.2.254".to_string()));
+
+        let snapshot = Snapshot {
+            pod_routes: crate::app::compile_options(&config).pod_routes,
+            ..Snapshot::default()
+        };
+        let egress = egress_json(&snapshot, &routing, "10.244.1.9".parse().unwrap());
+        assert_eq!(egress["via"], "vxlan");
+        assert_eq!(egress["port"], "cluster");
+        assert_eq!(egress["next_hop"], "10.0.0.254");
+        assert_eq!(egress["vtep"], "172.16.0.11");
+        assert_eq!(egress["vni"], 42);
+    }
 }

@@ -362,6 +362,34 @@ fn conntrack_text(v: &Value) -> String {
     out
 }
 
+/// The egress port and next hop of a trace, in one line; `None` when the trace has no
+/// egress (the flow is dropped or rejected before routing).
+fn egress_line(e: &Value) -> Option<String> {
+    if e.is_null() {
+        return None;
+    }
+    let Some(port) = e["port"].as_str() else {
+        return Some(format!("none: {}", s(&e["detail"])));
+    };
+    let how = if e["via"] == "vxlan" {
+        format!(
+            "VXLAN VNI {} to VTEP {}{}",
+            s(&e["vni"]),
+            s(&e["vtep"]),
+            e["node"]
+                .as_str()
+                .map(|n| format!(" on node {n}"))
+                .unwrap_or_default()
+        )
+    } else {
+        format!("route {}", s(&e["route"]))
+    };
+    Some(format!(
+        "port {port}, next hop {} ({how})",
+        s(&e["next_hop"])
+    ))
+}
+
 fn trace_text(v: &Value) -> String {
     let mut out = format!("flow     {}\n", s(&v["flow"]));
     out.push_str(&format!("verdict  {}", s(&v["verdict"]).to_uppercase()));
@@ -374,6 +402,9 @@ fn trace_text(v: &Value) -> String {
     }
     if let Some(to) = v["translation"]["to"].as_str() {
         out.push_str(&format!("rewrite  {to}\n"));
+    }
+    if let Some(line) = egress_line(&v["egress"]) {
+        out.push_str(&format!("egress   {line}\n"));
     }
     out.push('\n');
     let steps = v["steps"].as_array().cloned().unwrap_or_default();

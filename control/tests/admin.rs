@@ -9,12 +9,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use control::admin::{self, AdminState, PortInfo, SyncInfo};
+use control::admin::{self, AdminState, PortInfo, Routing, SyncInfo};
 use control::ctl::{self, CtlCommand};
 use control::packets::PacketTotals;
 use dataplane::conntrack::{Direction, FlowKey, Nat, PROTO_TCP};
-use dataplane::dpdk::PortStats;
+use dataplane::dpdk::{PortStats, QUEUE_STAT_COUNTERS};
 use dataplane::maglev::MaglevTable;
+use dataplane::pipeline::route::RouteTable;
 use dataplane::snapshot::{
     Backend, BackendSet, EndpointState, Frontend, FrontendKey, FrontendKind, InternalPolicy,
     PodCidrRoute, Protocol, ServicePortName, Snapshot,
@@ -153,6 +154,22 @@ fn snapshot() -> Snapshot {
                 vni: 1,
                 node: Some("node-b".into()),
             },
+            // A node whose VTEP is in another underlay subnet, behind a router.
+            PodCidrRoute {
+                vtep_mac: None,
+                cidr: "10.244.3.0/24".parse().unwrap(),
+                vtep: ip("172.20.0.23"),
+                vni: 1,
+                node: Some("node-c".into()),
+            },
+            // A node whose VTEP no route reaches.
+            PodCidrRoute {
+                vtep_mac: None,
+                cidr: "10.244.4.0/24".parse().unwrap(),
+                vtep: ip("203.0.113.200"),
+                vni: 1,
+                node: Some("node-d".into()),
+            },
         ],
         frontend_count: 3,
         ..Snapshot::default()
@@ -187,6 +204,29 @@ fn held_row() -> ConntrackRow {
 
 fn flow_hash(k: &FlowKey) -> u64 {
     k.hash()
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+/// The harness gateway's routes, built as `Routing::from_config` builds them: uplink
+/// (index 0) on 10.0.0.1/24, cluster (index 1) on 192.168.1.10/24 where the VTEPs of
+/// node-a and node-b are on-link; node-c's VTEP subnet is behind 192.168.1.1, and pods of
+/// 10.244.9.0/24 are routed (no VXLAN) through their node 192.168.1.30. Nothing covers
+/// 172.31.0.0/16 or 203.0.113.200 (node-d's VTEP).
+fn routing(vxlan: bool) -> Routing {
+    Routing {
+        table: RouteTable::new(
+            [
+                (net("172.20.0.0/16"), Some(ip("192.168.1.1")), 1),
+                (net("10.244.9.0/24"), Some(ip("192.168.1.30")), 1),
+            ],
+            [(net("10.0.0.1/24"), 0), (net("192.168.1.10/24"), 1)],
+        ),
+        port_names: vec!["uplink".into(), "cluster".into()],
+        vxlan,
+    }
 }
 
 struct Harness {
@@ -260,6 +300,13 @@ fn play_workers(workers: Arc<[WorkerShared]>, stop: Arc<AtomicBool>) -> JoinHand
     })
 }
 
+/// Per-queue driver counters: `first` for the first queues, zero for the rest.
+fn queue_counters(first: &[u64]) -> [u64; QUEUE_STAT_COUNTERS] {
+    let mut all = [0; QUEUE_STAT_COUNTERS];
+    all[..first.len()].copy_from_slice(first);
+    all
+}
+
 async fn start() -> Harness {
     let workers: Arc<[WorkerShared]> = vec![WorkerShared::new(), WorkerShared::new()].into();
     {
@@ -310,12 +357,14 @@ async fn start() -> Harness {
                 id: 0,
                 role: "uplink".into(),
                 queues: 2,
+                tx_queues: 2,
             },
             PortInfo {
                 name: "cluster".into(),
                 id: 1,
                 role: "cluster".into(),
                 queues: 2,
+                tx_queues: 2,
             },
         ],
         port_stats: Box::new(|| {
@@ -325,10 +374,21 @@ async fn start() -> Harness {
                     PortStats {
                         rx_packets: 1500,
                         rx_missed: 17,
+                        rx_queue_packets: queue_counters(&[700, 800]),
+                        rx_queue_bytes: queue_counters(&[44_800, 51_200]),
                         ..PortStats::default()
                     },
                 ),
-                ("cluster".to_string(), PortStats::default()),
+                (
+                    "cluster".to_string(),
+                    PortStats {
+                        tx_queue_packets: queue_counters(&[600, 390]),
+                        tx_queue_bytes: queue_counters(&[38_400, 24_960]),
+                        // A queue the port does not have: never exported.
+                        rx_queue_packets: queue_counters(&[0, 0, 99]),
+                        ..PortStats::default()
+                    },
+                ),
             ]
         }),
         ready: Arc::clone(&ready),
@@ -339,6 +399,7 @@ async fn start() -> Harness {
             services: 2,
         })),
         flow_hash,
+        routing: routing(true),
         tsc_hz: 2_000_000_000,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -529,6 +590,14 @@ async fn metrics_have_the_promised_names() {
         "servicegate_tx_packets_total{port=\"cluster\"} 990",
         "servicegate_tx_bytes_total{port=\"cluster\"} 63000",
         "servicegate_queue_rx_packets_total{port=\"uplink\",worker=\"1\"} 500",
+        "servicegate_port_queue_rx_packets_total{port=\"uplink\",queue=\"0\"} 700",
+        "servicegate_port_queue_rx_packets_total{port=\"uplink\",queue=\"1\"} 800",
+        "servicegate_port_queue_rx_bytes_total{port=\"uplink\",queue=\"1\"} 51200",
+        "servicegate_port_queue_tx_packets_total{port=\"cluster\",queue=\"0\"} 600",
+        "servicegate_port_queue_tx_packets_total{port=\"cluster\",queue=\"1\"} 390",
+        "servicegate_port_queue_tx_bytes_total{port=\"cluster\",queue=\"0\"} 38400",
+        "servicegate_port_queue_tx_bytes_total{port=\"uplink\",queue=\"1\"} 0",
+        "servicegate_port_queue_rx_packets_total{port=\"cluster\",queue=\"1\"} 0",
         "servicegate_port_rx_missed_total{port=\"uplink\"} 17",
         "servicegate_drops_total{reason=\"no_service\"} 4",
         "servicegate_conntrack_entries{worker=\"0\"} 1",
@@ -559,6 +628,27 @@ async fn metrics_have_the_promised_names() {
         })
         .expect("10 µs bucket");
     assert!(bucket.ends_with(" 3"), "{bucket}");
+    // Per-queue series exist for the queues each port has, and no others.
+    for family in [
+        "servicegate_port_queue_rx_packets_total",
+        "servicegate_port_queue_rx_bytes_total",
+        "servicegate_port_queue_tx_packets_total",
+        "servicegate_port_queue_tx_bytes_total",
+    ] {
+        let series: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .collect();
+        assert_eq!(
+            series.len(),
+            4,
+            "2 ports x 2 queues of {family}: {series:?}"
+        );
+        assert!(
+            series.iter().all(|l| !l.contains("queue=\"2\"")),
+            "{series:?}"
+        );
+    }
     // Every drop reason is exported, with its help text.
     for reason in DropReason::ALL {
         let line = format!("servicegate_drops_total{{reason=\"{}\"}}", reason.as_str());
@@ -657,7 +747,18 @@ async fn trace_cluster_ip_new_flow() {
         format!("tcp 10.0.0.5:41001 -> {expected}")
     );
     assert_eq!(v["snat"]["masquerade"], false);
+    // The backend is a pod behind node-a's or node-b's VTEP, both on the cluster subnet:
+    // the VTEP itself is the next hop.
+    let vtep = if b.addr.octets()[2] == 1 {
+        "192.168.1.21"
+    } else {
+        "192.168.1.22"
+    };
     assert_eq!(v["egress"]["via"], "vxlan");
+    assert_eq!(v["egress"]["port"], "cluster");
+    assert_eq!(v["egress"]["next_hop"], vtep);
+    assert_eq!(v["egress"]["vtep"], vtep);
+    assert_eq!(v["egress"]["route"], "192.168.1.0/24");
     let rules: Vec<String> = steps(&v).into_iter().map(|(r, _)| r).collect();
     assert_eq!(
         rules,
@@ -752,6 +853,106 @@ async fn trace_rejects_unknown_port_and_routes_the_rest() {
     let v = get_json(&h, &trace_path("tcp 10.0.0.5:41000 -> 10.244.2.8:8443")).await;
     assert_eq!(v["verdict"], "routed");
     assert_eq!(v["egress"]["node"], "node-b");
+    assert_eq!(v["egress"]["port"], "cluster");
+    assert_eq!(v["egress"]["next_hop"], "192.168.1.22");
+}
+
+/// The egress names the config's port and the next hop, computed with the pipeline's
+/// route table.
+#[tokio::test]
+async fn trace_names_egress_port_and_next_hop() {
+    let h = start().await;
+    let egress = |v: &Value| {
+        (
+            v["egress"]["via"].clone(),
+            v["egress"]["port"].clone(),
+            v["egress"]["next_hop"].clone(),
+        )
+    };
+    // A pod behind a VTEP in another underlay subnet: the router toward the VTEP.
+    let v = get_json(&h, &trace_path("tcp 10.0.0.5:41000 -> 10.244.3.7:80")).await;
+    assert_eq!(v["verdict"], "routed");
+    assert_eq!(
+        egress(&v),
+        ("vxlan".into(), "cluster".into(), "192.168.1.1".into())
+    );
+    assert_eq!(v["egress"]["vtep"], "172.20.0.23");
+    assert_eq!(v["egress"]["node"], "node-c");
+    assert_eq!(v["egress"]["route"], "172.20.0.0/16");
+    let last = v["steps"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["rule"], "egress");
+    let detail = last["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("out of port cluster, next hop 192.168.1.1"),
+        "{detail}"
+    );
+
+    // A routed pod (no VXLAN for its CIDR): the route's gateway.
+    let v = get_json(&h, &trace_path("tcp 10.0.0.5:41000 -> 10.244.9.7:80")).await;
+    assert_eq!(v["verdict"], "routed");
+    assert_eq!(
+        egress(&v),
+        ("route".into(), "cluster".into(), "192.168.1.30".into())
+    );
+    assert_eq!(v["egress"]["route"], "10.244.9.0/24");
+
+    // A destination on a connected subnet is its own next hop; here the reply of the
+    // held flow, back to the client.
+    let v = get_json(&h, &trace_path("tcp 10.244.1.6:8080 -> 10.0.0.5:41000")).await;
+    assert_eq!(v["conntrack"]["direction"], "reply");
+    assert_eq!(
+        egress(&v),
+        ("route".into(), "uplink".into(), "10.0.0.5".into())
+    );
+    assert_eq!(v["egress"]["route"], "10.0.0.0/24");
+
+    // No route: said plainly, and dropped as the pipeline drops it.
+    let v = get_json(&h, &trace_path("tcp 10.0.0.5:41000 -> 172.31.0.1:80")).await;
+    assert_eq!(v["verdict"], "drop");
+    assert_eq!(v["drop_reason"], "no_route");
+    assert_eq!(egress(&v), ("no-route".into(), Value::Null, Value::Null));
+    let detail = v["egress"]["detail"].as_str().unwrap();
+    assert!(detail.contains("no route to 172.31.0.1"), "{detail}");
+
+    // A pod whose node's VTEP no route reaches.
+    let v = get_json(&h, &trace_path("tcp 10.0.0.5:41000 -> 10.244.4.7:80")).await;
+    assert_eq!(v["verdict"], "drop");
+    assert_eq!(v["drop_reason"], "no_route");
+    assert_eq!(v["egress"]["port"], Value::Null);
+    let detail = v["egress"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("behind VTEP 203.0.113.200, but no route reaches the VTEP"),
+        "{detail}"
+    );
+}
+
+/// Without VXLAN (routed mode) pod CIDRs are not encapsulated: a service's pod backend
+/// leaves by its route, as the pipeline sends it.
+#[test]
+fn trace_in_routed_mode_follows_the_routes() {
+    let mut s = snapshot();
+    // A routed-mode snapshot has no pod CIDRs behind VTEPs; the backends of default/web
+    // are then reached by routes: 10.244.1.0/24 has none here, 10.244.9.0/24 has one.
+    s.pod_routes.clear();
+    let routed = routing(false);
+    let flow = FlowKey::new(PROTO_TCP, ip("10.0.0.5"), 41000, ip("10.244.9.7"), 80);
+    let v = admin::explain(&s, &routed, &flow, flow_hash, None, &[]);
+    assert_eq!(v["verdict"], "routed");
+    assert_eq!(v["egress"]["via"], "route");
+    assert_eq!(v["egress"]["port"], "cluster");
+    assert_eq!(v["egress"]["next_hop"], "192.168.1.30");
+
+    // The same pod CIDRs as the VXLAN harness, but VXLAN off: not encapsulated, and
+    // 10.244.1.6 has no route.
+    let with_pods = snapshot();
+    let flow = FlowKey::new(PROTO_TCP, ip("10.0.0.5"), 41000, ip("10.244.1.6"), 8080);
+    let v = admin::explain(&with_pods, &routed, &flow, flow_hash, None, &[]);
+    assert_eq!(v["verdict"], "drop");
+    assert_eq!(v["drop_reason"], "no_route");
+    assert_eq!(v["egress"]["via"], "no-route");
+    let v = admin::explain(&with_pods, &routing(true), &flow, flow_hash, None, &[]);
+    assert_eq!(v["egress"]["via"], "vxlan");
+    assert_eq!(v["egress"]["next_hop"], "192.168.1.21");
 }
 
 #[tokio::test]
@@ -797,13 +998,29 @@ async fn ctl_prints_tables_and_explanations() {
             false,
         )
         .unwrap();
+        let routed = ctl::render(
+            &addr,
+            &CtlCommand::Trace {
+                flow: "tcp 10.0.0.5:41000 -> 10.244.9.7:80".into(),
+            },
+            false,
+        )
+        .unwrap();
+        let unroutable = ctl::render(
+            &addr,
+            &CtlCommand::Trace {
+                flow: "tcp 10.0.0.5:41000 -> 172.31.0.1:80".into(),
+            },
+            false,
+        )
+        .unwrap();
         let json = ctl::render(&addr, &CtlCommand::Services, true).unwrap();
         ctl::run(&addr, CtlCommand::Services, false).unwrap();
-        (services, conntrack, trace, json)
+        (services, conntrack, (trace, routed, unroutable), json)
     })
     .await
     .unwrap();
-    let (services, conntrack, trace, json) = out;
+    let (services, conntrack, (trace, routed, unroutable), json) = out;
     assert!(services.starts_with("SERVICE "), "{services}");
     assert!(services.contains("default/web"), "{services}");
     assert!(services.contains("shop/checkout"), "{services}");
@@ -815,6 +1032,25 @@ async fn ctl_prints_tables_and_explanations() {
     assert!(conntrack.contains("ESTABLISHED"), "{conntrack}");
     assert!(trace.contains("verdict  FORWARD"), "{trace}");
     assert!(trace.contains("maglev"), "{trace}");
+    // The egress line: the backend's pod is behind node-a's or node-b's VTEP.
+    let egress = trace
+        .lines()
+        .find(|l| l.starts_with("egress   "))
+        .unwrap_or_else(|| panic!("no egress line: {trace}"));
+    assert!(
+        egress.starts_with("egress   port cluster, next hop 192.168.1.2")
+            && egress.contains("VXLAN VNI 1 to VTEP 192.168.1.2"),
+        "{egress}"
+    );
+    assert!(
+        routed.contains("egress   port cluster, next hop 192.168.1.30 (route 10.244.9.0/24)"),
+        "{routed}"
+    );
+    assert!(
+        unroutable.contains("verdict  DROP (no_route)")
+            && unroutable.contains("egress   none: no route to 172.31.0.1"),
+        "{unroutable}"
+    );
     let v: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["frontends"].as_array().unwrap().len(), 3);
 }

@@ -492,6 +492,11 @@ impl Entry {
                 .then_some(self.backend_counter as usize),
         }
     }
+    /// A TCP connection that ended (TIME_WAIT or CLOSE): a SYN on its tuple opens another.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Tcp(TcpState::TimeWait | TcpState::Close))
+    }
+
     pub fn state(&self) -> State {
         self.state
     }
@@ -1388,7 +1393,8 @@ const AFFINITY_WAYS: usize = 4;
 
 #[derive(Clone, Copy, Debug)]
 struct AffinitySlot {
-    frontend_id: u32,
+    /// [`crate::snapshot::ServicePortName::stable_id`] of the Service port.
+    scope: u64,
     client: Ipv4Addr,
     backend: Ipv4Addr,
     port: u16,
@@ -1397,15 +1403,15 @@ struct AffinitySlot {
 }
 
 const EMPTY_AFFINITY: AffinitySlot = AffinitySlot {
-    frontend_id: 0,
+    scope: 0,
     client: Ipv4Addr::UNSPECIFIED,
     backend: Ipv4Addr::UNSPECIFIED,
     port: 0,
     expires_at: 0,
 };
 
-/// `sessionAffinity: ClientIP` memory of one worker: (frontend, client IP) → backend, with a
-/// per-frontend timeout refreshed by each new connection. A preallocated 4-way
+/// `sessionAffinity: ClientIP` memory of one worker: (Service port, client IP) → backend,
+/// with a per-Service-port timeout refreshed by each new connection. A preallocated 4-way
 /// set-associative cache: a key lives in one bucket of 4 slots; when all 4 hold live
 /// entries the one closest to expiry is replaced (counted in `evictions`), so under
 /// pressure a client may lose its affinity early, never get a wrong one. The caller checks
@@ -1434,36 +1440,36 @@ impl Affinity {
     }
 
     #[inline]
-    fn bucket(&self, frontend_id: u32, client: Ipv4Addr) -> usize {
-        let k = (u64::from(frontend_id) << 32) | u64::from(u32::from(client));
-        (fmix64(k ^ 0x6166_6669_6e69_7479) as usize & self.bucket_mask) * AFFINITY_WAYS
+    fn bucket(&self, scope: u64, client: Ipv4Addr) -> usize {
+        let k = scope ^ u64::from(u32::from(client));
+        (fmix64(fmix64(k) ^ 0x6166_6669_6e69_7479) as usize & self.bucket_mask) * AFFINITY_WAYS
     }
 
-    /// The backend remembered for this client of this frontend, if not timed out.
+    /// The backend remembered for this client of this Service port, if not timed out.
     #[inline]
-    pub fn get(&self, frontend_id: u32, client: Ipv4Addr, now: Tick) -> Option<(Ipv4Addr, u16)> {
-        let b = self.bucket(frontend_id, client);
+    pub fn get(&self, scope: u64, client: Ipv4Addr, now: Tick) -> Option<(Ipv4Addr, u16)> {
+        let b = self.bucket(scope, client);
         self.slots[b..b + AFFINITY_WAYS]
             .iter()
-            .find(|s| s.expires_at > now && s.frontend_id == frontend_id && s.client == client)
+            .find(|s| s.expires_at > now && s.scope == scope && s.client == client)
             .map(|s| (s.backend, s.port))
     }
 
     /// Remembers (or refreshes) `backend` for this client until `now + timeout`. Call on
-    /// each new connection of the client to the frontend.
+    /// each new connection of the client to the Service port.
     pub fn refresh(
         &mut self,
-        frontend_id: u32,
+        scope: u64,
         client: Ipv4Addr,
         backend: (Ipv4Addr, u16),
         timeout: Tick,
         now: Tick,
     ) {
-        let b = self.bucket(frontend_id, client);
+        let b = self.bucket(scope, client);
         let ways = &mut self.slots[b..b + AFFINITY_WAYS];
         let pos = ways
             .iter()
-            .position(|s| s.expires_at > now && s.frontend_id == frontend_id && s.client == client)
+            .position(|s| s.expires_at > now && s.scope == scope && s.client == client)
             .or_else(|| ways.iter().position(|s| s.expires_at <= now))
             .unwrap_or_else(|| {
                 self.evictions += 1;
@@ -1476,7 +1482,7 @@ impl Affinity {
                 oldest
             });
         ways[pos] = AffinitySlot {
-            frontend_id,
+            scope,
             client,
             backend: backend.0,
             port: backend.1,
@@ -1485,10 +1491,10 @@ impl Affinity {
     }
 
     /// Forgets a client's affinity (e.g. its backend became unusable).
-    pub fn remove(&mut self, frontend_id: u32, client: Ipv4Addr) {
-        let b = self.bucket(frontend_id, client);
+    pub fn remove(&mut self, scope: u64, client: Ipv4Addr) {
+        let b = self.bucket(scope, client);
         for s in &mut self.slots[b..b + AFFINITY_WAYS] {
-            if s.frontend_id == frontend_id && s.client == client {
+            if s.scope == scope && s.client == client {
                 *s = EMPTY_AFFINITY;
             }
         }

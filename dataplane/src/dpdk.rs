@@ -670,6 +670,10 @@ pub struct PortInfo {
     pub max_mtu: u16,
 }
 
+/// Queues of a port whose own counters `rte_eth_stats` carries (`RTE_ETHDEV_QUEUE_STAT_CNTRS`);
+/// queues past these are counted in the port totals only.
+pub const QUEUE_STAT_COUNTERS: usize = sys::RTE_ETHDEV_QUEUE_STAT_CNTRS as usize;
+
 /// Counters the driver keeps for a port.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortStats {
@@ -681,6 +685,12 @@ pub struct PortStats {
     pub rx_errors: u64,
     pub tx_errors: u64,
     pub rx_no_mbuf: u64,
+    /// Per-queue counters, by queue id. Drivers that keep them (net_tap, net_pcap,
+    /// net_null, virtio) fill them; the others leave zeros.
+    pub rx_queue_packets: [u64; QUEUE_STAT_COUNTERS],
+    pub rx_queue_bytes: [u64; QUEUE_STAT_COUNTERS],
+    pub tx_queue_packets: [u64; QUEUE_STAT_COUNTERS],
+    pub tx_queue_bytes: [u64; QUEUE_STAT_COUNTERS],
 }
 
 /// An ethernet port (PCI or vdev) that EAL probed.
@@ -885,6 +895,10 @@ pub fn port_stats(port: PortId) -> PortStats {
         rx_errors: stats.ierrors,
         tx_errors: stats.oerrors,
         rx_no_mbuf: stats.rx_nombuf,
+        rx_queue_packets: stats.q_ipackets,
+        rx_queue_bytes: stats.q_ibytes,
+        tx_queue_packets: stats.q_opackets,
+        tx_queue_bytes: stats.q_obytes,
     }
 }
 

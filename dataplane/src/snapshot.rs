@@ -76,7 +76,7 @@ pub enum EndpointState {
     /// Not ready but `serving` and `terminating`: keeps its flows; chosen for new
     /// connections only when no endpoint of the frontend is ready.
     ServingTerminating,
-    /// Neither: keeps nothing new; existing flows stay only while present.
+    /// Neither: chosen for no new connection, and its flows end (UDP ones pick again).
     NotServing,
 }
 
@@ -107,6 +107,18 @@ pub struct ServicePortName {
     pub name: Arc<str>,
     pub port_name: Arc<str>,
     pub protocol: Protocol,
+}
+
+impl ServicePortName {
+    /// A hash of the name that is the same in every snapshot and every process: the key of
+    /// what outlives a snapshot's frontend ids (ClientIP affinity, shared by the port's
+    /// ClusterIP, NodePort, LoadBalancer and externalIP frontends, as kube-proxy's is).
+    pub fn stable_id(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = rustc_hash::FxHasher::default();
+        self.hash(&mut hasher);
+        hasher.finish()
+    }
 }
 
 impl std::fmt::Display for ServicePortName {

@@ -517,6 +517,26 @@ fn ctl_trace_explains_cluster_ip_node_port_and_rejected_flows() {
         pods.iter().any(|p| rewrite.contains(p.as_str())),
         "DNAT to one of the pods: {rewrite}"
     );
+    // The pods are behind node-1's and node-2's VTEPs, on the cluster port's subnet: the
+    // VTEP is the next hop (configs/lab.yaml).
+    let egress = cluster_ip
+        .lines()
+        .find(|l| l.starts_with("egress"))
+        .unwrap_or_else(|| panic!("an egress port and next hop: {cluster_ip}"));
+    let via_node = |vtep: &str, node: &str| {
+        egress.contains(&format!(
+            "port cluster, next hop {vtep} (VXLAN VNI 42 to VTEP {vtep} on node {node})"
+        ))
+    };
+    assert!(
+        via_node("10.0.0.11", "node-1") || via_node("10.0.0.12", "node-2"),
+        "{egress}"
+    );
+    assert_eq!(
+        via_node("10.0.0.11", "node-1"),
+        rewrite.contains("10.244.1."),
+        "the pod's own node: {rewrite} / {egress}"
+    );
 
     let node_port = lab.ctl_trace("tcp 192.168.100.2:50000 -> 192.168.100.1:30080");
     assert!(node_port.contains("verdict  FORWARD"), "{node_port}");

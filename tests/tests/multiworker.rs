@@ -123,8 +123,17 @@ admin:
 
 /// `name{labels} value` samples of one metric family: (labels, value).
 fn metric(admin: &str, name: &str) -> Vec<(String, f64)> {
+    samples_of(&scrape(admin), name)
+}
+
+fn scrape(admin: &str) -> String {
     let (code, body) = http_get(admin, "/metrics").expect("GET /metrics");
     assert_eq!(code, 200, "/metrics: {body}");
+    body
+}
+
+/// The samples of family `name` in a scrape: (labels, value).
+fn samples_of(body: &str, name: &str) -> Vec<(String, f64)> {
     body.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -221,6 +230,8 @@ fn nodeport_snat_flows_cross_workers_and_are_handed_to_their_owner() {
     let out = String::from_utf8_lossy(&run.stdout).to_string();
     let handoffs = settled_metric(&admin, "servicegate_handoffs_total");
     let inserts = metric(&admin, "servicegate_conntrack_inserts_total");
+    // One scrape, so the driver's per-queue and per-port counters are of the same read.
+    let counters = scrape(&admin);
     let (ok, gw_out, gw_err) = gateway.stop();
     assert!(
         out.contains(&format!("ok {CONNECTIONS}\n")),
@@ -253,6 +264,48 @@ fn nodeport_snat_flows_cross_workers_and_are_handed_to_their_owner() {
         "every hand-off is taken over: {handoffs:?}"
     );
     assert!(gw_out.contains("mbufs in use after stop: 0"), "{gw_out}");
+
+    // The driver's per-queue counters (net_tap keeps them): both queues of each port are
+    // exported, they add up to the port's own counters, and the traffic shows in them.
+    for port in ["uplink", "cluster"] {
+        for dir in ["rx", "tx"] {
+            let total = |unit: &str| {
+                sample(
+                    &samples_of(&counters, &format!("servicegate_port_{dir}_{unit}_total")),
+                    &format!("port=\"{port}\""),
+                )
+            };
+            let queues = |unit: &str| -> Vec<f64> {
+                let family = samples_of(
+                    &counters,
+                    &format!("servicegate_port_queue_{dir}_{unit}_total"),
+                );
+                ["0", "1"]
+                    .map(|q| sample(&family, &format!("port=\"{port}\",queue=\"{q}\"")))
+                    .to_vec()
+            };
+            let (packets, bytes) = (queues("packets"), queues("bytes"));
+            assert_eq!(
+                packets.iter().sum::<f64>(),
+                total("packets"),
+                "{port} {dir} packets per queue {packets:?}"
+            );
+            assert_eq!(
+                bytes.iter().sum::<f64>(),
+                total("bytes"),
+                "{port} {dir} bytes per queue {bytes:?}"
+            );
+            // 40 connections: at least SYN, request, FIN each way through every port.
+            assert!(
+                packets.iter().sum::<f64>() >= (3 * CONNECTIONS) as f64,
+                "{port} {dir} packets per queue {packets:?}"
+            );
+            for (p, b) in packets.iter().zip(&bytes) {
+                // Every frame is at least an ARP's 42 bytes.
+                assert!(*b >= 42.0 * p, "{port} {dir}: {p} packets, {b} bytes");
+            }
+        }
+    }
     eprintln!(
         "{CONNECTIONS} connections in {elapsed:?}; handoffs {handoffs:?}; conntrack inserts {inserts:?}"
     );

@@ -72,6 +72,7 @@
 mod fast;
 mod neighbor;
 pub mod rewrite;
+pub mod route;
 mod trace;
 
 pub use trace::Trace;
@@ -85,7 +86,6 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
-use prefix_trie::PrefixMap;
 use rustc_hash::FxHashMap;
 
 use crate::conntrack::{
@@ -95,17 +95,18 @@ use crate::conntrack::{
 use crate::frame::Frame;
 use crate::maglev::fmix64;
 use crate::snapshot::{
-    Backend, BackendSet, Frontend, FrontendKind, InternalPolicy, Protocol, Snapshot,
+    Backend, BackendSet, EndpointState, Frontend, FrontendKind, InternalPolicy, Protocol, Snapshot,
 };
 use crate::stats::{DropReason, WorkerStats};
 use crate::wire::arp::{self, ArpPacket};
 use crate::wire::ethernet::{self, EthernetFrame, MacAddr};
 use crate::wire::icmp;
 use crate::wire::ipv4::{self, Ipv4Packet};
-use crate::wire::{checksum, UdpPacket, VxlanPacket};
+use crate::wire::{checksum, TcpFlags, UdpPacket, VxlanPacket};
 
 use neighbor::NeighborTable;
 use rewrite::{EncapHop, EncapTemplate, L4, VXLAN_OVERHEAD};
+use route::{Hop, PodRoutes, RouteTable};
 
 /// Neighbors one worker remembers (all ports together).
 pub const NEIGHBOR_CAPACITY: usize = 4096;
@@ -260,22 +261,6 @@ impl Port {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct RouteEntry {
-    port: usize,
-    via: Option<Ipv4Addr>,
-}
-
-/// Where a packet to some destination leaves.
-#[derive(Clone, Copy, Debug)]
-struct Hop {
-    /// Index into `ports`.
-    port: usize,
-    next_hop: Ipv4Addr,
-    /// Encapsulate in VXLAN toward this VTEP.
-    vtep: Option<Ipv4Addr>,
-}
-
 /// The L2 rewrite for a hop, copied from the neighbor table and the VTEP MACs so that a
 /// packet to a cached destination needs neither lookup.
 #[derive(Clone, Copy, Debug)]
@@ -315,7 +300,7 @@ const EMPTY_ROUTE: CachedRoute = CachedRoute {
 #[derive(Default)]
 struct SnapCache {
     generation: Option<u64>,
-    pod_routes: PrefixMap<Ipv4Net, Ipv4Addr>,
+    pod_routes: PodRoutes,
     vtep_nodes: HashMap<Ipv4Addr, Arc<str>>,
 }
 
@@ -408,7 +393,7 @@ pub struct Pipeline {
     /// What a frame's arrival port is, by DPDK port id: one index per packet instead of a
     /// search of the ports and of the exception ports.
     arrivals: Vec<Arrival>,
-    routes: PrefixMap<Ipv4Net, RouteEntry>,
+    routes: RouteTable,
     vxlan: Option<VxlanConfig>,
     /// One allocator per SNAT address, so the address can be chosen by egress port.
     snat: Vec<(Ipv4Addr, SnatPorts)>,
@@ -453,6 +438,19 @@ fn is_unicast(a: Ipv4Addr) -> bool {
 fn hash_ip_port(addr: Ipv4Addr, port: u16, workers: usize) -> usize {
     let k = (u64::from(u32::from(addr)) << 16) | u64::from(port);
     (fmix64(k ^ 0x6f77_6e65_7273_6869) % workers as u64) as usize
+}
+
+/// The hash whose Maglev slot picks a new connection's backend, given the flow's hash:
+/// under `sessionAffinity: ClientIP` the client address's alone, so that every worker
+/// (each remembers affinity for the flows it owns) and every gateway gives a client's
+/// first connection the same backend; otherwise the flow's.
+#[inline]
+pub fn pick_hash(fe: &Frontend, flow_hash: u64, client: Ipv4Addr) -> u64 {
+    if fe.affinity_timeout_secs.is_some() {
+        rewrite::flow_hash(0, client, 0, Ipv4Addr::UNSPECIFIED, 0)
+    } else {
+        flow_hash
+    }
 }
 
 fn is_usable(set: &BackendSet, addr: Ipv4Addr, port: u16) -> bool {
@@ -513,17 +511,17 @@ impl Pipeline {
             arrive(e, Arrival::FromException(i));
         }
         let index_of = |id: u16| ports.iter().position(|p| p.id == id);
-        let mut routes = PrefixMap::new();
+        let mut statics = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
             let port = index_of(r.port)
                 .ok_or_else(|| format!("route {} names unknown port {}", r.prefix, r.port))?;
-            routes.insert(r.prefix.trunc(), RouteEntry { port, via: r.via });
+            statics.push((r.prefix, r.via, port));
         }
-        for (i, p) in ports.iter().enumerate() {
-            for net in &p.addresses {
-                routes.insert(net.trunc(), RouteEntry { port: i, via: None });
-            }
-        }
+        let connected = ports
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.addresses.iter().map(move |&net| (net, i)));
+        let routes = RouteTable::new(statics, connected);
         if let Some(vx) = &config.vxlan {
             if vx.vni >= 1 << 24 {
                 return Err(format!("VXLAN VNI {} does not fit in 24 bits", vx.vni));
@@ -688,10 +686,8 @@ impl Pipeline {
     #[inline(never)]
     fn take_snapshot(&mut self, snap: &Snapshot) {
         self.l2_changes += 1;
-        let mut pod_routes = PrefixMap::new();
         let mut vtep_nodes = HashMap::new();
         for r in &snap.pod_routes {
-            pod_routes.insert(r.cidr.trunc(), r.vtep);
             if let Some(mac) = r.vtep_mac {
                 self.remember_vtep_mac(r.vtep, mac);
             }
@@ -701,7 +697,7 @@ impl Pipeline {
         }
         self.snap = SnapCache {
             generation: Some(snap.generation),
-            pod_routes,
+            pod_routes: PodRoutes::new(&snap.pod_routes),
             vtep_nodes,
         };
     }
@@ -1126,9 +1122,11 @@ impl Pipeline {
             let protocol = Protocol::from_ip_proto(original.protocol);
             let fe =
                 protocol.and_then(|p| snap.match_frontend(nat.frontend_addr, p, nat.frontend_port));
-            let present = fe.and_then(|f| f.backends.state_of(nat.backend_addr, nat.backend_port));
-            match (fe, present) {
-                (Some(f), Some(_)) => {
+            let state = fe.and_then(|f| f.backends.state_of(nat.backend_addr, nat.backend_port));
+            match (fe, state) {
+                // A flow keeps its backend while it is ready or serving and terminating
+                // (kube-semantics item 12).
+                (Some(f), Some(EndpointState::Ready | EndpointState::ServingTerminating)) => {
                     binding = SnapshotBinding {
                         generation: snap.generation,
                         frontend_id: f.id,
@@ -1149,6 +1147,17 @@ impl Pipeline {
                 }
             }
         }
+        if dir == Direction::Original
+            && tcp_flags.is_some_and(|f| f & TcpFlags::SYN.bits() as u8 != 0)
+            && self.ct.entry(id).is_closed()
+            && !self.backend_takes_new_connections(snap, &original, &nat)
+        {
+            // Port reuse after the end of a connection is a new connection, and a new
+            // connection never goes to an endpoint that is not usable (item 11): the old
+            // entry goes, and the SYN picks again.
+            self.ct.remove(id);
+            return None;
+        }
         let rw = Rewrite::of_tracked(&nat, &original, dir);
         let len = frame.len().saturating_sub(ctx.l2) as u32;
         // Packets the TCP state machine calls invalid are still forwarded (no window
@@ -1156,6 +1165,19 @@ impl Pipeline {
         self.ct.on_packet(id, dir, tcp_flags, len, now);
         stats.count_packet(binding.frontend_id, binding.backend_counter);
         Some(self.forward(frame, ctx, now, stats, rw, None))
+    }
+
+    /// Whether the backend of a tracked flow is one its frontend would choose for a new
+    /// connection now.
+    fn backend_takes_new_connections(
+        &self,
+        snap: &Snapshot,
+        original: &FlowKey,
+        nat: &Nat,
+    ) -> bool {
+        Protocol::from_ip_proto(original.protocol)
+            .and_then(|p| snap.match_frontend(nat.frontend_addr, p, nat.frontend_port))
+            .is_some_and(|f| is_usable(&f.backends, nat.backend_addr, nat.backend_port))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1183,8 +1205,10 @@ impl Pipeline {
             (InternalPolicy::Local { by_node }, Some(vtep)) => {
                 match self.snap.vtep_nodes.get(&vtep) {
                     Some(node) => match by_node.get(node) {
-                        Some(s) => s,
-                        None => return Verdict::Drop(DropReason::NoLocalEndpoint),
+                        Some(s) if !s.usable.is_empty() => s,
+                        // No usable endpoint anywhere: rejected below, as for Cluster.
+                        _ if fe.backends.usable.is_empty() => &fe.backends,
+                        _ => return Verdict::Drop(DropReason::NoLocalEndpoint),
                     },
                     // The VTEP has no node name: treat the Service as Cluster.
                     None => &fe.backends,
@@ -1205,14 +1229,15 @@ impl Pipeline {
             );
         }
         let hash = rewrite::flow_hash(key.protocol, key.src, key.src_port, key.dst, key.dst_port);
-        let affine = fe.affinity_timeout_secs.and_then(|_| {
+        let affinity_scope = fe.affinity_timeout_secs.map(|_| fe.service.stable_id());
+        let affine = affinity_scope.and_then(|scope| {
             self.affinity
-                .get(fe.id, key.src, now)
+                .get(scope, key.src, now)
                 .filter(|&(a, p)| is_usable(set, a, p))
         });
         let backend: (Ipv4Addr, u16) = match affine {
             Some(b) => b,
-            None => match set.pick(hash) {
+            None => match set.pick(pick_hash(fe, hash, key.src)) {
                 Some(Backend { addr, port, .. }) => (*addr, *port),
                 None => return Verdict::Drop(DropReason::NoEndpoints),
             },
@@ -1286,9 +1311,9 @@ impl Pipeline {
             // backend, keep no entry.
             self.ct.remove(id);
         }
-        if let Some(t) = fe.affinity_timeout_secs {
+        if let (Some(t), Some(scope)) = (fe.affinity_timeout_secs, affinity_scope) {
             self.affinity
-                .refresh(fe.id, key.src, backend, Tick::from(t) * 1000, now);
+                .refresh(scope, key.src, backend, Tick::from(t) * 1000, now);
         }
         let rw = Rewrite {
             src: snat,
@@ -1536,23 +1561,9 @@ impl Pipeline {
     }
 
     fn route_uncached(&self, dst: Ipv4Addr) -> Option<Hop> {
-        let host = Ipv4Net::from(dst);
-        if self.vxlan.is_some() {
-            if let Some((_, &vtep)) = self.snap.pod_routes.get_lpm(&host) {
-                let outer = self.routes.get_lpm(&Ipv4Net::from(vtep))?.1;
-                return Some(Hop {
-                    port: outer.port,
-                    next_hop: outer.via.unwrap_or(vtep),
-                    vtep: Some(vtep),
-                });
-            }
-        }
-        let (_, r) = self.routes.get_lpm(&host)?;
-        Some(Hop {
-            port: r.port,
-            next_hop: r.via.unwrap_or(dst),
-            vtep: None,
-        })
+        // Pod CIDRs only mean VXLAN when VXLAN is configured.
+        let pods = self.vxlan.is_some().then_some(&self.snap.pod_routes);
+        self.routes.hop(dst, pods)
     }
 
     /// Route (unless `hop` is given, with the route cache slot it came from), TTL, MTU,

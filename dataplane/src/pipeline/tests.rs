@@ -158,6 +158,8 @@ pub(super) struct Fe {
     pub source_ranges: Vec<Ipv4Net>,
     pub affinity: Option<u32>,
     pub internal: InternalPolicy,
+    /// The Service's name (default `svc{id}`): frontends of one Service port share it.
+    pub service: Option<&'static str>,
 }
 
 pub(super) fn fe(
@@ -177,6 +179,7 @@ pub(super) fn fe(
         source_ranges: vec![],
         affinity: None,
         internal: InternalPolicy::Cluster,
+        service: None,
     }
 }
 
@@ -208,7 +211,9 @@ pub(super) fn snapshot(generation: u64, fes: Vec<Fe>) -> Snapshot {
             id: id as u32,
             service: ServicePortName {
                 namespace: Arc::from("default"),
-                name: Arc::from(format!("svc{id}").as_str()),
+                name: f
+                    .service
+                    .map_or_else(|| Arc::from(format!("svc{id}").as_str()), Arc::from),
                 port_name: Arc::from(""),
                 protocol: f.protocol,
             },
@@ -2548,4 +2553,304 @@ fn fast_path_matches_the_general_path() {
             .collect::<Vec<_>>()
     };
     assert_eq!(entries(&fast), entries(&general));
+}
+
+/// ClientIP affinity holds when a client's connections land on different workers (the
+/// owner of a connection hashes its source port too): a client's first connection picks
+/// by its address alone, so every worker remembers the same backend.
+#[test]
+fn affinity_holds_across_workers() {
+    let snap = svc_snapshot();
+    let mut workers = [
+        Pipeline::new(config(0, 2)).unwrap(),
+        Pipeline::new(config(1, 2)).unwrap(),
+    ];
+    let mut stats = WorkerStats::default();
+    let mut owners = std::collections::HashSet::new();
+    let mut backends = std::collections::HashSet::new();
+    for port in 2000..2040u16 {
+        let c = format!("10.244.9.9:{port}");
+        let syn = from_cluster().tcp_v4(sa(&c), sa("10.96.0.90:80"), TcpFlags::SYN, b"");
+        let owner = workers[0].owner(&VecFrame::new(&syn), CLUSTER, &snap);
+        let r = run(&mut workers[owner], &snap, CLUSTER, &syn, 0, &mut stats);
+        owners.insert(owner);
+        backends.insert(sock(&parse(&r.out)).1);
+    }
+    assert_eq!(owners.len(), 2, "the connections spread over both workers");
+    assert_eq!(
+        backends.len(),
+        1,
+        "one backend for the client: {backends:?}"
+    );
+}
+
+/// Affinity belongs to the Service port: its ClusterIP and NodePort share it, and it
+/// survives a snapshot that renumbers the frontends.
+#[test]
+fn affinity_is_per_service_port_and_outlives_frontend_ids() {
+    let sticky = |set: &Arc<BackendSet>, kind, addr, port| {
+        let mut f = fe(kind, addr, Protocol::Tcp, port, set);
+        f.affinity = Some(60);
+        f.masquerade = false;
+        f.service = Some("sticky");
+        f
+    };
+    let frontends = |generation, set: &Arc<BackendSet>, extra: bool| {
+        let mut fes = vec![
+            sticky(set, FrontendKind::ClusterIp, "10.96.0.90", 80),
+            sticky(set, FrontendKind::NodePort, "0.0.0.0", 30090),
+        ];
+        if extra {
+            // Sorts first: every id of the sticky Service moves.
+            fes.insert(
+                0,
+                fe(FrontendKind::ClusterIp, CIP, Protocol::Tcp, 80, &web()),
+            );
+        }
+        snapshot(generation, fes)
+    };
+    let full = web();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let syn = |port: u16, dst: &str| {
+        let c = format!("10.244.9.9:{port}");
+        from_cluster().tcp_v4(sa(&c), sa(dst), TcpFlags::SYN, b"")
+    };
+    let snap1 = frontends(1, &full, false);
+    let first = sock(&parse(
+        &run(
+            &mut p,
+            &snap1,
+            CLUSTER,
+            &syn(1000, "10.96.0.90:80"),
+            0,
+            &mut stats,
+        )
+        .out,
+    ))
+    .1;
+    // The first backend leaves: the client is pinned to another.
+    let rest: Vec<(String, u16)> = full
+        .backends
+        .iter()
+        .filter(|b| SocketAddrV4::new(b.addr, b.port) != first)
+        .map(|b| (b.addr.to_string(), b.port))
+        .collect();
+    let without_first = set_of(
+        &rest
+            .iter()
+            .map(|(a, port)| (a.as_str(), *port, EndpointState::Ready, None))
+            .collect::<Vec<_>>(),
+    );
+    let snap2 = frontends(2, &without_first, false);
+    let second = sock(&parse(
+        &run(
+            &mut p,
+            &snap2,
+            CLUSTER,
+            &syn(1001, "10.96.0.90:80"),
+            10,
+            &mut stats,
+        )
+        .out,
+    ))
+    .1;
+    assert_ne!(second, first);
+    // The first backend is back, the ids moved, and the client comes in by the NodePort:
+    // the affinity of the Service port still decides, where a fresh pick would be `first`.
+    let snap3 = frontends(3, &full, true);
+    assert_ne!(
+        snap3.node_ports[&(Protocol::Tcp, 30090)].id,
+        snap2.node_ports[&(Protocol::Tcp, 30090)].id
+    );
+    let r = run(
+        &mut p,
+        &snap3,
+        CLUSTER,
+        &syn(1002, "192.0.2.1:30090"),
+        20,
+        &mut stats,
+    );
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    assert_eq!(
+        sock(&parse(&r.out)).1,
+        second,
+        "the Service port's affinity"
+    );
+    let mut fresh = pipeline();
+    let r = run(
+        &mut fresh,
+        &snap3,
+        CLUSTER,
+        &syn(1002, "192.0.2.1:30090"),
+        20,
+        &mut stats,
+    );
+    assert_eq!(
+        sock(&parse(&r.out)).1,
+        first,
+        "without it, the client's pick"
+    );
+}
+
+/// kube-semantics item 12: a flow keeps its backend only while that backend is ready or
+/// serving and terminating. One that is still listed but neither loses its flows: UDP
+/// picks again, TCP is dropped with a counter.
+#[test]
+fn not_serving_backend_loses_its_flows() {
+    let (web0, dns0) = (web(), dns());
+    let snap1 = services(1, &web0, &dns0);
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let (uc, uvip) = ("10.244.9.9:5353", "10.96.0.53:53");
+    let (tc, tvip) = ("10.244.9.9:41000", "10.96.0.10:80");
+    let q = from_cluster().udp_v4(sa(uc), sa(uvip), b"q");
+    let ub = sock(&parse(&run(&mut p, &snap1, CLUSTER, &q, 0, &mut stats).out)).1;
+    let syn = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::SYN, b"");
+    let tb = sock(&parse(
+        &run(&mut p, &snap1, CLUSTER, &syn, 0, &mut stats).out,
+    ))
+    .1;
+    let not_serving = |set: &BackendSet, which: SocketAddrV4| {
+        let states: Vec<(String, u16, EndpointState)> = set
+            .backends
+            .iter()
+            .map(|b| {
+                let state = if SocketAddrV4::new(b.addr, b.port) == which {
+                    EndpointState::NotServing
+                } else {
+                    EndpointState::Ready
+                };
+                (b.addr.to_string(), b.port, state)
+            })
+            .collect();
+        set_of(
+            &states
+                .iter()
+                .map(|(a, port, state)| (a.as_str(), *port, *state, None))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let snap2 = services(2, &not_serving(&web0, tb), &not_serving(&dns0, ub));
+    let r = run(&mut p, &snap2, CLUSTER, &q, 10, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    assert_ne!(sock(&parse(&r.out)).1, ub, "UDP picks a serving backend");
+    let ack = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::ACK, b"data");
+    let r = run(&mut p, &snap2, CLUSTER, &ack, 10, &mut stats);
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::BackendGone));
+    assert_drop(&stats, DropReason::BackendGone, 1);
+}
+
+/// A SYN on the tuple of a connection that ended opens a new connection, which never goes
+/// to an endpoint that is not usable (kube-semantics item 11): the closed entry's backend
+/// is kept only while new connections could pick it.
+#[test]
+fn port_reuse_after_close_avoids_an_unusable_backend() {
+    let WebFlow {
+        web: web0,
+        snap1,
+        mut p,
+        mut stats,
+        client,
+        vip,
+        backend,
+    } = web_flow_opened();
+    let rst = from_cluster().tcp_v4(backend, sa(client), TcpFlags::RST, b"");
+    run(&mut p, &snap1, CLUSTER, &rst, 1, &mut stats);
+    let key = FlowKey::new(ipv4::PROTO_TCP, ip("10.244.9.9"), 41000, ip(CIP), 80);
+    let (id, _) = p.conntrack().peek(&key, 1).expect("closed, still tracked");
+    assert!(p.conntrack().entry(id).is_closed());
+    // Reused while the backend is still usable: the same translation.
+    let syn = from_cluster().tcp_v4(sa(client), sa(vip), TcpFlags::SYN, b"");
+    assert_eq!(
+        sock(&parse(
+            &run(&mut p, &snap1, CLUSTER, &syn, 2, &mut stats).out
+        ))
+        .1,
+        backend
+    );
+    run(&mut p, &snap1, CLUSTER, &rst, 3, &mut stats);
+    // The backend terminates (serving, so its live flows would stay): a reuse of the closed
+    // tuple goes elsewhere.
+    let states: Vec<(String, u16, EndpointState)> = web0
+        .backends
+        .iter()
+        .map(|b| {
+            let state = if SocketAddrV4::new(b.addr, b.port) == backend {
+                EndpointState::ServingTerminating
+            } else {
+                EndpointState::Ready
+            };
+            (b.addr.to_string(), b.port, state)
+        })
+        .collect();
+    let set2 = set_of(
+        &states
+            .iter()
+            .map(|(a, port, state)| (a.as_str(), *port, *state, None))
+            .collect::<Vec<_>>(),
+    );
+    let snap2 = services(2, &set2, &dns());
+    let r = run(&mut p, &snap2, CLUSTER, &syn, 4, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    assert_ne!(
+        sock(&parse(&r.out)).1,
+        backend,
+        "a new connection, a usable backend"
+    );
+}
+
+/// internalTrafficPolicy: Local with no endpoint on the sender's node drops; a Service
+/// with no usable endpoint at all is rejected as under Cluster (kube-proxy checks that
+/// first).
+#[test]
+fn internal_traffic_policy_local_without_a_local_endpoint() {
+    let itp = |set: &Arc<BackendSet>, node3: &Arc<BackendSet>| {
+        let mut f = fe(
+            FrontendKind::ClusterIp,
+            "10.96.0.110",
+            Protocol::Tcp,
+            80,
+            set,
+        );
+        f.internal = InternalPolicy::Local {
+            by_node: [(Arc::from("node-3"), node3.clone())].into_iter().collect(),
+        };
+        snapshot(1, vec![f])
+    };
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let inner = pod_inner().tcp_v4(
+        sa("10.245.3.7:6000"),
+        sa("10.96.0.110:80"),
+        TcpFlags::SYN,
+        b"",
+    );
+    let elsewhere = set_of(&[("10.245.2.9", 8080, EndpointState::Ready, Some("node-2"))]);
+    let r = run(
+        &mut p,
+        &itp(&elsewhere, &set_of(&[])),
+        CLUSTER,
+        &from_node3(&inner),
+        0,
+        &mut stats,
+    );
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::NoLocalEndpoint));
+    let r = run(
+        &mut p,
+        &itp(&set_of(&[]), &set_of(&[])),
+        CLUSTER,
+        &from_node3(&inner),
+        0,
+        &mut stats,
+    );
+    assert!(
+        matches!(
+            r.verdict,
+            Verdict::Transmit { .. } | Verdict::HoldForNeighbor { .. }
+        ),
+        "{:?}",
+        r.verdict
+    );
+    assert_drop(&stats, DropReason::NoEndpoints, 1);
 }

@@ -4,8 +4,6 @@
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
-
 use super::{rewrite, Pipeline};
 use crate::conntrack::{Direction, FlowKey, Tick};
 use crate::snapshot::{FrontendKind, InternalPolicy, Protocol, Snapshot};
@@ -106,7 +104,7 @@ impl Pipeline {
             );
             let affine = fe
                 .affinity_timeout_secs
-                .and_then(|_| self.affinity.get(fe.id, flow.src, now))
+                .and_then(|_| self.affinity.get(fe.service.stable_id(), flow.src, now))
                 .filter(|&(a, p)| super::is_usable(set, a, p));
             let b = match affine {
                 Some(b) => {
@@ -115,6 +113,7 @@ impl Pipeline {
                     b
                 }
                 None => {
+                    let hash = super::pick_hash(fe, hash, flow.src);
                     let Some(b) = set.pick(hash) else {
                         return t;
                     };
@@ -184,7 +183,7 @@ impl Pipeline {
             }
             _ => (dst.0, false),
         };
-        match self.routes.get_lpm(&Ipv4Net::from(lookup)) {
+        match self.routes.lookup(lookup) {
             Some((prefix, r)) => {
                 let port = &self.ports[r.port];
                 let next_hop = r.via.unwrap_or(lookup);
