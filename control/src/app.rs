@@ -39,15 +39,36 @@ pub fn check(config: &Config) -> anyhow::Result<()> {
         println!("note: {line}");
     }
     let compiled = Compiler::new(compile_options(config)).compile(&loaded.model);
+    // An endpoint's warning comes once per Service port it is merged into: print it once.
+    let mut printed = std::collections::HashSet::new();
+    let mut invalid = Vec::new();
     for warning in &compiled.warnings {
-        println!("warning: {warning}");
+        let line = warning.located(&loaded.model);
+        if !printed.insert(line.clone()) {
+            continue;
+        }
+        if warning.invalid {
+            println!("error: {line}");
+            invalid.push(line);
+        } else {
+            println!("warning: {line}");
+        }
     }
     print_snapshot(&compiled.snapshot);
     println!(
         "{} service(s), {} frontend(s), {} backend(s)",
         compiled.stats.services, compiled.stats.frontends, compiled.stats.backends
     );
-    Ok(())
+    // `run` serves the rest and ignores what is invalid, as kube-proxy does; `check` is
+    // where such values are caught before they are deployed.
+    match invalid.as_slice() {
+        [] => Ok(()),
+        [only] => bail!("{only}"),
+        [first, rest @ ..] => bail!(
+            "{first} (and {} more invalid value(s), listed above)",
+            rest.len()
+        ),
+    }
 }
 
 fn print_snapshot(snapshot: &Snapshot) {
@@ -591,7 +612,13 @@ impl Publisher {
         // Should the reclaim thread be gone, the snapshot is dropped here.
         let _ = self.reclaim.send(old);
         let elapsed = started.elapsed();
-        for warning in &compiled.warnings {
+        // Warnings name the file and document of their object (files source).
+        let warnings: Vec<String> = compiled
+            .warnings
+            .iter()
+            .map(|warning| warning.located(model))
+            .collect();
+        for warning in &warnings {
             tracing::warn!("{warning}");
         }
         tracing::info!(
@@ -603,7 +630,7 @@ impl Publisher {
         );
         let mut sync = self.sync.lock();
         sync.last_sync_seconds = elapsed.as_secs_f64();
-        sync.warnings = compiled.warnings;
+        sync.warnings = warnings;
         sync.services = services;
         drop(sync);
         self.ready.store(true, Ordering::SeqCst);
@@ -719,6 +746,7 @@ async fn serve_control(
                 .map(|c| format!("{:?}", c.role).to_lowercase())
                 .unwrap_or_else(|| "exception".into()),
             queues: p.setup.rx_queues,
+            tx_queues: p.setup.tx_queues,
         })
         .collect();
     let stats_ports: Vec<(String, u16)> = ports.iter().map(|p| (p.name.clone(), p.id)).collect();
@@ -744,6 +772,7 @@ async fn serve_control(
                 k.protocol, k.src, k.src_port, k.dst, k.dst_port,
             )
         },
+        routing: crate::admin::Routing::from_config(config),
         tsc_hz: dataplane::dpdk::tsc_hz(),
         packets: publisher.packets.clone(),
     });

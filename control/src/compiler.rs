@@ -13,11 +13,14 @@
 //! frontend. Either way the result is the same as compiling the model from scratch
 //! (`Compiler::new(..).compile(model)`), which a test checks over a sequence of changes.
 //!
-//! Maglev table size per backend set: the smallest prime ≥ 100 × its usable endpoints (the
-//! paper's M ≫ N keeps every backend's share within ~1%), at least [`MIN_TABLE_SIZE`], at most
-//! the configured `maglev.table_size` — unless the set has as many usable endpoints as the
-//! configured size, then the next prime ≥ 100 × usable. A 25-endpoint Service gets 2,503
-//! slots instead of 16,381: 6.5× less memory and build time at 10,000 Services.
+//! Maglev table size per backend set: the configured `maglev.table_size` (a prime), whatever
+//! the set's size, as Maglev's paper, Katran and Cilium do: only at a fixed size does a
+//! change of the set move no more flows than those of the endpoints that came or went
+//! (kube-semantics item 14). A size that followed the endpoint count would reshuffle
+//! nearly every flow on every scale-up or scale-down. A set with as many usable endpoints
+//! as the configured size gets the next prime ≥ 100 × usable (Maglev needs M > N). The
+//! cost is memory: 4 bytes a slot (64 KiB per distinct backend set at 16,381), which a
+//! cluster of many thousands of Services can lower with a smaller `maglev.table_size`.
 //!
 //! IP families: only IPv4 is compiled today. The family decisions are made in one place
 //! ([`IpFamily`] and the `*_for_family` helpers): a Service is compiled once per family it
@@ -50,7 +53,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use rustc_hash::FxHashMap;
 
-use crate::model::{Model, ObjectKey};
+use crate::model::{Model, ObjectKey, ObjectKind};
 
 /// The label that ties an EndpointSlice to its Service (same namespace).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -107,12 +110,71 @@ pub struct Compiled {
     /// The tables; `generation` is 0, the publisher sets it.
     pub snapshot: Snapshot,
     /// Everything the compiler ignored or decided on the user's behalf, in a stable order.
-    pub warnings: Vec<String>,
+    pub warnings: Vec<Warning>,
     pub stats: CompileStats,
 }
 
-/// Smallest Maglev table a backend set gets (a prime): tiny sets still spread well.
-pub const MIN_TABLE_SIZE: u32 = 211;
+/// Something the compiler ignored or decided on the user's behalf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    /// The object whose field the warning is about; `None` when it is about no one field
+    /// (a conflict between Services, a gateway option).
+    pub object: Option<(ObjectKind, ObjectKey)>,
+    /// The field path in `object` (`spec.ports[0].protocol`); empty when `object` is `None`.
+    pub field: String,
+    /// What is wrong or was decided, and what the gateway does about it.
+    pub message: String,
+    /// The value is invalid — the API server would have refused it — so the gateway
+    /// ignores it (kube-proxy does the same). `check` fails on these; the other warnings are
+    /// decisions on valid input and only notes.
+    pub invalid: bool,
+}
+
+impl Warning {
+    /// A decision on valid input, not about one field.
+    pub fn note(message: String) -> Warning {
+        Warning {
+            object: None,
+            field: String::new(),
+            message,
+            invalid: false,
+        }
+    }
+
+    /// An invalid value at `field` of an object.
+    pub fn invalid(kind: ObjectKind, key: ObjectKey, field: String, message: String) -> Warning {
+        Warning {
+            object: Some((kind, key)),
+            field,
+            message,
+            invalid: true,
+        }
+    }
+
+    /// The warning with its object named as `model` knows it: with the file and document
+    /// it was read from (`services.yaml: document 2 (Service lab/web): spec.clusterIP: …`)
+    /// for the `files` source, as `Service lab/web: spec.clusterIP: …` otherwise.
+    pub fn located(&self, model: &Model) -> String {
+        match &self.object {
+            Some((kind, key)) => format!(
+                "{}: {}: {}",
+                model.describe(*kind, key),
+                self.field,
+                self.message
+            ),
+            None => self.message.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.object {
+            Some((kind, key)) => write!(f, "{kind} {key}: {}: {}", self.field, self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
 
 /// What one Service compiled to, and the inputs it was compiled from.
 #[derive(Debug)]
@@ -124,7 +186,7 @@ struct ServiceEntry {
     ids: Vec<Option<u32>>,
     /// Backend sets of `candidates` (for reuse when the inputs change but a set does not).
     sets: Vec<Arc<BackendSet>>,
-    warnings: Vec<String>,
+    warnings: Vec<Warning>,
     backends: usize,
     /// One of the Service's slices changed since the entry was compiled.
     dirty: bool,
@@ -164,7 +226,7 @@ struct Assembly {
     by_id: Vec<Arc<Frontend>>,
     node_port_addresses: Vec<Ipv4Addr>,
     /// Warnings of conflict resolution and of the node-port addresses.
-    warnings: Vec<String>,
+    warnings: Vec<Warning>,
     /// Services with at least one frontend.
     services: usize,
 }
@@ -403,7 +465,7 @@ impl Compiler {
             } else {
                 size
             };
-            run.warnings.push(format!(
+            run.warn(format!(
                 "maglev table size {} is not a prime; using {}",
                 run.table_size, size
             ));
@@ -615,7 +677,7 @@ struct Run<'a> {
     sets_by_hash: HashMap<u64, Vec<Arc<BackendSet>>>,
     /// Table size by usable endpoint count (finding a prime is not free).
     table_sizes: HashMap<usize, u32>,
-    warnings: Vec<String>,
+    warnings: Vec<Warning>,
     stats: CompileStats,
     /// The configured table size, corrected to a prime: the largest a table gets.
     table_size: u32,
@@ -630,8 +692,19 @@ fn backends_hash(backends: &[Backend]) -> u64 {
 }
 
 impl Run<'_> {
+    /// A note: a decision on valid input.
     fn warn(&mut self, message: String) {
-        self.warnings.push(message);
+        self.warnings.push(Warning::note(message));
+    }
+
+    /// An invalid value at `field` of a Service, ignored.
+    fn invalid_service_field(&mut self, key: &ObjectKey, field: String, message: String) {
+        self.warnings.push(Warning::invalid(
+            ObjectKind::Service,
+            key.clone(),
+            field,
+            message,
+        ));
     }
 
     /// Compiles one Service into a cache entry. `previous` are the sets of its last
@@ -681,16 +754,14 @@ impl Run<'_> {
     fn table_size_for(&mut self, usable: usize) -> u32 {
         let configured = self.table_size;
         *self.table_sizes.entry(usable).or_insert_with(|| {
-            let wanted = u32::try_from(usable)
-                .unwrap_or(u32::MAX)
-                .saturating_mul(100)
-                .max(MIN_TABLE_SIZE);
             if usable >= configured as usize {
-                next_prime(wanted)
-            } else if wanted >= configured {
-                configured
+                next_prime(
+                    u32::try_from(usable)
+                        .unwrap_or(u32::MAX)
+                        .saturating_mul(100),
+                )
             } else {
-                next_prime(wanted)
+                configured
             }
         })
     }
@@ -755,21 +826,34 @@ impl Run<'_> {
             if slice.address_type != family.address_type() {
                 continue; // FQDN and other-family slices are ignored (items 3, 9).
             }
-            let slice_name = slice.metadata.name.as_deref().unwrap_or("");
+            let slice_key = ObjectKey::new(
+                key.namespace.as_str(),
+                slice.metadata.name.as_deref().unwrap_or(""),
+            );
+            let mut invalid = |field: String, message: String| {
+                self.warnings.push(Warning::invalid(
+                    ObjectKind::EndpointSlice,
+                    slice_key.clone(),
+                    field,
+                    message,
+                ))
+            };
             let ports: Vec<u16> = slice
                 .ports
                 .iter()
                 .flatten()
-                .filter(|p| p.name.as_deref().unwrap_or("") == port_name)
-                .filter(|p| parse_protocol(p.protocol.as_deref()) == Some(protocol))
-                .filter_map(|p| p.port) // a slice port without a number is ignored (item 10)
-                .filter_map(|n| {
+                .enumerate()
+                .filter(|(_, p)| p.name.as_deref().unwrap_or("") == port_name)
+                .filter(|(_, p)| parse_protocol(p.protocol.as_deref()) == Some(protocol))
+                // A slice port without a number is ignored (item 10).
+                .filter_map(|(index, p)| Some((index, p.port?)))
+                .filter_map(|(index, n)| {
                     let port = port_u16(n);
                     if port.is_none() {
-                        self.warnings.push(format!(
-                            "EndpointSlice {}/{}: port {} out of range, ignored",
-                            key.namespace, slice_name, n
-                        ));
+                        invalid(
+                            format!("ports[{index}].port"),
+                            format!("{n} is outside 1..=65535, ignored"),
+                        );
                     }
                     port
                 })
@@ -777,7 +861,7 @@ impl Run<'_> {
             if ports.is_empty() {
                 continue;
             }
-            for endpoint in slice.endpoints.iter().flatten() {
+            for (index, endpoint) in slice.endpoints.iter().flatten().enumerate() {
                 // Only addresses[0] counts (item 9).
                 let Some(address) = endpoint.addresses.first() else {
                     continue;
@@ -785,13 +869,14 @@ impl Run<'_> {
                 let addr = match address.parse::<IpAddr>().ok().and_then(|a| family.v4(a)) {
                     Some(addr) => addr,
                     None => {
-                        self.warn(format!(
-                            "EndpointSlice {}/{}: address {:?} is not an {} address, ignored",
-                            key.namespace,
-                            slice_name,
-                            address,
-                            family.address_type()
-                        ));
+                        // The slice's addressType says which family its addresses are.
+                        invalid(
+                            format!("endpoints[{index}].addresses[0]"),
+                            format!(
+                                "{address:?} is not an {} address, the endpoint is ignored",
+                                family.address_type()
+                            ),
+                        );
                         continue;
                     }
                 };
@@ -852,16 +937,18 @@ impl Run<'_> {
         }
         // Item 3: a Service is served in a family only if it has a clusterIP of it.
         let mut family_cluster_ips = Vec::new();
-        for ip in &cluster_ips {
+        for (field, ip) in cluster_ips {
             match ip.parse::<IpAddr>() {
                 Ok(addr) => {
                     if let Some(v4) = family.v4(addr) {
                         family_cluster_ips.push(v4);
                     }
                 }
-                Err(_) => self.warn(format!(
-                    "Service {key}: clusterIP {ip:?} is not an IP address, ignored"
-                )),
+                Err(_) => self.invalid_service_field(
+                    key,
+                    field,
+                    format!("{ip:?} is not an IP address, ignored"),
+                ),
             }
         }
         if family_cluster_ips.is_empty() {
@@ -874,8 +961,11 @@ impl Run<'_> {
         let source_ranges = self.source_ranges(key, spec, family);
         let external_ips = self.addresses_for_family(
             key,
-            "externalIP",
-            spec.external_ips.iter().flatten().map(String::as_str),
+            spec.external_ips
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, ip)| (format!("spec.externalIPs[{i}]"), ip.as_str())),
             family,
         );
         let lb_ips = self.lb_ingress_for_family(key, service, family);
@@ -894,16 +984,17 @@ impl Run<'_> {
         let masquerade_cluster_ip = self.options.masquerade_cluster_ip;
 
         let mut seen_ports = BTreeSet::new();
-        for port in spec.ports.iter().flatten() {
-            let Some(service_port) = self.service_port(key, port) else {
+        for (index, port) in spec.ports.iter().flatten().enumerate() {
+            let Some(service_port) = self.service_port(key, index, port) else {
                 continue;
             };
             let (name, protocol, number) = service_port;
             if !seen_ports.insert((name.clone(), protocol)) {
-                self.warn(format!(
-                    "Service {key}: port {:?}/{} listed twice, second ignored",
-                    name, protocol
-                ));
+                self.invalid_service_field(
+                    key,
+                    format!("spec.ports[{index}]"),
+                    format!("port {name:?}/{protocol} is listed twice, this one is ignored"),
+                );
                 continue;
             }
             let backends = self.endpoints_for_family(key, slices, &name, protocol, family);
@@ -965,9 +1056,11 @@ impl Run<'_> {
                     Some(node_port) => {
                         push(FrontendKind::NodePort, Ipv4Addr::UNSPECIFIED, node_port)
                     }
-                    None => self.warnings.push(format!(
-                        "Service {key}: nodePort {node_port} out of range, ignored"
-                    )),
+                    None => self.invalid_service_field(
+                        key,
+                        format!("spec.ports[{index}].nodePort"),
+                        format!("{node_port} is outside 1..=65535, ignored"),
+                    ),
                 }
             }
             for &addr in &lb_ips {
@@ -979,26 +1072,31 @@ impl Run<'_> {
         }
     }
 
-    /// (port name, protocol, port) of a Service port, or a warning.
+    /// (port name, protocol, port) of `spec.ports[index]`, or a warning.
     fn service_port(
         &mut self,
         key: &ObjectKey,
+        index: usize,
         port: &ServicePort,
     ) -> Option<(String, Protocol, u16)> {
         let name = port.name.clone().unwrap_or_default();
         let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
-            self.warn(format!(
-                "Service {key}: port {:?} has unsupported protocol {:?}, ignored",
-                name,
-                port.protocol.as_deref().unwrap_or("")
-            ));
+            self.invalid_service_field(
+                key,
+                format!("spec.ports[{index}].protocol"),
+                format!(
+                    "{:?} is not TCP, UDP or SCTP, the port is ignored",
+                    port.protocol.as_deref().unwrap_or("")
+                ),
+            );
             return None;
         };
         let Some(number) = port_u16(port.port) else {
-            self.warn(format!(
-                "Service {key}: port {:?} number {} out of range, ignored",
-                name, port.port
-            ));
+            self.invalid_service_field(
+                key,
+                format!("spec.ports[{index}].port"),
+                format!("{} is outside 1..=65535, the port is ignored", port.port),
+            );
             return None;
         };
         Some((name, protocol, number))
@@ -1018,9 +1116,11 @@ impl Run<'_> {
             None => Some(DEFAULT_AFFINITY_TIMEOUT_SECS),
             Some(secs) if secs > 0 => Some(secs as u32),
             Some(secs) => {
-                self.warn(format!(
-                    "Service {key}: sessionAffinityConfig.clientIP.timeoutSeconds {secs} invalid; using {DEFAULT_AFFINITY_TIMEOUT_SECS}"
-                ));
+                self.invalid_service_field(
+                    key,
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds".to_owned(),
+                    format!("{secs} is not positive; using {DEFAULT_AFFINITY_TIMEOUT_SECS}"),
+                );
                 Some(DEFAULT_AFFINITY_TIMEOUT_SECS)
             }
         }
@@ -1034,7 +1134,12 @@ impl Run<'_> {
         family: IpFamily,
     ) -> Vec<Ipv4Net> {
         let mut ranges = Vec::new();
-        for raw in spec.load_balancer_source_ranges.iter().flatten() {
+        for (index, raw) in spec
+            .load_balancer_source_ranges
+            .iter()
+            .flatten()
+            .enumerate()
+        {
             let value = raw.trim();
             if value.is_empty() {
                 continue;
@@ -1042,9 +1147,11 @@ impl Run<'_> {
             match value.parse::<IpNet>() {
                 Ok(IpNet::V4(net)) if family == IpFamily::V4 => ranges.push(net.trunc()),
                 Ok(_) => {} // other family
-                Err(_) => self.warn(format!(
-                    "Service {key}: loadBalancerSourceRanges entry {raw:?} is not a CIDR, ignored"
-                )),
+                Err(_) => self.invalid_service_field(
+                    key,
+                    format!("spec.loadBalancerSourceRanges[{index}]"),
+                    format!("{raw:?} is not a CIDR, ignored"),
+                ),
             }
         }
         ranges.sort();
@@ -1052,15 +1159,15 @@ impl Run<'_> {
         ranges
     }
 
+    /// The addresses of `family` among `values` (each with its field path, for warnings).
     fn addresses_for_family<'s>(
         &mut self,
         key: &ObjectKey,
-        what: &str,
-        values: impl Iterator<Item = &'s str>,
+        values: impl Iterator<Item = (String, &'s str)>,
         family: IpFamily,
     ) -> Vec<Ipv4Addr> {
         let mut out = Vec::new();
-        for value in values {
+        for (field, value) in values {
             match value.trim().parse::<IpAddr>() {
                 Ok(addr) => {
                     // Addresses of the other family are ignored (item 3).
@@ -1068,9 +1175,11 @@ impl Run<'_> {
                         out.push(v4);
                     }
                 }
-                Err(_) => self.warn(format!(
-                    "Service {key}: {what} {value:?} is not an IP address, ignored"
-                )),
+                Err(_) => self.invalid_service_field(
+                    key,
+                    field,
+                    format!("{value:?} is not an IP address, ignored"),
+                ),
             }
         }
         out.sort();
@@ -1090,14 +1199,17 @@ impl Run<'_> {
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref());
-        let ips: Vec<&str> = ingress
+        let ips: Vec<(String, &str)> = ingress
             .into_iter()
             .flatten()
-            .filter(|ing| matches!(ing.ip_mode.as_deref(), None | Some("VIP")))
-            .filter_map(|ing| ing.ip.as_deref())
-            .filter(|ip| !ip.is_empty())
+            .enumerate()
+            .filter(|(_, ing)| matches!(ing.ip_mode.as_deref(), None | Some("VIP")))
+            .filter_map(|(i, ing)| {
+                let ip = ing.ip.as_deref().filter(|ip| !ip.is_empty())?;
+                Some((format!("status.loadBalancer.ingress[{i}].ip"), ip))
+            })
             .collect();
-        self.addresses_for_family(key, "loadBalancer ingress IP", ips.into_iter(), family)
+        self.addresses_for_family(key, ips.into_iter(), family)
     }
 
     /// Resolves conflicts, assigns dense ids and builds the frontend tables. Returns them
@@ -1147,7 +1259,7 @@ impl Run<'_> {
                         // equal to an LB IP): one frontend is enough.
                         continue;
                     }
-                    self.warnings.push(format!(
+                    self.warn(format!(
                         "{what} of Service {} conflicts with Service {} ({} {}:{}/{}), which is older and keeps it",
                         c.service,
                         o.service,
@@ -1183,7 +1295,7 @@ impl Run<'_> {
         let mut node_port_addresses = Vec::new();
         for &addr in &self.options.node_port_addresses {
             if addr.is_loopback() || addr.is_unspecified() {
-                self.warnings.push(format!(
+                self.warn(format!(
                     "node-port address {addr} ignored: NodePorts never answer on it"
                 ));
             } else if !node_port_addresses.contains(&addr) {
@@ -1223,14 +1335,23 @@ fn age_key(age: &(Option<Time>, ObjectKey)) -> (bool, Option<&Time>, &ObjectKey)
     (age.0.is_none(), age.0.as_ref(), &age.1)
 }
 
-/// `spec.clusterIPs` (or the legacy `spec.clusterIP`), without `None`/empty entries.
-fn cluster_ips(spec: &ServiceSpec) -> Vec<String> {
-    let list: Vec<String> = match spec.cluster_ips.as_ref().filter(|l| !l.is_empty()) {
-        Some(list) => list.clone(),
-        None => spec.cluster_ip.iter().cloned().collect(),
+/// `spec.clusterIPs` (or the legacy `spec.clusterIP`), without `None`/empty entries, each
+/// with its field path (`spec.clusterIPs[1]`) for warnings.
+fn cluster_ips(spec: &ServiceSpec) -> Vec<(String, String)> {
+    let list: Vec<(String, &String)> = match spec.cluster_ips.as_ref().filter(|l| !l.is_empty()) {
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip))
+            .collect(),
+        None => spec
+            .cluster_ip
+            .iter()
+            .map(|ip| ("spec.clusterIP".to_owned(), ip))
+            .collect(),
     };
     list.into_iter()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty() && s != "None")
+        .map(|(field, ip)| (field, ip.trim().to_owned()))
+        .filter(|(_, ip)| !ip.is_empty() && ip != "None")
         .collect()
 }

@@ -245,7 +245,8 @@ pub struct ServicesConfig {
     /// For `files`: a manifest file or a directory of them (relative to the config file).
     #[serde(default)]
     pub path: Option<PathBuf>,
-    /// For `kubernetes`: kubeconfig path (default: in-cluster, then ~/.kube/config).
+    /// For `kubernetes`: kubeconfig path. Default: what `kube::Config::infer` finds —
+    /// `$KUBECONFIG`, then `~/.kube/config`, then the in-cluster service account.
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
     #[serde(default)]
@@ -416,7 +417,7 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: file.clone(),
             key: "(file)".into(),
-            message: format!("cannot read: {e}"),
+            message: format!("cannot read: {}", io_reason(&e)),
         })?;
         let mut config = Config::parse(&text, &file)?;
         if let Some(services_path) = &config.services.path {
@@ -428,13 +429,75 @@ impl Config {
         Ok(config)
     }
 
+    /// Checks that the service source can be read: the manifest path of the `files`
+    /// source (a file that opens, or a directory that lists), the `services.kubeconfig`
+    /// file of the `kubernetes` source (readable, and a kubeconfig). `run` and `check` call
+    /// it before anything starts, so an unusable source is a one-line error instead of a
+    /// gateway that never becomes ready. `file` is the config file, named in errors.
+    ///
+    /// Only what the config names is checked: a manifest path that disappears later keeps
+    /// the last snapshot, and an omitted kubeconfig is inferred when the source starts.
+    pub fn check_service_source(&self, file: &Path) -> Result<(), ConfigError> {
+        let err = |key: &str, path: &Path, reason: String| ConfigError {
+            file: file.display().to_string(),
+            key: key.to_string(),
+            message: format!("{}: {reason}", path.display()),
+        };
+        match self.services.source {
+            SourceKind::Files => {
+                let path = self.services.path.as_deref().expect("validated");
+                let readable = std::fs::metadata(path).and_then(|meta| {
+                    if meta.is_dir() {
+                        std::fs::read_dir(path).map(drop)
+                    } else {
+                        std::fs::File::open(path).map(drop)
+                    }
+                });
+                readable.map_err(|e| err("services.path", path, io_reason(&e)))
+            }
+            SourceKind::Kubernetes => {
+                let Some(path) = self.services.kubeconfig.as_deref() else {
+                    return Ok(());
+                };
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err("services.kubeconfig", path, io_reason(&e)))?;
+                kube::config::Kubeconfig::from_yaml(&text)
+                    .map(drop)
+                    .map_err(|e| {
+                        // The YAML parser adds a multi-line excerpt of the file: the first line
+                        // says what and where.
+                        let what = e.to_string();
+                        let what = what.lines().next().unwrap_or_default();
+                        err(
+                            "services.kubeconfig",
+                            path,
+                            format!("not a kubeconfig: {what}"),
+                        )
+                    })
+            }
+        }
+    }
+
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let deserializer = serde_yaml::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let key = e.path().to_string();
+            let mut key = e.path().to_string();
             let inner = e.into_inner();
             let mut message = inner.to_string();
+            // serde_yaml starts some messages with the key path it tracks itself: the key,
+            // or for an unknown field its parent (`ports[0]: unknown field `colour``). The
+            // path is printed once, as serde_yaml gave it.
+            if let Some((prefix, rest)) = message.split_once(": ") {
+                let within = key == prefix
+                    || key
+                        .strip_prefix(prefix)
+                        .is_some_and(|tail| tail.starts_with(['.', '[']));
+                if within {
+                    key = prefix.to_string();
+                    message = rest.to_string();
+                }
+            }
             // serde_yaml appends " at line L column C": keep it, it helps.
             if message.is_empty() {
                 message = "invalid value".into();
@@ -666,6 +729,21 @@ impl Config {
                 .filter_map(|p| p.addresses.first().map(|a| a.addr()))
                 .collect(),
         }
+    }
+}
+
+/// An I/O error as the end of a one-line message: `no such file or directory`, without
+/// the `(os error 2)` that `std::io::Error` appends.
+pub fn io_reason(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    let text = match text.rfind(" (os error ") {
+        Some(at) if text.ends_with(')') => &text[..at],
+        _ => text.as_str(),
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => text.to_string(),
     }
 }
 

@@ -45,7 +45,12 @@ enum Command {
     /// Talk to a running gateway's admin API.
     Ctl {
         /// Admin API address.
-        #[arg(long, default_value = "127.0.0.1:9900", env = "SERVICEGATE_ADMIN")]
+        #[arg(
+            long,
+            default_value = "127.0.0.1:9900",
+            env = "SERVICEGATE_ADMIN",
+            global = true
+        )]
         admin: String,
         /// Print the raw JSON.
         #[arg(long, global = true)]
@@ -85,8 +90,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => load(&config).and_then(control::app::run),
-        Command::Check { config } => load(&config).and_then(|c| control::app::check(&c)),
+        Command::Run { config } => load_to_serve(&config).and_then(control::app::run),
+        Command::Check { config } => load_to_serve(&config).and_then(|c| control::app::check(&c)),
         Command::Replay {
             config,
             inputs,
@@ -123,4 +128,83 @@ fn main() -> ExitCode {
 
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Ok(Config::load(path)?)
+}
+
+/// [`load`], then the service source must be readable: `run` fails before EAL starts
+/// instead of never becoming ready, and `check` fails the same way. (`replay` reads the
+/// manifests itself and never the Kubernetes API.)
+fn load_to_serve(path: &std::path::Path) -> anyhow::Result<Config> {
+    let config = load(path)?;
+    config.check_service_source(path)?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command, CtlWhat};
+
+    fn ctl(args: &[&str]) -> (String, bool, CtlWhat) {
+        let cli = Cli::try_parse_from(args).expect("parses");
+        match cli.command {
+            Command::Ctl { admin, json, what } => (admin, json, what),
+            _ => panic!("not ctl: {args:?}"),
+        }
+    }
+
+    #[test]
+    fn ctl_admin_and_json_go_before_or_after_the_subcommand() {
+        for args in [
+            &[
+                "servicegate",
+                "ctl",
+                "services",
+                "--admin",
+                "10.0.0.1:9900",
+                "--json",
+            ][..],
+            &[
+                "servicegate",
+                "ctl",
+                "--admin",
+                "10.0.0.1:9900",
+                "--json",
+                "services",
+            ][..],
+            &[
+                "servicegate",
+                "ctl",
+                "--json",
+                "services",
+                "--admin=10.0.0.1:9900",
+            ][..],
+        ] {
+            let (admin, json, what) = ctl(args);
+            assert_eq!(admin, "10.0.0.1:9900", "{args:?}");
+            assert!(json, "{args:?}");
+            assert!(matches!(what, CtlWhat::Services), "{args:?}");
+        }
+        let (admin, _, what) = ctl(&[
+            "servicegate",
+            "ctl",
+            "conntrack",
+            "--limit",
+            "5",
+            "--admin",
+            "[::1]:9900",
+        ]);
+        assert_eq!(admin, "[::1]:9900");
+        assert!(matches!(what, CtlWhat::Conntrack { limit: 5, .. }));
+    }
+
+    #[test]
+    fn ctl_admin_defaults_to_loopback() {
+        // The environment variable would override the default.
+        if std::env::var_os("SERVICEGATE_ADMIN").is_none() {
+            let (admin, json, _) = ctl(&["servicegate", "ctl", "services"]);
+            assert_eq!(admin, "127.0.0.1:9900");
+            assert!(!json);
+        }
+    }
 }

@@ -11,7 +11,6 @@
 //! `configs/lab/services.yaml: document 2 (Service default/web): spec.ports[0].port:
 //! invalid type: string "http", expected i32`.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -23,16 +22,17 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
-use crate::model::{Model, ObjectKey};
+use crate::model::{Model, ObjectKey, ObjectKind};
 
 /// Why a manifest path could not be loaded. `Display` is the one-line message for users.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("{}: {source}", path.display())]
+    /// The reason is part of the message and not an error `source`, so that chains
+    /// (`{:#}`) print it once.
+    #[error("{}: {}", path.display(), crate::config::io_reason(error))]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A document is not valid YAML/JSON, or an object does not match its schema.
     #[error("{}: {location}: {message}", path.display())]
@@ -76,9 +76,9 @@ pub fn load(path: &Path) -> Result<Loaded, ManifestError> {
     let files = manifest_files(path)?;
     let mut loader = Loader::default();
     for file in &files {
-        let text = std::fs::read_to_string(file).map_err(|source| ManifestError::Io {
+        let text = std::fs::read_to_string(file).map_err(|error| ManifestError::Io {
             path: file.clone(),
-            source,
+            error,
         })?;
         loader.load_text(file, &text)?;
     }
@@ -109,9 +109,9 @@ fn is_manifest(path: &Path) -> bool {
 
 /// The manifest files of `path`: itself, or a directory's manifest files sorted by name.
 pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
-    let io = |source| ManifestError::Io {
+    let io = |error| ManifestError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     if !meta.is_dir() {
@@ -141,10 +141,10 @@ pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 
 #[derive(Default)]
 struct Loader {
+    /// Its `origins` say where each object was first defined, for duplicate errors and
+    /// for the compiler's warnings.
     model: Model,
     skipped: Vec<String>,
-    /// Where each object was first defined, for duplicate errors.
-    origins: BTreeMap<(&'static str, ObjectKey), String>,
 }
 
 /// apiVersion, kind, namespace/name of a document, as far as they can be read.
@@ -263,14 +263,20 @@ impl Loader {
             ("v1", "Service") => {
                 let mut service: Service =
                     typed(value).map_err(|m| parse_error(described.clone(), m))?;
-                let key = self.key_of(path, &described, "Service", &mut service.metadata)?;
+                let key =
+                    self.key_of(path, &described, ObjectKind::Service, &mut service.metadata)?;
                 self.model.services.insert(key, Arc::new(service));
                 Ok(())
             }
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 let mut slice: EndpointSlice =
                     typed(value).map_err(|m| parse_error(described.clone(), m))?;
-                let key = self.key_of(path, &described, "EndpointSlice", &mut slice.metadata)?;
+                let key = self.key_of(
+                    path,
+                    &described,
+                    ObjectKind::EndpointSlice,
+                    &mut slice.metadata,
+                )?;
                 self.model.endpoint_slices.insert(key, Arc::new(slice));
                 Ok(())
             }
@@ -295,7 +301,7 @@ impl Loader {
         &mut self,
         path: &Path,
         described: &str,
-        kind: &'static str,
+        kind: ObjectKind,
         metadata: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     ) -> Result<ObjectKey, ManifestError> {
         let namespace = metadata
@@ -313,7 +319,7 @@ impl Loader {
         };
         let key = ObjectKey::new(namespace, name);
         let here = format!("{}: {described}", path.display());
-        if let Some(first) = self.origins.get(&(kind, key.clone())) {
+        if let Some(first) = self.model.origins.get(&(kind, key.clone())) {
             return Err(ManifestError::Duplicate {
                 path: path.to_owned(),
                 location: described.to_owned(),
@@ -321,7 +327,7 @@ impl Loader {
                 first: first.clone(),
             });
         }
-        self.origins.insert((kind, key.clone()), here);
+        self.model.origins.insert((kind, key.clone()), here);
         Ok(key)
     }
 }
@@ -346,9 +352,9 @@ fn fingerprint(path: &Path) -> Result<u64, ManifestError> {
     let mut hasher = DefaultHasher::new();
     for file in &files {
         file.hash(&mut hasher);
-        let bytes = std::fs::read(file).map_err(|source| ManifestError::Io {
+        let bytes = std::fs::read(file).map_err(|error| ManifestError::Io {
             path: file.clone(),
-            source,
+            error,
         })?;
         bytes.hash(&mut hasher);
     }

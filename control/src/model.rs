@@ -32,9 +32,46 @@ impl std::fmt::Display for ObjectKey {
     }
 }
 
+/// The kinds of object a model holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectKind {
+    Service,
+    EndpointSlice,
+}
+
+impl ObjectKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Service => "Service",
+            ObjectKind::EndpointSlice => "EndpointSlice",
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Everything a source knows at one instant.
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     pub services: BTreeMap<ObjectKey, Arc<Service>>,
     pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    /// Where each object was read from, as messages name it
+    /// (`services.yaml: document 2 (Service lab/web)`), so that a warning about an object
+    /// names its file. The `files` source fills it; the `kubernetes` source has no files.
+    pub origins: BTreeMap<(ObjectKind, ObjectKey), String>,
+}
+
+impl Model {
+    /// How messages name an object: where it was read from when known, else
+    /// `Kind namespace/name`.
+    pub fn describe(&self, kind: ObjectKind, key: &ObjectKey) -> String {
+        match self.origins.get(&(kind, key.clone())) {
+            Some(origin) => origin.clone(),
+            None => format!("{kind} {key}"),
+        }
+    }
 }

@@ -15,6 +15,11 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
+/// The warnings of a compilation as they are printed.
+fn warning_lines(c: &Compiled) -> Vec<String> {
+    c.warnings.iter().map(ToString::to_string).collect()
+}
+
 /// A model from multi-document YAML (Services and EndpointSlices only).
 fn model(yaml: &str) -> Model {
     let mut model = Model::default();
@@ -173,6 +178,72 @@ endpoints: [{addresses: [10.244.1.2]}]
     assert!(c.snapshot.frontends.is_empty());
     assert!(c.snapshot.service_addresses.is_empty());
     assert_eq!(c.stats.services, 0);
+    assert!(
+        c.warnings.is_empty(),
+        "headless and ExternalName Services are valid, not warned about: {:?}",
+        c.warnings
+    );
+}
+
+#[test]
+fn invalid_values_are_warned_with_their_field_path_and_ignored() {
+    let c = compile(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: bad, namespace: lab}
+spec:
+  type: LoadBalancer
+  clusterIPs: [10.96.0.10, 10.96.0.300]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: -1}}
+  ports:
+    - {name: http, port: 80, protocol: TPC}
+    - {name: big, port: 70000}
+    - {name: web, port: 8080, nodePort: 70000}
+    - {name: web, port: 8081}
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.1}, {ip: not-an-ip}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: bad-1
+  namespace: lab
+  labels: {kubernetes.io/service-name: bad}
+addressType: IPv4
+ports: [{name: web, port: 70000}, {name: web, port: 9376}]
+endpoints: [{addresses: [10.244.1.300]}, {addresses: [10.244.1.2]}]
+"#,
+    );
+    assert_eq!(
+        warning_lines(&c),
+        vec![
+            r#"Service lab/bad: spec.clusterIPs[1]: "10.96.0.300" is not an IP address, ignored"#,
+            "Service lab/bad: spec.sessionAffinityConfig.clientIP.timeoutSeconds: -1 is not positive; using 10800",
+            r#"Service lab/bad: status.loadBalancer.ingress[1].ip: "not-an-ip" is not an IP address, ignored"#,
+            r#"Service lab/bad: spec.ports[0].protocol: "TPC" is not TCP, UDP or SCTP, the port is ignored"#,
+            "Service lab/bad: spec.ports[1].port: 70000 is outside 1..=65535, the port is ignored",
+            "EndpointSlice lab/bad-1: ports[0].port: 70000 is outside 1..=65535, ignored",
+            r#"EndpointSlice lab/bad-1: endpoints[0].addresses[0]: "10.244.1.300" is not an IPv4 address, the endpoint is ignored"#,
+            "Service lab/bad: spec.ports[2].nodePort: 70000 is outside 1..=65535, ignored",
+            r#"Service lab/bad: spec.ports[3]: port "web"/TCP is listed twice, this one is ignored"#,
+        ]
+    );
+    assert!(c.warnings.iter().all(|w| w.invalid), "{:?}", c.warnings);
+    // What is valid is still served: run ignores only the invalid parts.
+    let s = &c.snapshot;
+    assert_eq!(
+        backends(fe(s, "10.96.0.10", Tcp, 8080)),
+        vec![("10.244.1.2".into(), 9376, Ready)]
+    );
+    assert!(has_fe(s, "192.0.2.1", Tcp, 8080));
+    assert!(!has_fe(s, "10.96.0.10", Tcp, 80), "the TPC port is ignored");
+    assert!(
+        s.node_ports.is_empty(),
+        "the out-of-range nodePort is ignored"
+    );
 }
 
 #[test]
@@ -440,13 +511,13 @@ spec:
         s.service_addresses.get(&ip("198.51.100.7")),
         Some(&FrontendKind::ExternalIp)
     );
-    assert!(
-        c.warnings
-            .iter()
-            .any(|w| w.contains("default/ext") && w.contains("not-an-ip")),
-        "{:?}",
-        c.warnings
+    assert_eq!(
+        warning_lines(&c),
+        vec![
+            r#"Service default/ext: spec.externalIPs[1]: "not-an-ip" is not an IP address, ignored"#
+        ]
     );
+    assert!(c.warnings[0].invalid, "an invalid value: check fails on it");
 }
 
 #[test]
@@ -896,11 +967,49 @@ endpoints:
         fa.backends.maglev, fb.backends.maglev,
         "same set → same table on every gateway"
     );
-    // Two usable endpoints: the smallest prime ≥ 100 × 2 (and ≥ MIN_TABLE_SIZE), under
-    // the configured 251.
-    let expected = MaglevTable::build(&[(ip("10.0.0.1"), 8080), (ip("10.0.0.3"), 8080)], 211);
+    // Two usable endpoints, the configured size.
+    let expected = MaglevTable::build(&[(ip("10.0.0.1"), 8080), (ip("10.0.0.3"), 8080)], 251);
     assert_eq!(fa.backends.maglev, expected);
-    assert_eq!(fa.backends.maglev.size(), 211);
+    assert_eq!(fa.backends.maglev.size(), 251);
+}
+
+/// Item 14: a change of the set moves as few flows as possible. One of `n` endpoints
+/// leaves: its slots go to the others, and (Maglev's bound) at most a few percent of the
+/// other slots change hands.
+#[test]
+fn item_14_an_endpoint_leaving_moves_little_more_than_its_own_flows() {
+    for n in [3usize, 5, 10, 25] {
+        let before = compile(&sized(n));
+        let after = compile(&sized(n - 1));
+        let (a, b) = (
+            &fe(&before.snapshot, "10.96.0.10", Tcp, 80).backends,
+            &fe(&after.snapshot, "10.96.0.10", Tcp, 80).backends,
+        );
+        assert_eq!(a.maglev.size(), b.maglev.size(), "{n}: one table size");
+        // `sized(n - 1)` is `sized(n)` without its last endpoint.
+        let gone = (n - 1) as u32;
+        let addr = |set: &dataplane::snapshot::BackendSet, slot: u32| {
+            let backend = &set.backends[set.usable[slot as usize] as usize];
+            (backend.addr, backend.port)
+        };
+        let (mut kept, mut moved) = (0usize, 0usize);
+        for (&was, &is) in a.maglev.slots().iter().zip(b.maglev.slots()) {
+            if was == gone {
+                continue;
+            }
+            if addr(a, was) == addr(b, is) {
+                kept += 1;
+            } else {
+                moved += 1;
+            }
+        }
+        let share = moved as f64 / (kept + moved) as f64;
+        assert!(
+            share < 0.03,
+            "{n} endpoints: {:.1} % of the remaining flows moved",
+            share * 100.0
+        );
+    }
 }
 
 /// A Service `s` with `n` ready endpoints 10.1.x.y:8080.
@@ -919,7 +1028,7 @@ fn sized(n: usize) -> String {
 }
 
 #[test]
-fn maglev_table_sized_per_set_and_capped_by_the_configured_size() {
+fn maglev_table_is_the_configured_size_below_it() {
     let size = |n: usize, configured: u32| {
         let c = compile_with(
             CompileOptions {
@@ -932,11 +1041,9 @@ fn maglev_table_sized_per_set_and_capped_by_the_configured_size() {
         assert_eq!(set.usable.len(), n);
         set.maglev.size() as u32
     };
-    // Smallest prime ≥ max(100 × n, 211) below the configured size.
-    assert_eq!(size(1, 16381), 211);
-    assert_eq!(size(25, 16381), 2503);
-    assert_eq!(size(100, 16381), 10007);
-    // Capped: 200 endpoints would want 20,011 slots.
+    // The configured size, whatever the count below it.
+    assert_eq!(size(1, 16381), 16381);
+    assert_eq!(size(25, 16381), 16381);
     assert_eq!(size(200, 16381), 16381);
     // More usable endpoints than the configured size: next prime ≥ 100 × n regardless.
     assert_eq!(size(20, 13), 2003);
@@ -959,11 +1066,13 @@ fn maglev_table_size_not_prime_is_warned_and_corrected() {
     };
     let c = compile_with(options, WEB);
     assert!(
-        c.warnings.iter().any(|w| w.contains("1000")),
+        c.warnings
+            .iter()
+            .any(|w| w.to_string().contains("1000") && !w.invalid),
         "{:?}",
         c.warnings
     );
-    // 1000 → 1009 caps the tables: 20 usable endpoints would want 2003 slots.
+    // 1000 → 1009, the size of every table.
     let c = compile_with(
         CompileOptions {
             maglev_table_size: 1000,
@@ -1140,8 +1249,12 @@ fn item_18_itp_local_without_node_mapping_is_cluster() {
     let f = fe(&c.snapshot, "10.96.0.10", Tcp, 80);
     assert!(matches!(f.internal_policy, InternalPolicy::Cluster));
     assert_eq!(
-        c.warnings,
+        warning_lines(&c),
         vec!["internalTrafficPolicy: Local on lab/local treated as Cluster: no pod_routes name a node"]
+    );
+    assert!(
+        !c.warnings[0].invalid,
+        "a decision on valid input, not an error"
     );
 }
 
@@ -1191,13 +1304,13 @@ status:
     assert!(fe(s, "10.96.0.10", Tcp, 80).source_ranges.is_empty());
     assert!(fe(s, "198.51.100.7", Tcp, 80).source_ranges.is_empty());
     assert!(s.node_ports[&(Tcp, 30080)].source_ranges.is_empty());
-    assert!(
-        c.warnings
-            .iter()
-            .any(|w| w.contains("lab/fw") && w.contains("bogus/99")),
-        "{:?}",
-        c.warnings
+    assert_eq!(
+        warning_lines(&c),
+        vec![
+            r#"Service lab/fw: spec.loadBalancerSourceRanges[2]: "bogus/99" is not a CIDR, ignored"#
+        ]
     );
+    assert!(c.warnings[0].invalid);
 }
 
 #[test]
@@ -1227,10 +1340,10 @@ spec:
     assert_eq!(&*fe(s, "198.51.100.7", Tcp, 80).service.name, "old");
     assert_eq!(&*s.node_ports[&(Tcp, 30080)].service.name, "old");
     assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
-    assert!(c
-        .warnings
-        .iter()
-        .all(|w| w.contains("default/young") && w.contains("default/old")));
+    assert!(c.warnings.iter().all(|w| {
+        let line = w.to_string();
+        line.contains("default/young") && line.contains("default/old") && !w.invalid
+    }));
     assert_eq!(s.frontend_count, 4);
 }
 

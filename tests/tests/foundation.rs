@@ -259,6 +259,19 @@ fn check_names_the_key_of_a_broken_config() {
             format!("{good}maglev:\n  table_size: 1000\n"),
             "maglev.table_size",
         ),
+        (
+            "missing manifest path",
+            good.replace(&lab_manifests(), "/nonexistent/manifests"),
+            "services.path: /nonexistent/manifests: no such file or directory",
+        ),
+        (
+            "unreadable kubeconfig",
+            good.replace(
+                &format!("source: files\n  path: {}", lab_manifests()),
+                "source: kubernetes\n  kubeconfig: /nonexistent/kc",
+            ),
+            "services.kubeconfig: /nonexistent/kc: no such file or directory",
+        ),
     ];
     for (what, text, expected) in cases {
         let path = dir.path().join("broken.yaml");
@@ -285,4 +298,40 @@ fn check_names_the_key_of_a_broken_config() {
         );
     }
     let _ = sh_any("true", &[]);
+}
+
+#[test]
+fn check_names_the_file_object_and_field_of_an_invalid_manifest_value() {
+    let dir = TempDir::new("invalid-manifest");
+    let manifests = dir.path().join("services.yaml");
+    std::fs::write(
+        &manifests,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: lab}\nspec:\n  clusterIP: 10.96.0.300\n  ports: [{port: 80}]\n",
+    )
+    .expect("write");
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "ports:\n  - name: uplink\n    device: net_tap0\n    role: uplink\nservices:\n  source: files\n  path: {}\n",
+            manifests.display()
+        ),
+    )
+    .expect("write");
+    let output = Command::new(servicegate_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run check");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "check accepted it: {stderr}");
+    let expected = format!(
+        "{}: document 1 (Service lab/web): spec.clusterIP: \"10.96.0.300\" is not an IP address",
+        manifests.display()
+    );
+    assert!(
+        stderr.contains(&expected),
+        "expected {expected:?} in: {stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }

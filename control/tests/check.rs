@@ -1,0 +1,241 @@
+//! What `servicegate check` and `run` refuse before anything starts, and how they say it:
+//! one line naming the file, the key or object and field, and what is wrong.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use control::config::Config;
+
+/// A fresh, empty directory under the system temp dir.
+fn temp_dir(tag: &str) -> PathBuf {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "servicegate-check-{tag}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A valid config up to its `services` section (core 0 exists on every machine).
+const PORTS: &str = "cores: {control: 0, workers: [0]}
+ports:
+  - name: uplink
+    device: net_null0
+    role: uplink
+    addresses: [192.0.2.1/24]
+";
+
+/// Writes `gateway.yaml` (PORTS + `services`) into `dir` and loads it.
+fn load(dir: &Path, services: &str) -> (PathBuf, Config) {
+    let path = dir.join("gateway.yaml");
+    std::fs::write(&path, format!("{PORTS}services:\n{services}")).unwrap();
+    let config = Config::load(&path).expect("the config itself is valid");
+    (path, config)
+}
+
+const WEB: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: lab}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}]
+"#;
+
+#[test]
+fn a_config_error_names_the_key_path_once() {
+    let text =
+        PORTS.replace("192.0.2.1/24", "192.0.2.300/24") + "services: {source: files, path: lab}\n";
+    let err = Config::parse(&text, "gateway.yaml").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "gateway.yaml: ports[0].addresses[0]: invalid IP address syntax at line 6 column 17"
+    );
+    let text = PORTS.replace("role: uplink", "role: uplink\n    colour: blue")
+        + "services: {source: files, path: lab}\n";
+    let err = Config::parse(&text, "gateway.yaml").unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("gateway.yaml: ports[0]: unknown field `colour`, expected one of"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_manifest_path_that_cannot_be_read_is_a_one_line_config_error() {
+    let dir = temp_dir("path");
+    let (config_path, config) = load(&dir, "  source: files\n  path: missing\n");
+    let err = config.check_service_source(&config_path).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: services.path: {}: no such file or directory",
+            config_path.display(),
+            dir.join("missing").display()
+        )
+    );
+
+    // A manifest file, or a directory of them, that exists is fine.
+    std::fs::write(dir.join("web.yaml"), WEB).unwrap();
+    let (config_path, config) = load(&dir, "  source: files\n  path: web.yaml\n");
+    config.check_service_source(&config_path).expect("a file");
+    let (config_path, config) = load(&dir, "  source: files\n  path: .\n");
+    config
+        .check_service_source(&config_path)
+        .expect("a directory");
+}
+
+#[test]
+fn a_kubeconfig_that_cannot_be_read_is_a_one_line_config_error() {
+    let dir = temp_dir("kubeconfig");
+    let (config_path, config) = load(
+        &dir,
+        "  source: kubernetes\n  kubeconfig: /nonexistent/kc\n",
+    );
+    let err = config.check_service_source(&config_path).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: services.kubeconfig: /nonexistent/kc: no such file or directory",
+            config_path.display()
+        )
+    );
+
+    let not_yaml = dir.join("not-yaml");
+    std::fs::write(&not_yaml, "clusters: [unclosed\n").unwrap();
+    let (config_path, config) = load(
+        &dir,
+        &format!(
+            "  source: kubernetes\n  kubeconfig: {}\n",
+            not_yaml.display()
+        ),
+    );
+    let err = config
+        .check_service_source(&config_path)
+        .unwrap_err()
+        .to_string();
+    let expected = format!(
+        "{}: services.kubeconfig: {}: not a kubeconfig: ",
+        config_path.display(),
+        not_yaml.display()
+    );
+    assert!(err.starts_with(&expected), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: 'http://127.0.0.1:1'}}]
+users: [{name: u, user: {}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+",
+    )
+    .unwrap();
+    let (config_path, config) = load(
+        &dir,
+        &format!(
+            "  source: kubernetes\n  kubeconfig: {}\n",
+            kubeconfig.display()
+        ),
+    );
+    config.check_service_source(&config_path).expect("readable");
+    // Without one the client configuration is inferred when the source starts.
+    let (config_path, config) = load(&dir, "  source: kubernetes\n");
+    config.check_service_source(&config_path).expect("inferred");
+}
+
+#[test]
+fn a_missing_manifest_path_is_named_once() {
+    let missing = temp_dir("missing").join("nonexist");
+    let err = anyhow::Error::from(control::manifests::load(&missing).unwrap_err());
+    assert_eq!(
+        format!("{err:#}"),
+        format!("{}: no such file or directory", missing.display())
+    );
+}
+
+#[test]
+fn check_fails_on_an_invalid_value_naming_the_file_document_object_and_field() {
+    let dir = temp_dir("invalid");
+    let manifests = dir.join("services.yaml");
+    std::fs::write(
+        &manifests,
+        format!(
+            "{}---\n{}",
+            WEB.replace("web", "other")
+                .replace("10.96.0.10", "10.96.0.11"),
+            WEB.replace("10.96.0.10", "10.96.0.300")
+        ),
+    )
+    .unwrap();
+    let (_, config) = load(&dir, "  source: files\n  path: services.yaml\n");
+    let err = control::app::check(&config).unwrap_err();
+    assert_eq!(
+        format!("{err:#}"),
+        format!(
+            "{}: document 2 (Service lab/web): spec.clusterIP: \"10.96.0.300\" is not an IP address, ignored",
+            manifests.display()
+        )
+    );
+
+    let misspelt = WEB
+        .replace("10.96.0.10", "10.96.0.12")
+        .replace("port: 80}", "port: 80, protocol: TPC}");
+    std::fs::write(&manifests, misspelt).unwrap();
+    let err = control::app::check(&config).unwrap_err();
+    assert_eq!(
+        format!("{err:#}"),
+        format!(
+            "{}: document 1 (Service lab/web): spec.ports[0].protocol: \"TPC\" is not TCP, UDP or SCTP, the port is ignored",
+            manifests.display()
+        )
+    );
+}
+
+#[test]
+fn check_accepts_what_is_valid_but_not_served() {
+    let dir = temp_dir("valid");
+    std::fs::write(
+        dir.join("services.yaml"),
+        format!(
+            r#"{WEB}---
+apiVersion: v1
+kind: Service
+metadata: {{name: headless, namespace: lab}}
+spec:
+  clusterIP: None
+  ports: [{{port: 80}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: external, namespace: lab}}
+spec:
+  type: ExternalName
+  externalName: example.com
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: dual, namespace: lab}}
+spec:
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20, "fd00::20"]
+  ipFamilies: [IPv4, IPv6]
+  externalIPs: ["2001:db8::7"]
+  ports: [{{port: 80}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: lab}}
+spec: {{replicas: 3}}
+"#
+        ),
+    )
+    .unwrap();
+    let (_, config) = load(&dir, "  source: files\n  path: services.yaml\n");
+    control::app::check(&config).expect("notes are not errors");
+}
