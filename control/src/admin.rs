@@ -1584,7 +1584,19 @@ pub fn explain(
         }
     }
 
-    let (snat_detail, src_text) = if f.masquerade {
+    // Hairpin: a backend answering itself from the VIP's own address would reply to
+    // itself, so the pipeline masquerades whatever the policy.
+    let hairpin = backend.addr == flow.src;
+    let masquerade = f.masquerade || hairpin;
+    let (snat_detail, src_text) = if hairpin {
+        (
+            format!(
+                "hairpin: the client {} is the chosen endpoint, so the source becomes a gateway SNAT address and a port allocated by the owning worker",
+                flow.src
+            ),
+            "<snat-address>:<snat-port>".to_string(),
+        )
+    } else if f.masquerade {
         (
             match f.kind {
                 FrontendKind::ClusterIp => "masquerade: the source becomes a gateway SNAT address and a port allocated by the owning worker, so replies return through the gateway".to_string(),
@@ -1609,7 +1621,9 @@ pub fn explain(
     };
     steps.push(step(
         "snat",
-        if f.masquerade {
+        if hairpin {
+            "hairpin"
+        } else if masquerade {
             "masquerade"
         } else {
             "keep-source"
@@ -1629,7 +1643,7 @@ pub fn explain(
     ));
     out["verdict"] = json!("forward");
     out["backend"] = json!({ "address": backend.addr.to_string(), "port": backend.port, "state": backend.state.as_str() });
-    out["snat"] = json!({ "masquerade": f.masquerade, "client_address_preserved": !f.masquerade });
+    out["snat"] = json!({ "masquerade": masquerade, "hairpin": hairpin, "client_address_preserved": !masquerade });
     out["translation"] = json!({ "from": flow.to_string(), "to": translated });
     add_egress(&mut out, &mut steps, snapshot, routing, backend.addr);
     out["steps"] = json!(steps);

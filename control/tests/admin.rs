@@ -829,6 +829,8 @@ async fn trace_load_balancer_source_ranges_and_affinity() {
     );
     assert_eq!(v["snat"]["client_address_preserved"], true);
     assert_eq!(v["affinity"]["predictable"], false);
+    // With ClientIP affinity the pick hashes the client address alone, as the pipeline does.
+    assert_eq!(v["maglev"]["hash_of"], "client address");
     let all = steps(&v);
     assert!(all.contains(&("source_ranges".to_string(), "allow".to_string())));
     assert!(all.contains(&("session_affinity".to_string(), "maybe".to_string())));
@@ -837,6 +839,38 @@ async fn trace_load_balancer_source_ranges_and_affinity() {
     let v = get_json(&h, &trace_path("tcp 192.0.2.1:50000 -> 203.0.113.10:443")).await;
     assert_eq!(v["verdict"], "drop");
     assert_eq!(v["drop_reason"], "source_range");
+}
+
+/// A backend reaching its own Service, picked for itself: masqueraded whatever the policy
+/// (kube-semantics item 19), and the trace says why.
+#[tokio::test]
+async fn trace_names_a_hairpin() {
+    let h = start().await;
+    let s = snapshot();
+    let f = s
+        .match_frontend(ip("10.96.0.10"), Protocol::Tcp, 80)
+        .unwrap();
+    assert!(!f.masquerade);
+    let sport = (40000..41000u16)
+        .find(|&port| {
+            let key = FlowKey::new(PROTO_TCP, ip("10.244.1.5"), port, ip("10.96.0.10"), 80);
+            f.backends.pick(flow_hash(&key)).unwrap().addr == ip("10.244.1.5")
+        })
+        .expect("some port picks the client itself");
+    let v = get_json(
+        &h,
+        &trace_path(&format!("tcp 10.244.1.5:{sport} -> 10.96.0.10:80")),
+    )
+    .await;
+    assert_eq!(v["backend"]["address"], "10.244.1.5");
+    assert_eq!(v["snat"]["hairpin"], true);
+    assert_eq!(v["snat"]["masquerade"], true);
+    assert_eq!(v["snat"]["client_address_preserved"], false);
+    assert!(steps(&v).contains(&("snat".to_string(), "hairpin".to_string())));
+    assert_eq!(
+        v["translation"]["to"],
+        "tcp <snat-address>:<snat-port> -> 10.244.1.5:8080"
+    );
 }
 
 #[tokio::test]
