@@ -30,6 +30,17 @@ pub fn check(config: &Config) -> anyhow::Result<()> {
         config.services.source
     );
     if config.services.source != SourceKind::Files {
+        // The Services are not known offline, so say it for any that may come (item 18).
+        let names_nodes = config
+            .vxlan
+            .as_ref()
+            .is_some_and(|vx| vx.pod_cidrs.iter().any(|p| p.node.is_some()));
+        if !names_nodes {
+            println!(
+                "note: no vxlan.pod_cidrs[].node is configured: Services with \
+                 internalTrafficPolicy: Local will be treated as Cluster"
+            );
+        }
         println!("services come from the Kubernetes API; nothing more to check offline");
         return Ok(());
     }

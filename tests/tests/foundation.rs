@@ -335,3 +335,48 @@ fn check_names_the_file_object_and_field_of_an_invalid_manifest_value() {
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+/// kube-semantics item 18: with the Kubernetes source, Services are unknown offline, so
+/// `check` says up front when no pod CIDR names its node (internalTrafficPolicy: Local
+/// would be treated as Cluster), and stays quiet when one does.
+#[test]
+fn check_says_when_internal_traffic_policy_local_cannot_be_honoured() {
+    let dir = TempDir::new("itp-note");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n",
+    )
+    .expect("write kubeconfig");
+    let config = |pod_cidr: &str| {
+        format!(
+            "ports:\n  - name: cluster\n    device: net_tap0\n    role: cluster\n    addresses: [10.0.0.1/24]\n\
+             vxlan:\n  vni: 1\n  local_vtep: 10.0.0.1\n  pod_cidrs:\n    - {pod_cidr}\n\
+             services:\n  source: kubernetes\n  kubeconfig: {}\n",
+            kubeconfig.display()
+        )
+    };
+    let note = "Services with internalTrafficPolicy: Local will be treated as Cluster";
+    for (pod_cidr, noted) in [
+        ("{cidr: 10.244.1.0/24, vtep: 10.0.0.11}", true),
+        (
+            "{cidr: 10.244.1.0/24, vtep: 10.0.0.11, node: node-1}",
+            false,
+        ),
+    ] {
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(&path, config(pod_cidr)).expect("write config");
+        let output = Command::new(servicegate_bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run check");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{pod_cidr}: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(stdout.contains(note), noted, "{pod_cidr}:\n{stdout}");
+    }
+}
