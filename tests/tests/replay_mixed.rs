@@ -765,6 +765,29 @@ fn replay_with_bursts_held_back_gives_the_same_captures() {
     replay_mixed_capture(0);
 }
 
+/// Runs `servicegate replay` with `inputs` entering on the uplink, in order; its report.
+fn replay(config: &Path, inputs: &[&Path], out_dir: &Path) -> String {
+    let mut command = Command::new(servicegate_bin());
+    command.args(["replay", "--config"]).arg(config);
+    for input in inputs {
+        command
+            .arg("--in")
+            .arg(format!("uplink={}", input.display()));
+    }
+    let output = command
+        .arg("--out-dir")
+        .arg(out_dir)
+        .output()
+        .expect("run servicegate replay");
+    let report = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "replay failed:\n{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    report
+}
+
 fn replay_mixed_capture(overlap_bursts_from: usize) {
     require_root();
     let dir = TempDir::new("mixed");
@@ -775,21 +798,7 @@ fn replay_mixed_capture(overlap_bursts_from: usize) {
     write_pcap(&input_path, &input);
     let out_dir = dir.path().join("out");
     let started = std::time::Instant::now();
-    let output = Command::new(servicegate_bin())
-        .args(["replay", "--config"])
-        .arg(&config)
-        .arg("--in")
-        .arg(format!("uplink={}", input_path.display()))
-        .arg("--out-dir")
-        .arg(&out_dir)
-        .output()
-        .expect("run servicegate replay");
-    let report = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "replay failed:\n{report}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let report = replay(&config, &[&input_path], &out_dir);
     eprintln!(
         "replay of {} frames took {:.2?}:\n{report}",
         input.len(),
@@ -915,23 +924,7 @@ fn replay_with_two_workers_joins_their_captures() {
     write_pcap(&first, &input[..40]);
     write_pcap(&second, &input[40..]);
     let out_dir = dir.path().join("out");
-    let output = Command::new(servicegate_bin())
-        .args(["replay", "--config"])
-        .arg(&config)
-        .arg("--in")
-        .arg(format!("uplink={}", first.display()))
-        .arg("--in")
-        .arg(format!("uplink={}", second.display()))
-        .arg("--out-dir")
-        .arg(&out_dir)
-        .output()
-        .expect("run servicegate replay");
-    let report = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "replay failed:\n{report}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let report = replay(&config, &[&first, &second], &out_dir);
     assert!(report.contains("port uplink: rx 64 tx 0 "), "{report}");
     assert!(report.contains("port cluster: rx 0 tx 64 "), "{report}");
     assert!(report.contains("drops total: 0\n"), "{report}");

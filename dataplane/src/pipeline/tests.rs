@@ -144,6 +144,28 @@ pub(super) fn set_of(backends: &[(&str, u16, EndpointState, Option<&str>)]) -> A
     })
 }
 
+/// `set`'s endpoints, all ready but `which`, which is in `state`.
+fn with_state(set: &BackendSet, which: SocketAddrV4, state: EndpointState) -> Arc<BackendSet> {
+    let addrs: Vec<(String, u16)> = set
+        .backends
+        .iter()
+        .map(|b| (b.addr.to_string(), b.port))
+        .collect();
+    set_of(
+        &addrs
+            .iter()
+            .map(|(a, port)| {
+                let s = if SocketAddrV4::new(ip(a), *port) == which {
+                    state
+                } else {
+                    EndpointState::Ready
+                };
+                (a.as_str(), *port, s, None)
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
 pub(super) fn ready(a: &str, p: u16) -> (&str, u16, EndpointState, Option<&str>) {
     (a, p, EndpointState::Ready, None)
 }
@@ -1884,24 +1906,7 @@ fn serving_terminating_backend_keeps_its_flow() {
         backend: tb,
         ..
     } = web_flow_opened();
-    let states: Vec<(String, u16, EndpointState)> = web0
-        .backends
-        .iter()
-        .map(|b| {
-            let s = if SocketAddrV4::new(b.addr, b.port) == tb {
-                EndpointState::ServingTerminating
-            } else {
-                EndpointState::Ready
-            };
-            (b.addr.to_string(), b.port, s)
-        })
-        .collect();
-    let set2 = set_of(
-        &states
-            .iter()
-            .map(|(a, p, s)| (a.as_str(), *p, *s, None))
-            .collect::<Vec<_>>(),
-    );
+    let set2 = with_state(&web0, tb, EndpointState::ServingTerminating);
     let snap2 = services(2, &set2, &dns());
     let ack = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::ACK, b"data");
     let r = run(&mut p, &snap2, CLUSTER, &ack, 10, &mut stats);
@@ -2711,27 +2716,11 @@ fn not_serving_backend_loses_its_flows() {
         &run(&mut p, &snap1, CLUSTER, &syn, 0, &mut stats).out,
     ))
     .1;
-    let not_serving = |set: &BackendSet, which: SocketAddrV4| {
-        let states: Vec<(String, u16, EndpointState)> = set
-            .backends
-            .iter()
-            .map(|b| {
-                let state = if SocketAddrV4::new(b.addr, b.port) == which {
-                    EndpointState::NotServing
-                } else {
-                    EndpointState::Ready
-                };
-                (b.addr.to_string(), b.port, state)
-            })
-            .collect();
-        set_of(
-            &states
-                .iter()
-                .map(|(a, port, state)| (a.as_str(), *port, *state, None))
-                .collect::<Vec<_>>(),
-        )
-    };
-    let snap2 = services(2, &not_serving(&web0, tb), &not_serving(&dns0, ub));
+    let snap2 = services(
+        2,
+        &with_state(&web0, tb, EndpointState::NotServing),
+        &with_state(&dns0, ub, EndpointState::NotServing),
+    );
     let r = run(&mut p, &snap2, CLUSTER, &q, 10, &mut stats);
     assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
     assert_ne!(sock(&parse(&r.out)).1, ub, "UDP picks a serving backend");
@@ -2772,24 +2761,7 @@ fn port_reuse_after_close_avoids_an_unusable_backend() {
     run(&mut p, &snap1, CLUSTER, &rst, 3, &mut stats);
     // The backend terminates (serving, so its live flows would stay): a reuse of the closed
     // tuple goes elsewhere.
-    let states: Vec<(String, u16, EndpointState)> = web0
-        .backends
-        .iter()
-        .map(|b| {
-            let state = if SocketAddrV4::new(b.addr, b.port) == backend {
-                EndpointState::ServingTerminating
-            } else {
-                EndpointState::Ready
-            };
-            (b.addr.to_string(), b.port, state)
-        })
-        .collect();
-    let set2 = set_of(
-        &states
-            .iter()
-            .map(|(a, port, state)| (a.as_str(), *port, *state, None))
-            .collect::<Vec<_>>(),
-    );
+    let set2 = with_state(&web0, backend, EndpointState::ServingTerminating);
     let snap2 = services(2, &set2, &dns());
     let r = run(&mut p, &snap2, CLUSTER, &syn, 4, &mut stats);
     assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
