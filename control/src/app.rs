@@ -370,6 +370,29 @@ fn looks_like_pci(name: &str) -> bool {
 }
 
 /// The pipeline config of worker `index`: DPDK port ids are only known once EAL probed.
+/// The conntrack timeouts of the config: each key given in seconds, Linux's default for
+/// the others.
+fn conntrack_timeouts(t: &crate::config::TimeoutsConfig) -> Timeouts {
+    let defaults = Timeouts::default();
+    let secs = |v: Option<u64>, d: u64| v.map(|s| s.saturating_mul(SECOND)).unwrap_or(d);
+    Timeouts {
+        tcp_syn_sent: secs(t.tcp_syn_sent, defaults.tcp_syn_sent),
+        tcp_syn_recv: secs(t.tcp_syn_recv, defaults.tcp_syn_recv),
+        tcp_established: secs(t.tcp_established, defaults.tcp_established),
+        tcp_fin_wait: secs(t.tcp_fin_wait, defaults.tcp_fin_wait),
+        tcp_close_wait: secs(t.tcp_close_wait, defaults.tcp_close_wait),
+        tcp_last_ack: secs(t.tcp_last_ack, defaults.tcp_last_ack),
+        tcp_time_wait: secs(t.tcp_time_wait, defaults.tcp_time_wait),
+        tcp_close: secs(t.tcp_close, defaults.tcp_close),
+        udp: secs(t.udp, defaults.udp),
+        udp_stream: secs(t.udp_stream, defaults.udp_stream),
+        icmp: secs(t.icmp, defaults.icmp),
+        sctp_unreplied: secs(t.sctp_unreplied, defaults.sctp_unreplied),
+        sctp_established: secs(t.sctp_established, defaults.sctp_established),
+        generic: secs(t.generic, defaults.generic),
+    }
+}
+
 fn pipeline_config(
     config: &Config,
     runtime: &Runtime,
@@ -431,23 +454,7 @@ fn pipeline_config(
             ))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let t = &config.conntrack.timeouts;
-    let defaults = Timeouts::default();
-    let secs = |v: Option<u64>, d: u64| v.map(|s| s * SECOND).unwrap_or(d);
-    let timeouts = Timeouts {
-        tcp_syn_sent: secs(t.tcp_syn_sent, defaults.tcp_syn_sent),
-        tcp_syn_recv: secs(t.tcp_syn_recv, defaults.tcp_syn_recv),
-        tcp_established: secs(t.tcp_established, defaults.tcp_established),
-        tcp_fin_wait: secs(t.tcp_fin_wait, defaults.tcp_fin_wait),
-        tcp_close_wait: secs(t.tcp_close_wait, defaults.tcp_close_wait),
-        tcp_last_ack: secs(t.tcp_last_ack, defaults.tcp_last_ack),
-        tcp_time_wait: secs(t.tcp_time_wait, defaults.tcp_time_wait),
-        tcp_close: secs(t.tcp_close, defaults.tcp_close),
-        udp: secs(t.udp, defaults.udp),
-        udp_stream: secs(t.udp_stream, defaults.udp_stream),
-        icmp: secs(t.icmp, defaults.icmp),
-        ..defaults
-    };
+    let timeouts = conntrack_timeouts(&config.conntrack.timeouts);
     Ok(PipelineConfig {
         ports,
         routes,
@@ -998,7 +1005,29 @@ fn write_empty_pcap(path: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::devarg_mac;
+    use super::{conntrack_timeouts, devarg_mac};
+    use crate::config::Config;
+    use dataplane::conntrack::{Timeouts, SECOND};
+
+    #[test]
+    fn every_conntrack_timeout_is_configurable() {
+        let config = Config::parse(
+            "ports: [{name: up, device: net_null0, role: uplink}]\n\
+             services: {source: files, path: /}\n\
+             conntrack:\n  timeouts: {tcp_established: 3600, udp: 10, sctp_unreplied: 5, \
+             sctp_established: 60, generic: 20}\n",
+            "gateway.yaml",
+        )
+        .expect("parses");
+        let t = conntrack_timeouts(&config.conntrack.timeouts);
+        let linux = Timeouts::default();
+        assert_eq!(t.tcp_established, 3600 * SECOND);
+        assert_eq!(t.udp, 10 * SECOND);
+        assert_eq!(t.sctp_unreplied, 5 * SECOND);
+        assert_eq!(t.sctp_established, 60 * SECOND);
+        assert_eq!(t.generic, 20 * SECOND);
+        assert_eq!(t.tcp_time_wait, linux.tcp_time_wait, "not given: Linux's");
+    }
 
     #[test]
     fn replay_keeps_the_mac_devarg_of_the_configured_device() {

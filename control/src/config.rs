@@ -359,6 +359,10 @@ pub struct TimeoutsConfig {
     pub udp: Option<u64>,
     pub udp_stream: Option<u64>,
     pub icmp: Option<u64>,
+    pub sctp_unreplied: Option<u64>,
+    pub sctp_established: Option<u64>,
+    /// Any other IP protocol.
+    pub generic: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
