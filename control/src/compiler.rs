@@ -19,7 +19,7 @@
 //! (kube-semantics item 14). A size that followed the endpoint count would reshuffle
 //! nearly every flow on every scale-up or scale-down. A set with as many usable endpoints
 //! as the configured size gets the next prime ≥ 100 × usable (Maglev needs M > N). The
-//! cost is memory: 4 bytes a slot (64 KiB per distinct backend set at 16,381), which a
+//! cost is memory: 2 bytes a slot (32 KiB per distinct backend set at 16,381), which a
 //! cluster of many thousands of Services can lower with a smaller `maglev.table_size`.
 //!
 //! IP families: only IPv4 is compiled today. The family decisions are made in one place
@@ -42,7 +42,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use dataplane::maglev::{is_prime, MaglevTable, DEFAULT_TABLE_SIZE};
+use dataplane::maglev::{is_prime, MaglevTable, DEFAULT_TABLE_SIZE, MAX_BACKENDS};
 use dataplane::snapshot::{
     Backend, BackendSet, EndpointState, Frontend, FrontendKey, FrontendKind, InternalPolicy,
     PodCidrRoute, Protocol, ServicePortName, Snapshot,
@@ -675,11 +675,13 @@ struct Run<'a> {
     /// Sets built or reused in this compilation by a hash of their backends: identical
     /// ports of different Services share one set.
     sets_by_hash: HashMap<u64, Vec<Arc<BackendSet>>>,
-    /// Table size by usable endpoint count (finding a prime is not free).
+    /// Table size by usable endpoint count, for the sets too large for the configured
+    /// size (finding a prime is not free).
     table_sizes: HashMap<usize, u32>,
     warnings: Vec<Warning>,
     stats: CompileStats,
-    /// The configured table size, corrected to a prime: the largest a table gets.
+    /// The configured table size, corrected to a prime: the size of every table whose set
+    /// has fewer usable endpoints.
     table_size: u32,
 }
 
@@ -789,6 +791,13 @@ impl Run<'_> {
             None => {
                 self.stats.backend_sets_built += 1;
                 let usable = usable_indices(&backends);
+                if usable.len() > MAX_BACKENDS {
+                    self.warn(format!(
+                        "a Service port with {} usable endpoints: new connections go to the \
+                         first {MAX_BACKENDS} (by address) only, the most a Maglev table spreads over",
+                        usable.len()
+                    ));
+                }
                 let table_size = self.table_size_for(usable.len());
                 let pairs: Vec<(Ipv4Addr, u16)> = usable
                     .iter()

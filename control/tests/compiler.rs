@@ -987,8 +987,8 @@ fn item_14_an_endpoint_leaving_moves_little_more_than_its_own_flows() {
         );
         assert_eq!(a.maglev.size(), b.maglev.size(), "{n}: one table size");
         // `sized(n - 1)` is `sized(n)` without its last endpoint.
-        let gone = (n - 1) as u32;
-        let addr = |set: &dataplane::snapshot::BackendSet, slot: u32| {
+        let gone = (n - 1) as u16;
+        let addr = |set: &dataplane::snapshot::BackendSet, slot: u16| {
             let backend = &set.backends[set.usable[slot as usize] as usize];
             (backend.addr, backend.port)
         };

@@ -37,11 +37,16 @@ fn permutation(addr: Ipv4Addr, port: u16, size: u32) -> (u32, u32) {
     (offset, skip)
 }
 
+/// Backends a table can spread over: a slot holds a 16-bit index, which halves the
+/// memory of a control plane holding a table of 16,381 slots for each of thousands of
+/// Service ports.
+pub const MAX_BACKENDS: usize = 1 << 16;
+
 /// A Maglev lookup table: `size` slots (a prime), each the index of a backend in the
 /// slice the table was built from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MaglevTable {
-    slots: Box<[u32]>,
+    slots: Box<[u16]>,
 }
 
 impl MaglevTable {
@@ -54,10 +59,13 @@ impl MaglevTable {
     }
 
     /// Weighted Maglev: in each round a backend claims up to its weight in slots, so
-    /// shares are proportional to weights (weight 0 excludes a backend).
+    /// shares are proportional to weights (weight 0 excludes a backend). Backends past
+    /// the first [`MAX_BACKENDS`] are left out (the compiler warns of such a set).
     pub fn build_weighted(backends: &[(Ipv4Addr, u16)], weights: &[u32], size: u32) -> MaglevTable {
         assert_eq!(backends.len(), weights.len(), "one weight per backend");
-        let active: Vec<usize> = (0..backends.len()).filter(|&i| weights[i] > 0).collect();
+        let active: Vec<usize> = (0..backends.len().min(MAX_BACKENDS))
+            .filter(|&i| weights[i] > 0)
+            .collect();
         assert!(size <= u32::MAX / 2, "maglev table size {size} too large");
         if active.is_empty() || size < 2 {
             return MaglevTable::default();
@@ -101,7 +109,8 @@ impl MaglevTable {
             }
         }
         MaglevTable {
-            slots: slots.into_boxed_slice(),
+            // Every slot is filled with an index below MAX_BACKENDS: exact in 16 bits.
+            slots: slots.into_iter().map(|index| index as u16).collect(),
         }
     }
 
@@ -112,7 +121,7 @@ impl MaglevTable {
             return None;
         }
         let slot = (flow_hash % self.slots.len() as u64) as usize;
-        self.slots.get(slot).copied()
+        self.slots.get(slot).map(|&index| u32::from(index))
     }
 
     pub fn size(&self) -> usize {
@@ -124,7 +133,7 @@ impl MaglevTable {
     }
 
     /// The raw slots, for tests and the admin API.
-    pub fn slots(&self) -> &[u32] {
+    pub fn slots(&self) -> &[u16] {
         &self.slots
     }
 }
@@ -158,10 +167,11 @@ mod tests {
     }
 
     /// FNV-1a 64 over the slots (little-endian u32 each): a fingerprint of a whole table.
-    fn fnv1a(slots: &[u32]) -> u64 {
+    fn fnv1a(slots: &[u16]) -> u64 {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for s in slots {
-            for b in s.to_le_bytes() {
+        for &s in slots {
+            // Fingerprinted as u32s, as when the slots were u32: the same golden value.
+            for b in u32::from(s).to_le_bytes() {
                 h ^= u64::from(b);
                 h = h.wrapping_mul(0x0000_0100_0000_01b3);
             }
@@ -199,8 +209,8 @@ mod tests {
 
     // Pinned from the implementation and cross-checked against an independent
     // re-implementation of the same hashes and fill order (Python, during review).
-    const GOLDEN_13: &[u32] = &[2, 0, 1, 1, 0, 0, 1, 1, 2, 2, 0, 2, 0];
-    const GOLDEN_16381_HEAD: &[u32] = &[0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 0, 2, 2];
+    const GOLDEN_13: &[u16] = &[2, 0, 1, 1, 0, 0, 1, 1, 2, 2, 0, 2, 0];
+    const GOLDEN_16381_HEAD: &[u16] = &[0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 0, 2, 2];
     const GOLDEN_16381_FNV: u64 = 0x72e7_2e9f_9920_0465;
 
     #[test]
@@ -308,5 +318,20 @@ mod tests {
         assert_eq!(counts[0] + counts[2], 13);
         assert!(counts[2] >= 3 * counts[0] - 3, "{counts:?}");
         assert!(MaglevTable::build_weighted(&set, &[0, 0, 0], 13).is_empty());
+    }
+
+    /// A slot holds a 16-bit index: a set larger than that spreads over its first
+    /// [`MAX_BACKENDS`] backends, every slot filled, none out of range.
+    #[test]
+    fn a_set_past_the_index_width_uses_its_first_backends() {
+        let table = MaglevTable::build(&backends(MAX_BACKENDS + 64), 65_609);
+        assert_eq!(table.size(), 65_609);
+        let used: std::collections::HashSet<u16> = table.slots().iter().copied().collect();
+        assert_eq!(
+            used.len(),
+            MAX_BACKENDS,
+            "each of the first ones has a slot"
+        );
+        assert!((0..1000u64).all(|h| table.lookup(h).is_some_and(|i| (i as usize) < MAX_BACKENDS)));
     }
 }
