@@ -174,24 +174,15 @@ fn replay_tx_capture(out_dir: &Path, name: &str, workers: usize, worker: usize) 
 /// Writes the frames of `parts`, in order, into one capture at `into`; the header is the
 /// first part's (every part comes from the same kind of port).
 fn join_captures(parts: &[PathBuf], into: &Path) -> anyhow::Result<u64> {
-    use pcap_file::pcap::{PcapReader, PcapWriter};
-    let open = |path: &Path| -> anyhow::Result<PcapReader<std::io::BufReader<std::fs::File>>> {
-        let file = std::fs::File::open(path).with_context(|| format!("read {}", path.display()))?;
-        PcapReader::new(std::io::BufReader::new(file)).with_context(|| {
-            format!(
-                "{}: not a classic pcap file (pcapng is not supported)",
-                path.display()
-            )
-        })
-    };
+    use pcap_file::pcap::PcapWriter;
     let first = parts.first().ok_or_else(|| anyhow!("no capture to join"))?;
-    let header = open(first)?.header();
+    let header = open_capture(first)?.header();
     let out = std::fs::File::create(into).with_context(|| format!("write {}", into.display()))?;
     let mut writer = PcapWriter::with_header(std::io::BufWriter::new(out), header)
         .with_context(|| format!("write {}", into.display()))?;
     let mut frames = 0;
     for part in parts {
-        let mut reader = open(part)?;
+        let mut reader = open_capture(part)?;
         while let Some(packet) = reader.next_raw_packet() {
             let packet =
                 packet.with_context(|| format!("{}: record {}", part.display(), frames + 1))?;
@@ -815,14 +806,7 @@ async fn serve_control(
 
 /// Counts the frames of a classic pcap file (either byte order, µs or ns timestamps).
 pub fn pcap_frame_count(path: &Path) -> anyhow::Result<u64> {
-    let file = std::fs::File::open(path).with_context(|| format!("read {}", path.display()))?;
-    let mut reader =
-        pcap_file::pcap::PcapReader::new(std::io::BufReader::new(file)).with_context(|| {
-            format!(
-                "{}: not a classic pcap file (pcapng is not supported)",
-                path.display()
-            )
-        })?;
+    let mut reader = open_capture(path)?;
     let mut frames = 0;
     while let Some(packet) = reader.next_raw_packet() {
         packet.with_context(|| format!("{}: record {}", path.display(), frames + 1))?;
@@ -831,10 +815,23 @@ pub fn pcap_frame_count(path: &Path) -> anyhow::Result<u64> {
     Ok(frames)
 }
 
+/// A classic pcap capture, opened for reading; errors name the file.
+fn open_capture(
+    path: &Path,
+) -> anyhow::Result<pcap_file::pcap::PcapReader<std::io::BufReader<std::fs::File>>> {
+    let file = std::fs::File::open(path).with_context(|| format!("read {}", path.display()))?;
+    pcap_file::pcap::PcapReader::new(std::io::BufReader::new(file)).with_context(|| {
+        format!(
+            "{}: not a classic pcap file (pcapng is not supported)",
+            path.display()
+        )
+    })
+}
+
 /// `servicegate replay`.
 pub fn replay(config: Config, inputs: &[String], out_dir: &Path) -> anyhow::Result<()> {
-    // (port index, its input captures in the order given)
-    let mut by_port: Vec<(usize, Vec<PathBuf>)> = Vec::new();
+    // (port index, its input captures in the order given, with their frame counts)
+    let mut by_port: Vec<(usize, Vec<(PathBuf, u64)>)> = Vec::new();
     for input in inputs {
         let (port, file) = input
             .split_once('=')
@@ -843,11 +840,10 @@ pub fn replay(config: Config, inputs: &[String], out_dir: &Path) -> anyhow::Resu
             .port_index(port)
             .ok_or_else(|| anyhow!("--in {input:?}: no port named {port:?} in the config"))?;
         let file = PathBuf::from(file);
-        pcap_frame_count(&file)?;
-        let file = std::fs::canonicalize(&file)?;
+        let capture = (std::fs::canonicalize(&file)?, pcap_frame_count(&file)?);
         match by_port.iter_mut().find(|(i, _)| *i == index) {
-            Some((_, files)) => files.push(file),
-            None => by_port.push((index, vec![file])),
+            Some((_, files)) => files.push(capture),
+            None => by_port.push((index, vec![capture])),
         }
     }
     std::fs::create_dir_all(out_dir).with_context(|| format!("create {}", out_dir.display()))?;
@@ -859,12 +855,13 @@ pub fn replay(config: Config, inputs: &[String], out_dir: &Path) -> anyhow::Resu
     // A port given several captures reads them one after the other, as one capture.
     let mut parsed = Vec::new();
     for (index, files) in by_port {
-        let (file, frames) = if let [file] = files.as_slice() {
-            (file.clone(), pcap_frame_count(file)?)
+        let (file, frames) = if let [capture] = files.as_slice() {
+            capture.clone()
         } else {
             let joined = out_dir.join(format!(".{}.input.pcap", config.ports[index].name));
             scratch.0.push(joined.clone());
-            let frames = join_captures(&files, &joined)?;
+            let parts: Vec<PathBuf> = files.iter().map(|(file, _)| file.clone()).collect();
+            let frames = join_captures(&parts, &joined)?;
             (joined, frames)
         };
         parsed.push((index, file, frames));
