@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -36,6 +36,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+use crate::exposition::Format;
 
 /// How long a worker may take to answer a conntrack request.
 pub const WORKER_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -777,37 +779,50 @@ fn render_metrics(state: &AdminState) -> String {
             buckets,
         },
     );
-    let quantiles = fgauge_family();
-    for q in ["0.5", "0.99", "0.999"] {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode_registry(&mut out, &registry).is_err() {
+        out.clear();
+    }
+    // The quantiles are a summary (the `quantile` label is reserved to summaries);
+    // prometheus_client encodes none, so it is written here, in the same syntax.
+    let _ = writeln!(
+        out,
+        "# HELP servicegate_burst_latency_quantile_seconds Quantiles of the burst processing time since start, all workers\n\
+         # TYPE servicegate_burst_latency_quantile_seconds summary"
+    );
+    for q in [0.5, 0.99, 0.999] {
         let v = if count == 0 {
             0.0
         } else {
-            hist.value_at_quantile(q.parse().unwrap_or(0.5)) as f64 / 1e9
+            hist.value_at_quantile(q) as f64 / 1e9
         };
-        quantiles.get_or_create(&labels(&[("quantile", q)])).set(v);
+        let _ = writeln!(
+            out,
+            "servicegate_burst_latency_quantile_seconds{{quantile=\"{q}\"}} {v}"
+        );
     }
-    registry.register(
-        "servicegate_burst_latency_quantile_seconds",
-        "Quantiles of the burst processing time since start, all workers",
-        quantiles,
+    let _ = writeln!(
+        out,
+        "servicegate_burst_latency_quantile_seconds_sum {sum}\n\
+         servicegate_burst_latency_quantile_seconds_count {count}"
     );
-
-    let mut out = String::new();
-    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
-        out.clear();
-        out.push_str("# encoding failed\n");
-    }
+    let _ = prometheus_client::encoding::text::encode_eof(&mut out);
     out
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let body = render_metrics(&app.state);
+/// OpenMetrics or the classic text format, as the client's `Accept` asks
+/// ([`crate::exposition::negotiate`]).
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let openmetrics = render_metrics(&app.state);
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = crate::exposition::negotiate(accept);
+    let body = match format {
+        Format::OpenMetrics => openmetrics,
+        Format::Text => crate::exposition::openmetrics_to_text(&openmetrics),
+    };
     (
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, format.content_type())],
         body,
     )
         .into_response()

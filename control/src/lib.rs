@@ -7,6 +7,7 @@ pub mod app;
 pub mod compiler;
 pub mod config;
 pub mod ctl;
+pub mod exposition;
 pub mod kube_source;
 pub mod manifests;
 pub mod model;

@@ -1104,3 +1104,106 @@ fn ctl_reports_an_unreachable_gateway() {
         format!("cannot reach the admin API at {addr}: is servicegate running?")
     );
 }
+
+/// GET `path` with an `Accept` header (or none); returns the content type and the body.
+async fn get_accepting(h: &Harness, path: &str, accept: Option<&str>) -> (String, String) {
+    use std::io::{Read, Write};
+    let addr = h.addr;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{}Connection: close\r\n\r\n",
+        accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"))
+    );
+    tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let content_type = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-type: ")
+                    .map(str::to_string)
+            })
+            .unwrap();
+        // axum answers a known length, not chunks.
+        (content_type, body.to_string())
+    })
+    .await
+    .unwrap()
+}
+
+/// `promtool check metrics` (Debian's `prometheus` package) on `text`: its lint must be
+/// silent.
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus; .ci/install-deps does)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const PROMETHEUS_2_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+#[tokio::test]
+async fn metrics_answer_in_the_format_the_client_asks_for_and_pass_promtool() {
+    let h = start().await;
+    // Prometheus 2.x prefers OpenMetrics.
+    let (content_type, openmetrics) =
+        get_accepting(&h, "/metrics", Some(PROMETHEUS_2_ACCEPT)).await;
+    assert!(
+        content_type.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{content_type}"
+    );
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    assert!(openmetrics.contains("# TYPE servicegate_drops counter\n"));
+    assert!(openmetrics.contains("# TYPE servicegate_burst_latency_quantile_seconds summary\n"));
+    check_exposition(&openmetrics);
+    // curl without Accept, `*/*`, and a client asking for 0.0.4 get the classic format.
+    for accept in [
+        None,
+        Some("*/*"),
+        Some("text/plain;version=0.0.4;q=1,*/*;q=0.1"),
+    ] {
+        let (content_type, text) = get_accepting(&h, "/metrics", accept).await;
+        assert_eq!(
+            content_type, "text/plain; version=0.0.4; charset=utf-8",
+            "{accept:?}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(text.contains("# TYPE servicegate_drops_total counter\n"));
+        assert!(text.contains("servicegate_drops_total{reason=\"no_service\"} 4\n"));
+        check_exposition(&text);
+        promtool_check_metrics(&text);
+    }
+    // The two carry the same samples.
+    let samples = |body: &str| -> Vec<String> {
+        let mut v: Vec<String> = body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.rsplit_once(' ').unwrap().0.to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let (_, text) = get_accepting(&h, "/metrics", None).await;
+    assert_eq!(samples(&openmetrics), samples(&text));
+}
