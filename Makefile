@@ -18,6 +18,8 @@ lab-virtio: deps build
 
 test: deps
 	$(CARGO) fmt --all -- --check
+	promtool check rules configs/prometheus/servicegate.rules.yml
+	promtool check config configs/prometheus/prometheus.yml
 	$(CARGO) clippy --release --all-targets -- -D warnings
 	$(CARGO) build --release
 	$(CARGO) test --release --workspace --exclude tests

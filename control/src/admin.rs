@@ -138,6 +138,8 @@ pub struct AdminState {
     /// The route table, for `trace`'s egress port and next hop.
     pub routing: Routing,
     pub tsc_hz: u64,
+    /// Conntrack entries each worker's table holds (`conntrack.capacity`).
+    pub conntrack_capacity: u64,
     /// Per-service and per-backend packet totals (the publisher registers snapshots).
     pub packets: Arc<parking_lot::Mutex<crate::packets::PacketTotals>>,
 }
@@ -156,13 +158,13 @@ struct App {
 }
 
 impl App {
-    /// Samples every worker's published counters; returns the workers stuck for longer
-    /// than [`STUCK_AFTER`] with how long they have been.
-    fn sample_progress(&self) -> Vec<(usize, Duration)> {
+    /// Samples every worker's published counters; returns, per worker, how long its
+    /// counters have not moved (about zero while it polls).
+    fn sample_idle(&self) -> Vec<Duration> {
         let now = Instant::now();
         let mut progress = self.progress.lock();
         progress.resize(self.state.workers.len(), None);
-        let mut stuck = Vec::new();
+        let mut idle = Vec::with_capacity(self.state.workers.len());
         for (i, worker) in self.state.workers.iter().enumerate() {
             let (total_cycles, bursts) = {
                 let s = worker.stats.lock();
@@ -180,12 +182,18 @@ impl App {
                     changed_at: now,
                 };
             }
-            let idle = now.duration_since(entry.changed_at);
-            if idle > STUCK_AFTER {
-                stuck.push((i, idle));
-            }
+            idle.push(now.duration_since(entry.changed_at));
         }
-        stuck
+        idle
+    }
+
+    /// The workers stuck for longer than [`STUCK_AFTER`], with how long they have been.
+    fn sample_progress(&self) -> Vec<(usize, Duration)> {
+        self.sample_idle()
+            .into_iter()
+            .enumerate()
+            .filter(|(_, idle)| *idle > STUCK_AFTER)
+            .collect()
     }
 }
 
@@ -340,11 +348,11 @@ fn fgauge_family() -> Family<Labels, Gauge<f64, AtomicU64>> {
     Family::default()
 }
 
-fn service_label(f: &Frontend) -> String {
+pub(crate) fn service_label(f: &Frontend) -> String {
     format!("{}/{}", f.service.namespace, f.service.name)
 }
 
-fn frontend_label(f: &Frontend) -> String {
+pub(crate) fn frontend_label(f: &Frontend) -> String {
     match f.kind {
         FrontendKind::NodePort => format!("*:{}/{}", f.port, f.protocol),
         _ => format!("{}:{}/{}", f.addr, f.port, f.protocol),
@@ -352,7 +360,7 @@ fn frontend_label(f: &Frontend) -> String {
 }
 
 /// Renders the whole registry; a fresh registry per scrape (cheap at scrape rate).
-fn render_metrics(state: &AdminState) -> String {
+fn render_metrics(state: &AdminState, worker_idle: &[Duration]) -> String {
     let snapshot = state.snapshot.load();
     let per_worker: Vec<WorkerStats> = state
         .workers
@@ -585,6 +593,17 @@ fn render_metrics(state: &AdminState) -> String {
         "Live conntrack entries, per worker shard",
         ct_entries,
     );
+    let ct_capacity = gauge_family();
+    for w in 0..per_worker.len() {
+        ct_capacity
+            .get_or_create(&labels(&[("worker", &w.to_string())]))
+            .set(i64::try_from(state.conntrack_capacity).unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "servicegate_conntrack_capacity",
+        "Conntrack entries a worker shard holds (conntrack.capacity)",
+        ct_capacity,
+    );
     registry.register(
         "servicegate_conntrack_inserts",
         "Conntrack entries created",
@@ -625,6 +644,17 @@ fn render_metrics(state: &AdminState) -> String {
         "servicegate_fast_path_packets",
         "Packets of established flows forwarded by the fast path (the rest take the general path)",
         fast_path,
+    );
+    let stalled = fgauge_family();
+    for (w, idle) in worker_idle.iter().enumerate() {
+        stalled
+            .get_or_create(&labels(&[("worker", &w.to_string())]))
+            .set(idle.as_secs_f64());
+    }
+    registry.register(
+        "servicegate_worker_stalled_seconds",
+        "How long a worker's published counters have not moved (about 0 while it polls; /healthz fails past 2 s)",
+        stalled,
     );
     registry.register(
         "servicegate_worker_snapshot_generation",
@@ -813,7 +843,7 @@ fn render_metrics(state: &AdminState) -> String {
 /// OpenMetrics or the classic text format, as the client's `Accept` asks
 /// ([`crate::exposition::negotiate`]).
 async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let openmetrics = render_metrics(&app.state);
+    let openmetrics = render_metrics(&app.state, &app.sample_idle());
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = crate::exposition::negotiate(accept);
     let body = match format {

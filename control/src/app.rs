@@ -783,6 +783,7 @@ async fn serve_control(
         },
         routing: crate::admin::Routing::from_config(config),
         tsc_hz: dataplane::dpdk::tsc_hz(),
+        conntrack_capacity: config.conntrack.capacity as u64,
         packets: publisher.packets.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.admin.listen)

@@ -401,6 +401,7 @@ async fn start() -> Harness {
         flow_hash,
         routing: routing(true),
         tsc_hz: 2_000_000_000,
+        conntrack_capacity: 4096,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -601,6 +602,8 @@ async fn metrics_have_the_promised_names() {
         "servicegate_port_rx_missed_total{port=\"uplink\"} 17",
         "servicegate_drops_total{reason=\"no_service\"} 4",
         "servicegate_conntrack_entries{worker=\"0\"} 1",
+        "servicegate_conntrack_capacity{worker=\"1\"} 4096",
+        "servicegate_worker_stalled_seconds{worker=\"1\"}",
         "servicegate_conntrack_inserts_total{worker=\"0\"} 9",
         "servicegate_conntrack_evictions_total{worker=\"0\"} 0",
         "servicegate_conntrack_expirations_total{worker=\"0\"} 0",
