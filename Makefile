@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build lab lab-virtio test bench fuzz-build deps
+.PHONY: build lab lab-virtio test bench fuzz-build deps package
 
 deps:
 	bash .ci/install-deps
@@ -22,11 +22,16 @@ test: deps
 	promtool check config configs/prometheus/prometheus.yml
 	$(CARGO) clippy --release --all-targets -- -D warnings
 	$(CARGO) build --release
+	bash .ci/package-check
 	$(CARGO) test --release --workspace --exclude tests
 	# The packet path again with debug assertions and overflow checks on.
 	$(CARGO) test -p dataplane
 	$(CARGO) test --release -p tests -- --test-threads=1
 	$(CARGO) build --release --manifest-path fuzz/Cargo.toml
+
+# target/debian/servicegate_<version>-1_amd64.deb, installed and checked (needs root).
+package: deps build
+	bash .ci/package-check
 
 bench: deps build
 	$(CARGO) run --release -p perf -- --suite quick
