@@ -118,6 +118,8 @@ pub struct SyncInfo {
     pub warnings: Vec<String>,
     /// Services in the last snapshot.
     pub services: usize,
+    /// What the source could not use in the last sync (files source: bad documents).
+    pub source_problems: Vec<crate::model::SourceProblem>,
 }
 
 /// Driver counters of every port, by port name.
@@ -776,6 +778,21 @@ fn render_metrics(state: &AdminState, worker_idle: &[Duration]) -> String {
             "servicegate_sync_warnings",
             "Objects the compiler skipped or served partially in the last sync",
             warnings,
+        );
+        let manifest_errors = gauge_family();
+        for problem in &sync.source_problems {
+            manifest_errors
+                .get_or_create(&vec![
+                    ("file".to_string(), problem.file.clone()),
+                    ("reason".to_string(), problem.reason.to_string()),
+                ])
+                .inc();
+        }
+        registry.register(
+            "servicegate_manifest_errors",
+            "Manifest documents (or objects) the files source currently skips, by file and \
+             reason; a manifest path that cannot be read counts under reason path_unreadable",
+            manifest_errors,
         );
     }
 

@@ -49,10 +49,15 @@ pub fn check(config: &Config) -> anyhow::Result<()> {
     for line in &loaded.skipped {
         println!("note: {line}");
     }
+    // Documents `run` skips (and serves the rest without): errors here.
+    let mut invalid = Vec::new();
+    for problem in loaded.problems() {
+        println!("error: {problem}");
+        invalid.push(problem.to_string());
+    }
     let compiled = Compiler::new(compile_options(config)).compile(&loaded.model);
     // An endpoint's warning comes once per Service port it is merged into: print it once.
     let mut printed = std::collections::HashSet::new();
-    let mut invalid = Vec::new();
     for warning in &compiled.warnings {
         let line = warning.located(&loaded.model);
         if !printed.insert(line.clone()) {
@@ -622,10 +627,17 @@ impl Publisher {
         let _ = self.reclaim.send(old);
         let elapsed = started.elapsed();
         // Warnings name the file and document of their object (files source).
-        let warnings: Vec<String> = compiled
-            .warnings
+        // What the source could not use comes first (files source: bad documents).
+        let warnings: Vec<String> = model
+            .problems
             .iter()
-            .map(|warning| warning.located(model))
+            .map(ToString::to_string)
+            .chain(
+                compiled
+                    .warnings
+                    .iter()
+                    .map(|warning| warning.located(model)),
+            )
             .collect();
         for warning in &warnings {
             tracing::warn!("{warning}");
@@ -640,6 +652,7 @@ impl Publisher {
         let mut sync = self.sync.lock();
         sync.last_sync_seconds = elapsed.as_secs_f64();
         sync.warnings = warnings;
+        sync.source_problems = model.problems.clone();
         sync.services = services;
         drop(sync);
         self.ready.store(true, Ordering::SeqCst);

@@ -262,13 +262,14 @@ pub struct ServicesConfig {
     /// SNAT pod-originated ClusterIP traffic (kube-semantics item 19).
     #[serde(default = "default_true")]
     pub masquerade_cluster_ip: bool,
-    /// Poll interval of the files source, in milliseconds.
+    /// Files source: how often the files' metadata is checked beside inotify (for
+    /// filesystems where inotify misses changes), in milliseconds.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
 }
 
 fn default_poll_ms() -> u64 {
-    100
+    2000
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -484,14 +485,24 @@ impl Config {
 
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let deserializer = serde_yaml::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let mut key = e.path().to_string();
-            let inner = e.into_inner();
-            let mut message = inner.to_string();
-            // serde_yaml starts some messages with the key path it tracks itself: the key,
-            // or for an unknown field its parent (`ports[0]: unknown field `colour``). The
-            // path is printed once, as serde_yaml gave it.
+        // serde-saphyr (maintained, panic-free, with nesting and size budgets) reads the
+        // YAML; serde_path_to_error tracks the key path of a value that does not fit.
+        let mut key = String::new();
+        let options = serde_saphyr::options! { with_snippet: false };
+        let parsed =
+            serde_saphyr::with_deserializer_from_str_with_options(text, options, |deserializer| {
+                serde_path_to_error::deserialize(deserializer).map_err(|e| {
+                    key = e.path().to_string();
+                    e.into_inner()
+                })
+            });
+        let config: Config = parsed.map_err(|error| {
+            // "MESSAGE at line L, column C": the place helps, keep it.
+            let mut message = error.render_with_options(serde_saphyr::render_options! {
+                snippets: serde_saphyr::SnippetMode::Off,
+            });
+            // A message may start with the key path the parser tracks itself: the key, or
+            // for an unknown field its parent. The path is printed once.
             if let Some((prefix, rest)) = message.split_once(": ") {
                 let within = key == prefix
                     || key
@@ -502,16 +513,27 @@ impl Config {
                     message = rest.to_string();
                 }
             }
-            // serde_yaml appends " at line L column C": keep it, it helps.
+            // An unknown field is named by its parent's path: the message names the field.
+            if let Some(field) = message
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split_once('`'))
+                .map(|(field, _)| field)
+            {
+                if let Some(parent) = key.strip_suffix(&format!(".{field}")) {
+                    key = parent.to_string();
+                } else if key == field {
+                    key.clear();
+                }
+            }
             if message.is_empty() {
                 message = "invalid value".into();
             }
             ConfigError {
                 file: file.to_string(),
-                key: if key == "." {
+                key: if key.is_empty() || key == "." {
                     "(top level)".into()
                 } else {
-                    key
+                    key.clone()
                 },
                 message,
             }

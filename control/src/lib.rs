@@ -8,6 +8,7 @@ pub mod compiler;
 pub mod config;
 pub mod ctl;
 pub mod exposition;
+pub mod files_source;
 pub mod kube_source;
 pub mod manifests;
 pub mod model;

@@ -63,6 +63,29 @@ pub struct Model {
     /// (`services.yaml: document 2 (Service lab/web)`), so that a warning about an object
     /// names its file. The `files` source fills it; the `kubernetes` source has no files.
     pub origins: BTreeMap<(ObjectKind, ObjectKey), String>,
+    /// What the source could not use (a manifest document that does not parse, an object
+    /// defined twice, a manifest path that disappeared): everything else is in the model.
+    /// The admin API lists them with the compiler's warnings and counts them per file and
+    /// reason.
+    pub problems: Vec<SourceProblem>,
+}
+
+/// One thing a source could not use, e.g. a manifest document that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceProblem {
+    /// The file it is in (or the manifest path, for a path that cannot be listed).
+    pub file: String,
+    /// A short stable label for metrics: `syntax`, `too_deep`, `too_large`, `not_an_object`,
+    /// `missing_field`, `invalid_field`, `duplicate`, `unreadable`, `path_unreadable`.
+    pub reason: &'static str,
+    /// The one-line message for people, naming the file, the document and the cause.
+    pub message: String,
+}
+
+impl std::fmt::Display for SourceProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 impl Model {

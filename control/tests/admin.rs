@@ -11,6 +11,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use control::admin::{self, AdminState, PortInfo, Routing, SyncInfo};
 use control::ctl::{self, CtlCommand};
+use control::model::SourceProblem;
 use control::packets::PacketTotals;
 use dataplane::conntrack::{Direction, FlowKey, Nat, PROTO_TCP};
 use dataplane::dpdk::{PortStats, QUEUE_STAT_COUNTERS};
@@ -397,6 +398,23 @@ async fn start() -> Harness {
             source: "files".into(),
             warnings: vec!["default/broken: port 0 has no targetPort".into()],
             services: 2,
+            source_problems: vec![
+                SourceProblem {
+                    file: "m/a.yaml".into(),
+                    reason: "syntax",
+                    message: "m/a.yaml: document 2: unexpected end of file".into(),
+                },
+                SourceProblem {
+                    file: "m/a.yaml".into(),
+                    reason: "syntax",
+                    message: "m/a.yaml: document 4: did not find expected ','".into(),
+                },
+                SourceProblem {
+                    file: "m/b.yaml".into(),
+                    reason: "duplicate",
+                    message: "m/b.yaml: document 1 (Service default/web): ...".into(),
+                },
+            ],
         })),
         flow_hash,
         routing: routing(true),
@@ -599,6 +617,8 @@ async fn metrics_have_the_promised_names() {
         "servicegate_port_queue_tx_bytes_total{port=\"cluster\",queue=\"0\"} 38400",
         "servicegate_port_queue_tx_bytes_total{port=\"uplink\",queue=\"1\"} 0",
         "servicegate_port_queue_rx_packets_total{port=\"cluster\",queue=\"1\"} 0",
+        "servicegate_manifest_errors{file=\"m/a.yaml\",reason=\"syntax\"} 2",
+        "servicegate_manifest_errors{file=\"m/b.yaml\",reason=\"duplicate\"} 1",
         "servicegate_port_rx_missed_total{port=\"uplink\"} 17",
         "servicegate_drops_total{reason=\"no_service\"} 4",
         "servicegate_conntrack_entries{worker=\"0\"} 1",

@@ -51,7 +51,7 @@ fn a_config_error_names_the_key_path_once() {
     let err = Config::parse(&text, "gateway.yaml").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "gateway.yaml: ports[0].addresses[0]: invalid IP address syntax at line 6 column 17"
+        "gateway.yaml: ports[0].addresses[0]: invalid IP address syntax at line 6, column 17"
     );
     let text = PORTS.replace("role: uplink", "role: uplink\n    colour: blue")
         + "services: {source: files, path: lab}\n";
@@ -238,4 +238,67 @@ spec: {{replicas: 3}}
     .unwrap();
     let (_, config) = load(&dir, "  source: files\n  path: services.yaml\n");
     control::app::check(&config).expect("notes are not errors");
+}
+
+#[test]
+fn check_lists_every_bad_document_and_the_rest_it_would_serve() {
+    let dir = temp_dir("bad-documents");
+    let manifests = dir.join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("a.yaml"),
+        format!(
+            "{WEB}---\nkind: [unclosed\n---\n{}",
+            WEB.replace("name: web", "name: api")
+                .replace("10.96.0.10", "10.96.0.11")
+                .replace("port: 80", "port: eighty")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        manifests.join("b.yaml"),
+        WEB.replace("name: web", "name: shop")
+            .replace("10.96.0.10", "10.96.0.12"),
+    )
+    .unwrap();
+    let (config_path, config) = load(&dir, "  source: files\n  path: manifests\n");
+    let a = manifests.join("a.yaml").display().to_string();
+    let err = control::app::check(&config).unwrap_err();
+    let message = format!("{err:#}");
+    assert!(
+        message.starts_with(&format!("{a}: document 2: "))
+            && message.ends_with("(and 1 more invalid value(s), listed above)"),
+        "{message}"
+    );
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_servicegate"))
+        .args(["check", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(!output.status.success());
+    assert!(
+        stdout.contains(&format!("error: {a}: document 2: ")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "error: {a}: document 3 (Service lab/api): spec.ports[0].port: invalid type: string \"eighty\", expected i32"
+        )),
+        "{stdout}"
+    );
+    // The Services that load are listed as served.
+    assert!(
+        stdout.contains("10.96.0.10:80") && stdout.contains("10.96.0.12:80"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 service(s)"), "{stdout}");
+
+    // An empty directory is valid and serves nothing.
+    std::fs::remove_file(manifests.join("a.yaml")).unwrap();
+    std::fs::remove_file(manifests.join("b.yaml")).unwrap();
+    control::app::check(&config).expect("an empty directory is no error");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,7 +13,6 @@ use dataplane::snapshot::{
 };
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::Deserialize;
 
 /// The warnings of a compilation as they are printed.
 fn warning_lines(c: &Compiled) -> Vec<String> {
@@ -23,14 +22,15 @@ fn warning_lines(c: &Compiled) -> Vec<String> {
 /// A model from multi-document YAML (Services and EndpointSlices only).
 fn model(yaml: &str) -> Model {
     let mut model = Model::default();
-    for document in serde_yaml::Deserializer::from_str(yaml) {
-        let value = serde_yaml::Value::deserialize(document).expect("valid YAML");
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_str_multiple(yaml).expect("valid YAML");
+    for value in documents {
         if value.is_null() {
             continue;
         }
         match value["kind"].as_str() {
             Some("Service") => {
-                let mut svc: Service = serde_yaml::from_value(value).expect("a Service");
+                let mut svc: Service = serde_json::from_value(value).expect("a Service");
                 let ns = svc
                     .metadata
                     .namespace
@@ -40,7 +40,7 @@ fn model(yaml: &str) -> Model {
             }
             Some("EndpointSlice") => {
                 let mut slice: EndpointSlice =
-                    serde_yaml::from_value(value).expect("an EndpointSlice");
+                    serde_json::from_value(value).expect("an EndpointSlice");
                 let ns = slice
                     .metadata
                     .namespace
@@ -1548,7 +1548,7 @@ impl Lcg {
 }
 
 fn parse_one<T: serde::de::DeserializeOwned>(yaml: &str) -> Arc<T> {
-    Arc::new(serde_yaml::from_str(yaml).expect("valid object"))
+    Arc::new(serde_saphyr::from_str(yaml).expect("valid object"))
 }
 
 /// Service `svc{i}` in namespace `ns{i % 2}`; `variant` changes type, ports and policies.

@@ -5,17 +5,15 @@ use std::path::Path;
 
 use control::config::Config;
 
-fn documents(file: &str) -> Vec<serde_yaml::Value> {
+fn documents(file: &str) -> Vec<serde_json::Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../configs/deploy")
         .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{file}: {e}")))
-        .collect()
+    serde_saphyr::from_str_multiple(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
-fn kinds(docs: &[serde_yaml::Value]) -> Vec<String> {
+fn kinds(docs: &[serde_json::Value]) -> Vec<String> {
     docs.iter()
         .map(|d| d["kind"].as_str().expect("kind").to_string())
         .collect()
@@ -33,8 +31,8 @@ fn rbac_grants_list_and_watch_of_services_endpointslices_and_nodes() {
             "ClusterRoleBinding"
         ]
     );
-    let rules = docs[2]["rules"].as_sequence().unwrap();
-    let text = serde_yaml::to_string(rules).unwrap();
+    let rules = docs[2]["rules"].as_array().unwrap();
+    let text = serde_json::to_string(rules).unwrap();
     for needed in [
         "services",
         "endpointslices",
@@ -52,14 +50,14 @@ fn daemonset_runs_privileged_on_the_host_network_with_hugepages() {
     let docs = documents("daemonset.yaml");
     assert_eq!(kinds(&docs), ["DaemonSet"]);
     let pod = &docs[0]["spec"]["template"]["spec"];
-    assert_eq!(pod["hostNetwork"], serde_yaml::Value::Bool(true));
+    assert_eq!(pod["hostNetwork"], serde_json::Value::Bool(true));
     assert!(pod["nodeSelector"]
-        .as_mapping()
+        .as_object()
         .is_some_and(|m| !m.is_empty()));
     let container = &pod["containers"][0];
     assert_eq!(
         container["securityContext"]["privileged"],
-        serde_yaml::Value::Bool(true)
+        serde_json::Value::Bool(true)
     );
     assert!(container["resources"]["limits"]["hugepages-2Mi"].is_string());
     assert_eq!(pod["serviceAccountName"].as_str(), Some("servicegate"));
