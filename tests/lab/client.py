@@ -6,13 +6,37 @@
                               writes {"requests", "failed", "backends": [...]} to OUT
   udp HOST PORT N             N datagrams from fresh sockets: {"counts": {...}, "failed": n}
   connect HOST PORT           one TCP connect: {"result": "ok|refused|timeout|error", "seconds": s}
+
+Fleet modes (tests/lab/fleet.sh: the client namespace owns every address of SOURCES, a CIDR):
+  spread URL N SOURCES        N new connections, the i-th from the i-th address of SOURCES
+                              (cycling), ephemeral ports: {"counts", "failed"}
+  tuples URL N SOURCES HOSTS PORT_BASE
+                              N new connections with fixed 5-tuples: the i-th from address
+                              i mod HOSTS of SOURCES, port PORT_BASE + i, closed with a RST (no
+                              TIME_WAIT, so the same tuples can be sent again; keep fixed ports
+                              below ip_local_port_range, 32768):
+                              {"backends": [pod or "failed: reason", ...]}
+  load URL RATE SOURCES OUT   new connections at RATE per second (each its own thread, 3 s
+                              timeout, source addresses cycling) until SIGTERM, then writes
+                              {"total", "failed", "slow", "median_ms",
+                               "failures": [{t (start, unix time), seconds, error}]}
+  streams URL N SOURCES PORT_BASE OUT
+                              N keep-alive connections from fixed tuples (the i-th address of
+                              SOURCES, port PORT_BASE + i), a request on each every 100 ms until
+                              SIGTERM; a connection whose request fails is broken and stops:
+                              {"connections": [{"source", "requests", "broken", "error", "backends"}]}
 """
 
 import collections
 import http.client
+import ipaddress
 import json
+import signal
 import socket
+import statistics
+import struct
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -80,6 +104,130 @@ def connect(host, port):
     return {"result": result, "seconds": round(time.time() - start, 3)}
 
 
+def hosts(cidr):
+    return [str(h) for h in ipaddress.ip_network(cidr).hosts()]
+
+
+def get(url, source, timeout):
+    """One new connection from `source` (addr, port): the body. A fixed port is bound with
+    SO_REUSEADDR and closed with a RST, so the same tuple can be used again at once."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    try:
+        conn.sock = fixed_socket(parts, source, timeout) if source[1] else \
+            socket.create_connection((parts.hostname, parts.port or 80), timeout, source)
+        conn.request("GET", parts.path or "/")
+        return conn.getresponse().read().decode().strip()
+    finally:
+        conn.close()
+
+
+def fixed_socket(parts, source, timeout):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.settimeout(timeout)
+        s.bind(source)
+        s.connect((parts.hostname, parts.port or 80))
+        return s
+    except Exception:
+        s.close()
+        raise
+
+
+def spread(url, n, sources):
+    addrs, counts, failed = hosts(sources), collections.Counter(), 0
+    for i in range(n):
+        try:
+            counts[get(url, (addrs[i % len(addrs)], 0), 3)] += 1
+        except Exception:
+            failed += 1
+    return {"counts": counts, "failed": failed}
+
+
+def tuples(url, n, sources, nhosts, port_base):
+    addrs, backends = hosts(sources)[:nhosts], []
+    for i in range(n):
+        try:
+            backends.append(get(url, (addrs[i % len(addrs)], port_base + i), 3))
+        except Exception as e:
+            backends.append("failed: %s" % type(e).__name__)
+    return {"backends": backends}
+
+
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+
+def load(url, rate, sources, out):
+    addrs, lock, results, threads = hosts(sources), threading.Lock(), [], []
+
+    def one(source):
+        start = time.time()
+        try:
+            get(url, source, 3)
+            error = None
+        except Exception as e:
+            error = type(e).__name__
+        with lock:
+            results.append((start, time.time() - start, error))
+
+    start, i = time.time(), 0
+    while not stop.is_set():
+        t = threading.Thread(target=one, args=((addrs[i % len(addrs)], 0),))
+        t.start()
+        threads.append(t)
+        i += 1
+        stop.wait(max(0.0, start + i / rate - time.time()))
+    for t in threads:
+        t.join()
+    failures = [{"t": round(s, 4), "seconds": round(d, 4), "error": e}
+                for s, d, e in sorted(results) if e]
+    ok = [d for _, d, e in results if not e]
+    result = {"total": len(results), "failed": len(failures),
+              "slow": sum(1 for d in ok if d > 0.5),
+              "median_ms": round(statistics.median(ok) * 1000, 2) if ok else None,
+              "started": round(start, 3), "failures": failures}
+    with open(out, "w") as f:
+        json.dump(result, f)
+    return result
+
+
+def streams(url, n, sources, port_base, out):
+    parts = urllib.parse.urlsplit(url)
+    addrs, states = hosts(sources), []
+
+    def run(state):
+        source = (addrs[state["index"]], port_base + state["index"])
+        try:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=2)
+            conn.sock = fixed_socket(parts, source, 2)
+            while not stop.is_set():
+                conn.request("GET", parts.path or "/")
+                body = conn.getresponse().read().decode().strip()
+                state["requests"] += 1
+                if body not in state["backends"]:
+                    state["backends"].append(body)
+                stop.wait(0.1)
+            conn.close()
+        except Exception as e:
+            state["broken"], state["error"] = round(time.time(), 3), type(e).__name__
+
+    for i in range(n):
+        states.append({"index": i, "source": "%s:%d" % (addrs[i], port_base + i),
+                       "requests": 0, "broken": None, "error": None, "backends": []})
+    threads = [threading.Thread(target=run, args=(s,)) for s in states]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result = {"connections": states}
+    with open(out, "w") as f:
+        json.dump(result, f)
+    return result
+
+
 mode, args = sys.argv[1], sys.argv[2:]
 if mode == "count":
     out = count(args[0], int(args[1]))
@@ -87,6 +235,14 @@ elif mode == "stream":
     out = stream(args[0], float(args[1]), args[2])
 elif mode == "udp":
     out = udp(args[0], int(args[1]), int(args[2]))
+elif mode == "spread":
+    out = spread(args[0], int(args[1]), args[2])
+elif mode == "tuples":
+    out = tuples(args[0], int(args[1]), args[2], int(args[3]), int(args[4]))
+elif mode == "load":
+    out = load(args[0], float(args[1]), args[2], args[3])
+elif mode == "streams":
+    out = streams(args[0], int(args[1]), args[2], int(args[3]), args[4])
 elif mode == "connect":
     out = connect(args[0], int(args[1]))
 else:
