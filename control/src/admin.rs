@@ -22,7 +22,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use dataplane::conntrack::{Direction, FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use dataplane::dpdk::{PortStats, QUEUE_STAT_COUNTERS};
+use dataplane::pipeline::edge::{BadSource, EdgePolicy, EdgePort};
 use dataplane::pipeline::route::{PodRoutes, RouteTable};
+use dataplane::pipeline::PortRole;
 use dataplane::snapshot::{
     Backend, BackendSet, EndpointState, Frontend, FrontendKind, InternalPolicy, Protocol, Snapshot,
 };
@@ -83,6 +85,12 @@ pub struct Routing {
     /// Whether VXLAN is configured: only then are pod CIDRs encapsulated (as in the
     /// pipeline).
     pub vxlan: bool,
+    /// The ports' roles, indexed like the table's ports.
+    pub port_roles: Vec<PortRole>,
+    /// The gateway's own addresses (every port's).
+    pub owned: Vec<Ipv4Addr>,
+    /// The edge policy the pipeline applies to uplinks, from the same config.
+    pub edge: EdgePolicy,
 }
 
 impl Routing {
@@ -99,11 +107,56 @@ impl Routing {
             .iter()
             .enumerate()
             .flat_map(|(i, p)| p.addresses.iter().map(move |&net| (net, i)));
+        let port_roles: Vec<PortRole> = config
+            .ports
+            .iter()
+            .map(|p| match p.role {
+                crate::config::PortRole::Uplink => PortRole::Uplink,
+                crate::config::PortRole::Cluster => PortRole::Cluster,
+            })
+            .collect();
+        let edge_ports: Vec<EdgePort<'_>> = config
+            .ports
+            .iter()
+            .zip(&port_roles)
+            .map(|(p, &role)| EdgePort {
+                role,
+                addresses: &p.addresses,
+            })
+            .collect();
+        let edge_routes: Vec<_> = config
+            .routes
+            .iter()
+            .filter_map(|r| Some((r.prefix, config.port_index(&r.port)?)))
+            .collect();
+        let edge = EdgePolicy::new(
+            &edge_ports,
+            &edge_routes,
+            &config.snat_addresses(),
+            &config.edge.routable_prefixes,
+        );
         Routing {
             table: RouteTable::new(statics, connected),
             port_names: config.ports.iter().map(|p| p.name.clone()).collect(),
             vxlan: config.vxlan.is_some(),
+            owned: config
+                .ports
+                .iter()
+                .flat_map(|p| p.addresses.iter().map(|a| a.addr()))
+                .collect(),
+            port_roles,
+            edge,
         }
+    }
+
+    /// The port a packet from `src` arrives on, as `rp_filter` sees it: the one the route
+    /// toward `src` leaves through (pod CIDRs first, as the pipeline routes), with its name.
+    fn arrival_of(&self, snapshot: &Snapshot, src: Ipv4Addr) -> Option<(PortRole, String)> {
+        let pods = self.vxlan.then(|| PodRoutes::new(&snapshot.pod_routes));
+        let hop = self.table.hop(src, pods.as_ref())?;
+        let role = *self.port_roles.get(hop.port)?;
+        let name = self.port_names.get(hop.port).cloned().unwrap_or_default();
+        Some((role, name))
     }
 }
 
@@ -1292,6 +1345,93 @@ fn add_egress(
     out["egress"] = egress;
 }
 
+/// The edge policy's step of a trace (`dataplane::pipeline::edge`): a flow whose source is
+/// routed through an uplink arrives there (as `rp_filter` sees it), so its source is
+/// validated. `Ok(Some(port))`: it arrives on that uplink; `Err`: its source is dropped.
+fn edge_step(
+    steps: &mut Vec<Value>,
+    snapshot: &Snapshot,
+    routing: &Routing,
+    flow: &FlowKey,
+) -> Result<Option<String>, DropReason> {
+    let Some((PortRole::Uplink, port)) = routing.arrival_of(snapshot, flow.src) else {
+        return Ok(None);
+    };
+    let mut edge = routing.edge.clone();
+    edge.take_snapshot(snapshot);
+    let arrives = format!(
+        "{} arrives on uplink {port} (the route toward it leaves there)",
+        flow.src
+    );
+    match edge.check_source(flow.src) {
+        Ok(()) => {
+            steps.push(step(
+                "edge",
+                "uplink",
+                format!("{arrives}; a valid source: from an uplink only Service frontends, tracked flows, the gateway's own addresses and edge.routable_prefixes are reached"),
+            ));
+            Ok(Some(port))
+        }
+        Err(bad) => {
+            let why = match bad {
+                BadSource::Martian(why) => format!("a martian ({why})"),
+                BadSource::Spoofed(prefix, side) => {
+                    format!("a cluster-side address ({} {prefix})", side.as_str())
+                }
+            };
+            let reason = bad.drop_reason();
+            steps.push(step(
+                "edge",
+                "drop",
+                format!(
+                    "{arrives}; the source is {why}: dropped (drop reason {})",
+                    reason.as_str()
+                ),
+            ));
+            Err(reason)
+        }
+    }
+}
+
+/// For a flow that would be routed untranslated: when it arrives on `uplink` and `dst` is
+/// neither the gateway's nor routable, adds the edge policy's drop and returns `true`.
+fn refused_from_uplink(
+    out: &mut Value,
+    steps: &mut Vec<Value>,
+    routing: &Routing,
+    uplink: Option<&str>,
+    dst: Ipv4Addr,
+) -> bool {
+    let Some(port) = uplink else {
+        return false;
+    };
+    if routing.owned.contains(&dst) {
+        return false;
+    }
+    if let Some(prefix) = routing.edge.routable_prefix(dst) {
+        steps.push(step(
+            "edge",
+            "routable",
+            format!(
+                "{dst} is inside edge.routable_prefixes entry {prefix}: routed from uplink {port}"
+            ),
+        ));
+        return false;
+    }
+    let reason = DropReason::UplinkNotAllowed;
+    steps.push(step(
+        "edge",
+        "drop",
+        format!(
+            "{dst} is neither a Service frontend nor an address of the gateway, and no edge.routable_prefixes entry holds it: dropped on uplink {port} (drop reason {})",
+            reason.as_str()
+        ),
+    ));
+    out["verdict"] = json!("drop");
+    out["drop_reason"] = json!(reason.as_str());
+    true
+}
+
 /// The answer of `/v1/trace` (and `ctl trace`).
 pub fn explain(
     snapshot: &Snapshot,
@@ -1303,6 +1443,16 @@ pub fn explain(
 ) -> Value {
     let mut steps = Vec::new();
     let mut out = json!({ "flow": flow.to_string(), "generation": snapshot.generation });
+
+    let uplink = match edge_step(&mut steps, snapshot, routing, flow) {
+        Ok(uplink) => uplink,
+        Err(reason) => {
+            out["verdict"] = json!("drop");
+            out["drop_reason"] = json!(reason.as_str());
+            out["steps"] = json!(steps);
+            return out;
+        }
+    };
 
     if let Some((row, dir)) = conntrack {
         let nat = row.nat;
@@ -1378,8 +1528,10 @@ pub fn explain(
             "routed",
             "not TCP, UDP or SCTP: no service matches; routed like any other packet",
         ));
-        out["verdict"] = json!("routed");
-        add_egress(&mut out, &mut steps, snapshot, routing, flow.dst);
+        if !refused_from_uplink(&mut out, &mut steps, routing, uplink.as_deref(), flow.dst) {
+            out["verdict"] = json!("routed");
+            add_egress(&mut out, &mut steps, snapshot, routing, flow.dst);
+        }
         out["steps"] = json!(steps);
         return out;
     };
@@ -1430,8 +1582,10 @@ pub fn explain(
                     flow.dst
                 ),
             ));
-            out["verdict"] = json!("routed");
-            add_egress(&mut out, &mut steps, snapshot, routing, flow.dst);
+            if !refused_from_uplink(&mut out, &mut steps, routing, uplink.as_deref(), flow.dst) {
+                out["verdict"] = json!("routed");
+                add_egress(&mut out, &mut steps, snapshot, routing, flow.dst);
+            }
         }
         out["steps"] = json!(steps);
         return out;

@@ -471,6 +471,7 @@ fn pipeline_config(
         worker_index: index,
         workers: config.cores.workers.len(),
         neighbor_timeout_ms: 300_000,
+        routable_prefixes: config.edge.routable_prefixes.clone(),
     })
 }
 

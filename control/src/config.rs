@@ -32,6 +32,8 @@ pub struct Config {
     #[serde(default)]
     pub snat: SnatConfig,
     #[serde(default)]
+    pub edge: EdgeConfig,
+    #[serde(default)]
     pub conntrack: ConntrackSection,
     #[serde(default)]
     pub maglev: MaglevConfig,
@@ -306,6 +308,16 @@ impl Default for SnatConfig {
             port_max: default_snat_last(),
         }
     }
+}
+
+/// The edge policy (`dataplane::pipeline::edge`): uplinks reach Service frontends, tracked
+/// flows and the gateway's own addresses, and whatever these prefixes hold.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Prefixes that packets from uplinks may be routed to (default: none).
+    #[serde(default)]
+    pub routable_prefixes: Vec<Ipv4Net>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

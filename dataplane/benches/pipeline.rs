@@ -87,6 +87,7 @@ fn pipeline(flows: usize, routed: bool) -> Pipeline {
         worker_index: 0,
         workers: 1,
         neighbor_timeout_ms: 30_000,
+        routable_prefixes: vec![],
     })
     .expect("pipeline")
 }

@@ -431,6 +431,9 @@ pub struct Entry {
     seen_reply: bool,
     assured: bool,
     live: bool,
+    /// Bit `d`: packets of direction `d` may arrive on an uplink (the edge policy, see
+    /// `pipeline::edge`); none until [`Conntrack::admit_from_uplink`].
+    uplink_directions: u8,
 }
 
 const _: () = assert!(std::mem::size_of::<Entry>() == 128);
@@ -456,6 +459,7 @@ impl Entry {
             seen_reply: false,
             assured: false,
             live: false,
+            uplink_directions: 0,
             expires_at: 0,
             packets: [0; 2],
             bytes: [0; 2],
@@ -493,6 +497,12 @@ impl Entry {
         }
     }
     /// A TCP connection that ended (TIME_WAIT or CLOSE): a SYN on its tuple opens another.
+    /// Whether packets of direction `dir` may arrive on an uplink (edge policy).
+    #[inline(always)]
+    pub fn arrives_on_uplink(&self, dir: Direction) -> bool {
+        self.uplink_directions & (1 << dir as u8) != 0
+    }
+
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Tcp(TcpState::TimeWait | TcpState::Close))
     }
@@ -900,6 +910,12 @@ impl Conntrack {
         self.entries.get(id.index()).filter(|e| e.live)
     }
 
+    /// Lets the directions `original` and `reply` of a new entry arrive on an uplink (see
+    /// `pipeline::edge`: the original only when the entry was created from an uplink).
+    pub fn admit_from_uplink(&mut self, id: EntryId, original: bool, reply: bool) {
+        self.entries[id.index()].uplink_directions = u8::from(original) | u8::from(reply) << 1;
+    }
+
     /// Live entries in slab order (admin API; a full scan — never on the packet path).
     pub fn iter(&self) -> impl Iterator<Item = (EntryId, &Entry)> + '_ {
         self.entries
@@ -978,6 +994,7 @@ impl Conntrack {
             seen_reply: false,
             assured: false,
             live: true,
+            uplink_directions: 0,
             expires_at,
             packets: [0; 2],
             bytes: [0; 2],

@@ -78,6 +78,7 @@ fn config() -> PipelineConfig {
         worker_index: 0,
         workers: 1,
         neighbor_timeout_ms: 30_000,
+        routable_prefixes: vec![],
     }
 }
 

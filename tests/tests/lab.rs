@@ -618,3 +618,46 @@ fn service_and_backend_packet_counters_follow_real_traffic() {
         "a ClusterIP-only port: service packets {service} ≈ the sum over its backends {sum}"
     );
 }
+
+/// Issue 23 item 1: the uplink is no open router into the cluster. A client that routes the
+/// pod CIDRs through the gateway's uplink address gets nothing from a pod (its SYN is
+/// dropped as `uplink_not_allowed`), and `ctl trace` names that drop; the Services keep
+/// answering the same client.
+#[test]
+fn a_client_routing_pod_cidrs_via_the_uplink_reaches_no_pod() {
+    let lab = Lab::start();
+    let ns = format!("{}-client", lab.prefix);
+    let route = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "route",
+            "add",
+            "10.244.0.0/16",
+            "via",
+        ])
+        .arg("192.168.100.1")
+        .output()
+        .unwrap();
+    assert!(route.status.success(), "{route:?}");
+    let metric = "servicegate_drops_total{reason=\"uplink_not_allowed\"}";
+    let before = lab.metric_line(metric).unwrap_or(0.0);
+    let direct = lab.client("client", &["connect", POD1, "9376"]);
+    assert_eq!(
+        direct["result"], "timeout",
+        "a pod answered the uplink: {direct}"
+    );
+    let after = lab.metric_line(metric).unwrap_or(0.0);
+    // The SYN and its retransmissions.
+    assert!(after >= before + 2.0, "{metric}: {before} -> {after}");
+    println!("{metric}: {before} -> {after}");
+    let trace = lab.ctl_trace(&format!("tcp 192.168.100.2:41000 -> {POD1}:9376"));
+    assert!(trace.contains("uplink_not_allowed"), "{trace}");
+    assert_balanced(
+        "NodePort from the same client",
+        &lab.client("client", &["count", "http://192.168.100.1:30080/", "90"]),
+        90,
+    );
+}

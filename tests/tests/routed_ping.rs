@@ -82,7 +82,8 @@ fn a_client_pings_a_host_behind_the_gateway() {
     let (up_tap, cl_tap) = (unique_name("sgpu"), unique_name("sgpc"));
     let admin = format!("127.0.0.1:{}", 21000 + std::process::id() % 20000);
     let id = std::process::id() % 1000;
-    // No static neighbors: the gateway must learn the client and resolve the far host.
+    // No static neighbors: the gateway must learn the client and resolve the far host. The
+    // far host's subnet is opened to the uplink (the edge policy drops it by default).
     let config = format!(
         "eal:\n  args: [\"--no-huge\", \"-m\", \"512\", \"--log-level=*:warning\"]\n  \
          no_pci: true\n  file_prefix: {prefix}\n\
@@ -93,6 +94,7 @@ fn a_client_pings_a_host_behind_the_gateway() {
          \x20 - name: cluster\n    device: \"net_tap{id2},iface={cl_tap},mac={CLUSTER_MAC}\"\n    \
          role: cluster\n    addresses: [10.0.0.1/24]\n\
          services:\n  source: files\n  path: {manifests}\n\
+         edge:\n  routable_prefixes: [10.0.0.0/24]\n\
          admin:\n  listen: {admin}\n",
         prefix = unique_name("sgp"),
         id2 = id + 1,

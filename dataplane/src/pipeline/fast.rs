@@ -14,7 +14,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::{rewrite, Pipeline, Rewrite, Verdict, L4, VXLAN_OVERHEAD};
+use super::{rewrite, Pipeline, PortRole, Rewrite, Verdict, L4, VXLAN_OVERHEAD};
 use crate::conntrack::{FlowKey, Tick};
 use crate::frame::Frame;
 use crate::snapshot::Snapshot;
@@ -118,6 +118,10 @@ impl Pipeline {
         // A copy, so that remembering the VTEP MAC below can borrow `self` mutably.
         if let Some(vx) = self.vxlan {
             if ip.dst == vx.local_vtep && ip.protocol == ipv4::PROTO_UDP {
+                // Decapsulated on cluster ports only (the edge policy).
+                if self.ports[pidx].role != PortRole::Cluster {
+                    return None;
+                }
                 let udp = UdpPacket::new_checked(payload).ok()?;
                 if udp.dst_port() != vx.udp_port {
                     return None;
@@ -165,6 +169,11 @@ impl Pipeline {
         let (id, dir) = self.ct.find_live(&key, hash, now)?;
         let (nat, original, binding) = {
             let e = self.ct.entry(id);
+            // The edge policy's check for tracked flows (see `super::edge`): a direction
+            // admitted from uplinks was validated when its entry was made.
+            if self.ports[pidx].role == PortRole::Uplink && !e.arrives_on_uplink(dir) {
+                return None;
+            }
             (*e.nat(), *e.original(), e.binding())
         };
         if binding.generation != snap.generation {

@@ -21,7 +21,7 @@
 //!    reassembled nor translated; a fragment addressed to a service address, into the
 //!    service CIDR or to a SNAT address is dropped (`fragment`) because its flow cannot be
 //!    tracked without reassembly; any other fragment is routed as it is.
-//! 3. **VXLAN** to `local_vtep:udp_port`: I flag required (`vxlan_bad_flags`), VNI must be
+//! 3. **VXLAN** to `local_vtep:udp_port`, on a cluster port only: I flag required (`vxlan_bad_flags`), VNI must be
 //!    the configured one (`vxlan_unknown_vni`), truncation is `malformed`. The outer headers
 //!    are stripped; the outer source (the sending node's VTEP) is kept for
 //!    internalTrafficPolicy Local, and the inner source MAC is remembered as that VTEP's
@@ -29,6 +29,10 @@
 //!    frame from that VTEP has been seen, the inner destination MAC is broadcast).
 //!    Decapsulated traffic for the gateway's own addresses is not handed to the kernel
 //!    (only echo requests are answered).
+//! 4. **Edge policy** ([`edge`]), for packets of uplinks: martian and cluster-side sources
+//!    are dropped (`martian_source`, `spoofed_source`); a conntrack hit counts only through
+//!    a direction the entry admits from uplinks; what steps 4–5 neither translate nor
+//!    deliver locally is routed only into `edge.routable_prefixes` (`uplink_not_allowed`).
 //! 4. **Services** (see `kube-semantics.md`): conntrack hit → stored translation; a snapshot
 //!    change re-validates the backend lazily (gone → entry removed; UDP re-picked as a new
 //!    flow, TCP/SCTP dropped with `backend_gone` — the client's retransmissions keep being
@@ -69,6 +73,7 @@
 //! protocols, unparsable) belongs to worker 0. SNAT addresses must not also be node-port
 //! or service addresses.
 
+pub mod edge;
 mod fast;
 mod neighbor;
 pub mod rewrite;
@@ -79,6 +84,8 @@ pub use trace::Trace;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_edge;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -104,6 +111,7 @@ use crate::wire::icmp;
 use crate::wire::ipv4::{self, Ipv4Packet};
 use crate::wire::{checksum, TcpFlags, UdpPacket, VxlanPacket};
 
+use edge::{EdgePolicy, EdgePort};
 use neighbor::NeighborTable;
 use rewrite::{EncapHop, EncapTemplate, L4, VXLAN_OVERHEAD};
 use route::{Hop, PodRoutes, RouteTable};
@@ -181,6 +189,9 @@ pub struct PipelineConfig {
     pub worker_index: usize,
     pub workers: usize,
     pub neighbor_timeout_ms: u64,
+    /// Prefixes that uplinks may reach although they are neither a Service frontend nor
+    /// the gateway's (`edge.routable_prefixes`; see [`edge`]).
+    pub routable_prefixes: Vec<Ipv4Net>,
 }
 
 /// The conntrack key hashes [`Pipeline::prefetch_burst`] computed, by position in the burst.
@@ -415,6 +426,7 @@ pub struct Pipeline {
     worker_index: usize,
     workers: usize,
     snap: SnapCache,
+    edge: EdgePolicy,
     /// Whether established packets take [`Pipeline::fast_established`] (off only to
     /// compare it with the general path).
     fast_path: bool,
@@ -544,6 +556,26 @@ impl Pipeline {
                 .filter_map(Port::primary)
                 .collect();
         }
+        let edge = {
+            let edge_ports: Vec<EdgePort<'_>> = ports
+                .iter()
+                .map(|p| EdgePort {
+                    role: p.role,
+                    addresses: &p.addresses,
+                })
+                .collect();
+            let edge_routes: Vec<(Ipv4Net, usize)> = config
+                .routes
+                .iter()
+                .filter_map(|r| Some((r.prefix, index_of(r.port)?)))
+                .collect();
+            EdgePolicy::new(
+                &edge_ports,
+                &edge_routes,
+                &snat_addrs,
+                &config.routable_prefixes,
+            )
+        };
         let mut snat = Vec::with_capacity(snat_addrs.len());
         for a in snat_addrs {
             let s = SnatPorts::new(
@@ -590,6 +622,7 @@ impl Pipeline {
             worker_index: config.worker_index,
             workers: config.workers,
             snap: SnapCache::default(),
+            edge,
             fast_path: true,
         })
     }
@@ -695,6 +728,7 @@ impl Pipeline {
                 vtep_nodes.insert(r.vtep, node.clone());
             }
         }
+        self.edge.take_snapshot(snap);
         self.snap = SnapCache {
             generation: Some(snap.generation),
             pod_routes: PodRoutes::new(&snap.pod_routes),
@@ -825,7 +859,13 @@ impl Pipeline {
         if let Err(reason) = check_ipv4(frame, l2) {
             return Verdict::Drop(reason);
         }
-        if let Some(vx) = &self.vxlan {
+        // Only nodes send VXLAN, and they are on the cluster side: on an uplink the VTEP is
+        // one of the gateway's own addresses like any other (the edge policy).
+        let vxlan = self
+            .vxlan
+            .as_ref()
+            .filter(|_| self.ports[pidx].role == PortRole::Cluster);
+        if let Some(vx) = vxlan {
             let (is_vxlan, outer_src) = {
                 let ip = Ipv4Packet::new_unchecked(&frame.data()[l2..]);
                 let is = ip.dst() == vx.local_vtep
@@ -1016,6 +1056,12 @@ impl Pipeline {
             };
             (ip.src(), ip.dst(), ip.protocol(), ip.is_fragment(), l4)
         };
+        let from_uplink = self.on_uplink(&ctx);
+        if from_uplink {
+            if let Err(bad) = self.edge.check_source(src) {
+                return Verdict::Drop(bad.drop_reason());
+            }
+        }
         if fragment
             && (snap.service_addresses.contains_key(&dst)
                 || self.is_snat_addr(dst)
@@ -1095,7 +1141,16 @@ impl Pipeline {
             }
             return Verdict::Drop(DropReason::NoException);
         }
+        if from_uplink && !self.edge.routable(dst) {
+            return Verdict::Drop(DropReason::UplinkNotAllowed);
+        }
         self.forward(frame, ctx, now, stats, Rewrite::default(), None)
+    }
+
+    /// Whether the packet arrived on an uplink (the edge policy applies).
+    #[inline(always)]
+    fn on_uplink(&self, ctx: &Ctx) -> bool {
+        self.ports[ctx.in_port].role == PortRole::Uplink
     }
 
     /// A conntrack hit. `None`: the entry was removed because its UDP backend is gone and
@@ -1114,6 +1169,9 @@ impl Pipeline {
     ) -> Option<Verdict> {
         let (nat, original, mut binding) = {
             let e = self.ct.entry(id);
+            if self.on_uplink(&ctx) && !e.arrives_on_uplink(dir) {
+                return Some(Verdict::Drop(DropReason::UplinkNotAllowed));
+            }
             (*e.nat(), *e.original(), e.binding())
         };
         if binding.generation != snap.generation {
@@ -1287,7 +1345,12 @@ impl Pipeline {
                 self.ct
                     .insert_hashed([key, reply], [key_hash, reply_hash], nat, binding, now);
             match inserted {
-                Ok(id) => break id,
+                Ok(id) => {
+                    let reply_on_uplink = self.ports[hop.port].role == PortRole::Uplink;
+                    self.ct
+                        .admit_from_uplink(id, self.on_uplink(&ctx), reply_on_uplink);
+                    break id;
+                }
                 Err(InsertError::Full) => return Verdict::Drop(DropReason::CtFull),
                 Err(InsertError::Clash) => {
                     attempt += 1;
@@ -1368,6 +1431,9 @@ impl Pipeline {
             )
         };
         let (id, dir) = self.ct.lookup(&key, now)?;
+        if self.on_uplink(&ctx) && !self.ct.entry(id).arrives_on_uplink(dir) {
+            return None;
+        }
         let (nat, original, binding) = {
             let e = self.ct.entry(id);
             // Ids from another snapshot would count toward the wrong frontend and backend.

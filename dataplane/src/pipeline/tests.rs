@@ -105,11 +105,25 @@ pub(super) fn config(worker_index: usize, workers: usize) -> PipelineConfig {
         worker_index,
         workers,
         neighbor_timeout_ms: 30_000,
+        routable_prefixes: vec![],
     }
 }
 
 pub(super) fn pipeline() -> Pipeline {
     Pipeline::new(config(0, 1)).unwrap()
+}
+
+/// [`config`] of a gateway that lets uplinks reach the pod CIDRs (`edge.routable_prefixes`),
+/// for the tests of routing itself.
+pub(super) fn routed_config() -> PipelineConfig {
+    PipelineConfig {
+        routable_prefixes: vec![net("10.244.0.0/16"), net("10.245.0.0/16")],
+        ..config(0, 1)
+    }
+}
+
+pub(super) fn routed_pipeline() -> Pipeline {
+    Pipeline::new(routed_config()).unwrap()
 }
 
 // ----- Snapshots -----------------------------------------------------------------------------
@@ -669,7 +683,7 @@ fn neighbor_ageing_refreshes_then_forgets() {
 #[test]
 fn cached_l2_follows_neighbor_and_vtep_changes() {
     let snap = empty_snapshot();
-    let mut p = pipeline();
+    let mut p = routed_pipeline();
     let mut stats = WorkerStats::default();
     let first = MacAddr([0x02, 0xdd, 0, 0, 0, 0x51]);
     let second = MacAddr([0x02, 0xdd, 0, 0, 0, 0x52]);
@@ -927,7 +941,7 @@ fn l3_table() {
         },
     ];
     for c in cases {
-        let mut p = pipeline();
+        let mut p = routed_pipeline();
         let mut stats = WorkerStats::default();
         let r = run(&mut p, &snap, c.port, &c.input, 0, &mut stats);
         assert_eq!(r.verdict, c.verdict, "{}", c.desc);
@@ -963,7 +977,7 @@ fn exception_port_traffic_goes_out_unchanged() {
 #[test]
 fn ttl_expiry_sends_time_exceeded() {
     let snap = empty_snapshot();
-    let mut p = pipeline();
+    let mut p = routed_pipeline();
     let mut stats = WorkerStats::default();
     let input = from_router()
         .ttl(1)
@@ -988,7 +1002,7 @@ fn ttl_expiry_sends_time_exceeded() {
 #[test]
 fn icmp_errors_are_rate_limited() {
     let snap = empty_snapshot();
-    let mut cfg = config(0, 1);
+    let mut cfg = routed_config();
     cfg.icmp_errors_per_second = 2;
     let mut p = Pipeline::new(cfg).unwrap();
     let mut stats = WorkerStats::default();
@@ -1027,7 +1041,7 @@ fn icmp_errors_are_rate_limited() {
 #[test]
 fn mtu_exceeded() {
     let snap = empty_snapshot();
-    let mut cfg = config(0, 1);
+    let mut cfg = routed_config();
     cfg.ports[1].mtu = 1000;
     let mut p = Pipeline::new(cfg).unwrap();
     let mut stats = WorkerStats::default();
@@ -1116,7 +1130,7 @@ fn vxlan_in_is_decapsulated_and_routed() {
 #[test]
 fn vxlan_out_toward_the_node_vtep() {
     let snap = empty_snapshot();
-    let mut p = pipeline();
+    let mut p = routed_pipeline();
     let mut stats = WorkerStats::default();
     // Learn node-2's VXLAN MAC from one decapsulated frame first.
     let inner = pod_inner().udp_v4(sa("10.245.2.9:5353"), sa("8.8.8.8:53"), b"dns");
