@@ -465,6 +465,7 @@ fn pipeline_config(
         conntrack: ConntrackConfig {
             capacity: config.conntrack.capacity,
             timeouts,
+            half_open_per_source: config.conntrack.half_open_per_source,
         },
         affinity_capacity: config.conntrack.affinity_capacity,
         icmp_errors_per_second: config.icmp_errors_per_second,

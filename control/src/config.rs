@@ -332,6 +332,9 @@ pub struct ConntrackSection {
     /// been received (`dataplane::worker::Worker::overlap_bursts_from`; 0: always).
     #[serde(default = "default_overlap_bursts_from")]
     pub overlap_bursts_from: usize,
+    /// Half-open (unassured) entries one source address may hold per worker; 0: no limit.
+    #[serde(default = "default_half_open_per_source")]
+    pub half_open_per_source: u32,
     /// Per-state timeouts in seconds; omitted ones keep Linux nf_conntrack's defaults.
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
@@ -343,6 +346,9 @@ fn default_ct_capacity() -> usize {
 fn default_affinity_capacity() -> usize {
     65_536
 }
+fn default_half_open_per_source() -> u32 {
+    dataplane::conntrack::DEFAULT_HALF_OPEN_PER_SOURCE
+}
 fn default_overlap_bursts_from() -> usize {
     dataplane::worker::OVERLAP_BURSTS_FROM
 }
@@ -353,6 +359,7 @@ impl Default for ConntrackSection {
             capacity: default_ct_capacity(),
             affinity_capacity: default_affinity_capacity(),
             overlap_bursts_from: default_overlap_bursts_from(),
+            half_open_per_source: default_half_open_per_source(),
             timeouts: TimeoutsConfig::default(),
         }
     }

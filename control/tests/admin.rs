@@ -227,6 +227,8 @@ fn routing(vxlan: bool) -> Routing {
         ),
         port_names: vec!["uplink".into(), "cluster".into()],
         vxlan,
+        // No port roles: these traces are about services and routes, not the edge policy.
+        ..Routing::default()
     }
 }
 

@@ -343,6 +343,9 @@ pub struct ConntrackConfig {
     /// Maximum number of connections (entries) this worker tracks.
     pub capacity: usize,
     pub timeouts: Timeouts,
+    /// Unassured (half-open) entries one source address may hold; 0: no limit (see
+    /// [`Conntrack::half_open_of`]).
+    pub half_open_per_source: u32,
 }
 
 impl Default for ConntrackConfig {
@@ -350,9 +353,23 @@ impl Default for ConntrackConfig {
         ConntrackConfig {
             capacity: 262_144,
             timeouts: Timeouts::default(),
+            half_open_per_source: DEFAULT_HALF_OPEN_PER_SOURCE,
         }
     }
 }
+
+/// Default of [`ConntrackConfig::half_open_per_source`].
+pub const DEFAULT_HALF_OPEN_PER_SOURCE: u32 = 1024;
+
+/// The SYN_SENT / SYN_RECV timeout of unassured TCP entries while the table is under
+/// pressure ([`Conntrack::under_pressure`]): a half-open connection that has not completed
+/// in this long gives its slot and SNAT port back early (a SYN flood's entries then live a
+/// few seconds, not one or two minutes).
+pub const PRESSURE_SYN_TIMEOUT: Tick = 5 * SECOND;
+
+/// Counters of unassured entries per source address, by a hash of the address (a source
+/// may share its bucket with a few others; the budget is generous enough for that).
+const HALF_OPEN_BUCKETS: usize = 1 << 16;
 
 /// `Entry::backend_counter` when the backend has no counter.
 const NO_COUNTER: u32 = u32::MAX;
@@ -596,6 +613,11 @@ pub struct Conntrack {
     /// The key the last `lookup_hashed` missed, while no key has been added since: a new
     /// flow's insert then skips probing for it again.
     absent: Option<FlowKey>,
+    /// Unassured entries per source bucket ([`Conntrack::half_open_of`]).
+    half_open: Box<[u32]>,
+    half_open_per_source: u32,
+    /// Until when a SNAT pool reported pressure ([`Conntrack::note_snat_pressure`]).
+    snat_pressure_until: Tick,
 }
 
 impl fmt::Debug for Conntrack {
@@ -731,6 +753,9 @@ impl Conntrack {
             timeouts: config.timeouts,
             stats: ConntrackStats::default(),
             absent: None,
+            half_open: vec![0; HALF_OPEN_BUCKETS].into_boxed_slice(),
+            half_open_per_source: config.half_open_per_source,
+            snat_pressure_until: 0,
         }
     }
 
@@ -1139,7 +1164,13 @@ impl Conntrack {
             }
         }
         e.expires_at = now.saturating_add(timeouts.for_state(e.state, e.seen_reply, e.assured));
+        let half_open =
+            !e.assured && matches!(e.state, State::Tcp(TcpState::SynSent | TcpState::SynRecv));
         let assured = e.assured;
+        if half_open && self.under_pressure(now) {
+            let e = &mut self.entries[id.index()];
+            e.expires_at = e.expires_at.min(now.saturating_add(PRESSURE_SYN_TIMEOUT));
+        }
         if reopened {
             if !was_assured {
                 self.unlink_unassured(id.0);
@@ -1159,6 +1190,51 @@ impl Conntrack {
         self.remove_inner(id.0);
         self.stats.removals += 1;
         true
+    }
+
+    /// Removes a live, unassured entry to give its slot or SNAT port to a new flow (early
+    /// drop, counted in `evictions`, or in `expirations` when its time had come). Returns
+    /// `false`, removing nothing, for an assured entry or a stale handle: an established
+    /// flow is never evicted.
+    pub fn evict_unassured(&mut self, id: EntryId, now: Tick) -> bool {
+        match self.get(id) {
+            Some(e) if !e.assured => {
+                if e.expires_at <= now {
+                    self.stats.expirations += 1;
+                } else {
+                    self.stats.evictions += 1;
+                }
+                self.remove_inner(id.0);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the table is under pressure: three quarters full, or a SNAT pool reported
+    /// pressure less than [`PRESSURE_SYN_TIMEOUT`] ago. Half-open TCP entries then get
+    /// [`PRESSURE_SYN_TIMEOUT`] instead of the SYN_SENT / SYN_RECV timeouts.
+    #[inline]
+    pub fn under_pressure(&self, now: Tick) -> bool {
+        self.len * 4 >= self.entries.len() * 3 || now < self.snat_pressure_until
+    }
+
+    /// A SNAT pool found few free ports (see [`SnatPorts::allocate_reclaiming`]).
+    pub fn note_snat_pressure(&mut self, now: Tick) {
+        self.snat_pressure_until = now.saturating_add(PRESSURE_SYN_TIMEOUT);
+    }
+
+    /// Unassured entries (half-open TCP, unreplied UDP/SCTP/ICMP) whose original source is
+    /// `src` (or shares its bucket).
+    #[inline]
+    pub fn half_open_of(&self, src: Ipv4Addr) -> u32 {
+        self.half_open[half_open_bucket(src)]
+    }
+
+    /// Whether `src` may open one more unassured entry (`conntrack.half_open_per_source`).
+    #[inline]
+    pub fn half_open_allowed(&self, src: Ipv4Addr) -> bool {
+        self.half_open_per_source == 0 || self.half_open_of(src) < self.half_open_per_source
     }
 
     /// Incremental expiry: examines at most `budget` slab slots from a sweeping cursor and
@@ -1203,6 +1279,8 @@ impl Conntrack {
     }
 
     fn push_unassured(&mut self, id: u32) {
+        let bucket = half_open_bucket(self.entries[id as usize].original.src);
+        self.half_open[bucket] = self.half_open[bucket].saturating_add(1);
         let tail = self.unassured_tail;
         {
             let e = &mut self.entries[id as usize];
@@ -1222,6 +1300,8 @@ impl Conntrack {
             let e = &self.entries[id as usize];
             (e.prev, e.next)
         };
+        let bucket = half_open_bucket(self.entries[id as usize].original.src);
+        self.half_open[bucket] = self.half_open[bucket].saturating_sub(1);
         if prev == NIL {
             self.unassured_head = next;
         } else {
@@ -1276,6 +1356,11 @@ impl Conntrack {
         }
         self.index[hole] = EMPTY_SLOT;
     }
+}
+
+#[inline]
+fn half_open_bucket(src: Ipv4Addr) -> usize {
+    (fmix64(u64::from(u32::from(src)) ^ 0x6861_6c66_6f70_656e) as usize) & (HALF_OPEN_BUCKETS - 1)
 }
 
 /// Why a [`SnatPorts`] could not be built.
@@ -1381,6 +1466,52 @@ impl SnatPorts {
         flow_hash: u64,
         now: Tick,
     ) -> Option<(Ipv4Addr, u16)> {
+        match self.probe(ct, protocol, backend, flow_hash, now) {
+            Probe::Free(candidate, _) => Some(candidate),
+            Probe::Taken(_) => None,
+        }
+    }
+
+    /// [`SnatPorts::allocate`] that lets unassured flows give way, as conntrack slots do
+    /// (Linux's early drop): when every probed port is taken, the port of the oldest
+    /// unassured flow among them (the first to expire) is reclaimed, its entry evicted. An
+    /// assured flow keeps its port. A pool found mostly taken ([`PRESSURE_PROBES`] probes or
+    /// more before a free port) is reported to `ct` as pressure (shorter half-open
+    /// timeouts).
+    pub fn allocate_reclaiming(
+        &self,
+        ct: &mut Conntrack,
+        protocol: u8,
+        backend: (Ipv4Addr, u16),
+        flow_hash: u64,
+        now: Tick,
+    ) -> Option<(Ipv4Addr, u16)> {
+        match self.probe(ct, protocol, backend, flow_hash, now) {
+            Probe::Free(candidate, probes) => {
+                if probes >= PRESSURE_PROBES {
+                    ct.note_snat_pressure(now);
+                }
+                Some(candidate)
+            }
+            Probe::Taken(victim) => {
+                ct.note_snat_pressure(now);
+                let (candidate, id) = victim?;
+                ct.evict_unassured(id, now).then_some(candidate)
+            }
+        }
+    }
+
+    /// The probe of [`SnatPorts::allocate`].
+    fn probe(
+        &self,
+        ct: &Conntrack,
+        protocol: u8,
+        backend: (Ipv4Addr, u16),
+        flow_hash: u64,
+        now: Tick,
+    ) -> Probe {
+        // The unassured flow holding a probed port that expires first.
+        let mut victim: Option<((Ipv4Addr, u16), EntryId, Tick)> = None;
         let total = self.addrs.len() as u64 * u64::from(self.per_addr);
         let attempts = u64::from(self.max_attempts).min(total);
         let start = fmix64(flow_hash) % total;
@@ -1395,16 +1526,32 @@ impl SnatPorts {
             let port = u32::from(self.first)
                 + (pos % u64::from(self.per_addr)) as u32 * self.workers as u32;
             let candidate = (addr, port as u16);
-            if ct
-                .peek(&Self::reply_key(protocol, backend, candidate), now)
-                .is_none()
-            {
-                return Some(candidate);
+            match ct.peek(&Self::reply_key(protocol, backend, candidate), now) {
+                None => return Probe::Free(candidate, i as u32),
+                Some((id, _)) => {
+                    let e = ct.entry(id);
+                    if !e.assured && victim.is_none_or(|(.., at)| e.expires_at < at) {
+                        victim = Some((candidate, id, e.expires_at));
+                    }
+                }
             }
         }
-        None
+        Probe::Taken(victim.map(|(candidate, id, _)| (candidate, id)))
     }
 }
+
+/// What [`SnatPorts::probe`] found.
+enum Probe {
+    /// A free port, after this many taken ones.
+    Free((Ipv4Addr, u16), u32),
+    /// Every probed port taken; the unassured flow whose port could be reclaimed.
+    Taken(Option<((Ipv4Addr, u16), EntryId)>),
+}
+
+/// Taken ports probed before a free one from which a pool counts as under pressure: with
+/// random probes, 8 in a row are taken about once in 2^8 allocations at half occupancy,
+/// once in 10 at three quarters.
+pub const PRESSURE_PROBES: u32 = 8;
 
 const AFFINITY_WAYS: usize = 4;
 
@@ -1538,6 +1685,7 @@ mod tests {
         Conntrack::new(ConntrackConfig {
             capacity,
             timeouts: Timeouts::default(),
+            ..ConntrackConfig::default()
         })
     }
 

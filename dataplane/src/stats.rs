@@ -47,6 +47,7 @@ drop_reasons! {
     NoLocalEndpoint => "no_local_endpoint": "internalTrafficPolicy Local and no endpoint on the sender's node",
     BackendGone => "backend_gone": "the flow's backend left the service",
     CtFull => "ct_full": "connection table full of established flows",
+    HalfOpenLimit => "half_open_limit": "the source already holds conntrack.half_open_per_source half-open flows",
     SnatExhausted => "snat_exhausted": "no free SNAT port in this worker's range",
     NoRoute => "no_route": "no route to the destination",
     NoNeighbor => "no_neighbor": "next hop MAC unresolved (an ARP request was sent)",

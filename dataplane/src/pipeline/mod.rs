@@ -86,6 +86,8 @@ pub use trace::Trace;
 mod tests;
 #[cfg(test)]
 mod tests_edge;
+#[cfg(test)]
+mod tests_flood;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -1313,6 +1315,9 @@ impl Pipeline {
         let Some(hop) = self.route_cache[route_slot].hop else {
             return Verdict::Drop(DropReason::NoRoute);
         };
+        if !self.ct.half_open_allowed(key.src) {
+            return Verdict::Drop(DropReason::HalfOpenLimit);
+        }
         let mut snat = None;
         if fe.masquerade || backend.0 == key.src {
             snat = self.allocate_snat(hop.port, key.protocol, backend, hash, now);
@@ -1392,9 +1397,10 @@ impl Pipeline {
     }
 
     /// A SNAT (address, port) for a flow leaving through port `egress`: the egress port's
-    /// primary address when it is a SNAT address, else the first SNAT address.
+    /// primary address when it is a SNAT address, else the first SNAT address. When the
+    /// probed ports are all taken, an unassured flow's port is reclaimed (early drop).
     fn allocate_snat(
-        &self,
+        &mut self,
         egress: usize,
         protocol: u8,
         backend: (Ipv4Addr, u16),
@@ -1407,7 +1413,7 @@ impl Pipeline {
             .iter()
             .find(|(a, _)| Some(*a) == primary)
             .or(self.snat.first())?;
-        ports.allocate(&self.ct, protocol, backend, hash, now)
+        ports.allocate_reclaiming(&mut self.ct, protocol, backend, hash, now)
     }
 
     /// An ICMP error quoting a tracked flow: translate the quoted packet and the outer
