@@ -13,6 +13,7 @@
 #include <rte_prefetch.h>
 #include <rte_version.h>
 #include <rte_lpm.h>
+#include <rte_telemetry.h>
 
 /* shim.c */
 int sg_rte_errno(void);

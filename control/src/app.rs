@@ -801,6 +801,10 @@ async fn serve_control(
         conntrack_capacity: config.conntrack.capacity as u64,
         packets: publisher.packets.clone(),
     });
+    // Beside ethdev's commands on the telemetry socket; a gateway without them still runs.
+    if let Err(err) = crate::telemetry::register(Arc::clone(&state)) {
+        tracing::warn!("DPDK telemetry commands not registered: {err}");
+    }
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin.listen {}: cannot bind", config.admin.listen))?;

@@ -13,3 +13,4 @@ pub mod kube_source;
 pub mod manifests;
 pub mod model;
 pub mod packets;
+pub mod telemetry;

@@ -963,3 +963,167 @@ static SYMMETRIC_RSS_KEY: [u8; 40] = [
     0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a,
     0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a,
 ];
+
+// ---------------------------------------------------------------------------------------
+// Telemetry: servicegate's own commands beside ethdev's on DPDK's telemetry socket
+// (/var/run/dpdk/<file-prefix>/dpdk_telemetry.v2, what `dpdk-telemetry.py -f PREFIX` reads).
+
+/// A value in a telemetry answer. DPDK 22.11 nests one level: a top-level dict may hold
+/// `U64Array` and `Dict` containers whose own values are plain.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TelemetryValue {
+    U64(u64),
+    Int(i32),
+    /// At most 127 bytes (RTE_TEL_MAX_STRING_LEN − 1); longer strings are cut.
+    Str(String),
+    U64Array(Vec<u64>),
+    Dict(TelemetryDict),
+}
+
+/// A dict answer: (name, value) pairs. Names are letters, digits, `_` and `/` only
+/// (DPDK refuses others); at most 256 entries per dict.
+pub type TelemetryDict = Vec<(String, TelemetryValue)>;
+
+/// What a command runs: its parameters (the text after the comma) in, a dict out. It runs
+/// on DPDK's telemetry thread, never on a worker.
+pub type TelemetryHandler = Box<dyn Fn(&str) -> TelemetryDict + Send + Sync>;
+
+/// The handlers of registered commands, by command name. Read only when a telemetry client
+/// asks (the telemetry thread), written at registration.
+static TELEMETRY_HANDLERS: parking_lot::Mutex<Vec<(String, std::sync::Arc<TelemetryHandler>)>> =
+    parking_lot::Mutex::new(Vec::new());
+
+/// Registers `cmd` (e.g. `/servicegate/workers`) on the telemetry socket with `help`;
+/// `handler` answers it. Needs EAL initialised (with telemetry on, the default).
+pub fn register_telemetry(cmd: &str, help: &str, handler: TelemetryHandler) -> Result<()> {
+    let invalid = |what: &str| Error {
+        operation: format!("telemetry command {cmd:?}: {what}"),
+        code: libc::EINVAL,
+    };
+    let c_cmd = CString::new(cmd).map_err(|_| invalid("contains NUL"))?;
+    let c_help = CString::new(help).map_err(|_| invalid("help contains NUL"))?;
+    TELEMETRY_HANDLERS
+        .lock()
+        .push((cmd.to_string(), std::sync::Arc::new(handler)));
+    // SAFETY: both strings are valid NUL-terminated C strings for the call (DPDK copies
+    // them into its own table); the callback is an `extern "C"` fn with the telemetry_cb
+    // signature that never unwinds (see `telemetry_callback`).
+    let ret = unsafe {
+        sys::rte_telemetry_register_cmd(c_cmd.as_ptr(), Some(telemetry_callback), c_help.as_ptr())
+    };
+    check(format!("rte_telemetry_register_cmd({cmd})"), ret).map(|_| ())
+}
+
+/// DPDK's telemetry thread calls this for every registered servicegate command: it finds
+/// the handler by name and fills `info`. A panic inside a handler is caught (it must not
+/// unwind into C) and answered as an error.
+extern "C" fn telemetry_callback(
+    cmd: *const std::ffi::c_char,
+    params: *const std::ffi::c_char,
+    info: *mut sys::rte_tel_data,
+) -> c_int {
+    if cmd.is_null() || info.is_null() {
+        return -libc::EINVAL;
+    }
+    // SAFETY: DPDK passes NUL-terminated strings valid for the duration of the call;
+    // `params` is null when the client gave none.
+    let (cmd, params) = unsafe {
+        (
+            CStr::from_ptr(cmd).to_string_lossy().into_owned(),
+            if params.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(params).to_string_lossy().into_owned()
+            },
+        )
+    };
+    let handler = TELEMETRY_HANDLERS
+        .lock()
+        .iter()
+        .find(|(name, _)| *name == cmd)
+        .map(|(_, h)| std::sync::Arc::clone(h));
+    let Some(handler) = handler else {
+        return -libc::ENOENT;
+    };
+    let Ok(dict) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&params)))
+    else {
+        return -libc::EIO;
+    };
+    // SAFETY: `info` is the telemetry library's data object for this answer, valid and
+    // exclusively ours until we return.
+    unsafe { fill_telemetry_dict(info, &dict) };
+    0
+}
+
+/// A C string for a telemetry name or string value: interior NULs end it, and it is cut to
+/// what DPDK stores (RTE_TEL_MAX_STRING_LEN bytes with the NUL), at a char boundary.
+fn telemetry_cstring(s: &str) -> CString {
+    let s = s.split('\0').next().unwrap_or("");
+    let mut end = s.len().min(sys::RTE_TEL_MAX_STRING_LEN as usize - 1);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    CString::new(&s[..end]).unwrap_or_default()
+}
+
+/// Writes `dict` into `d` (started here as a dict). Entries DPDK refuses (a bad name, past
+/// 256 entries, a container nested too deep) are left out: an answer is never refused
+/// whole for one of them.
+///
+/// # Safety
+/// `d` must be a valid `rte_tel_data` the caller may fill (the callback's `info`, or a
+/// container from `rte_tel_data_alloc`).
+unsafe fn fill_telemetry_dict(d: *mut sys::rte_tel_data, dict: &TelemetryDict) {
+    // SAFETY: `d` is valid per this function's contract.
+    unsafe { sys::rte_tel_data_start_dict(d) };
+    for (name, value) in dict {
+        let c_name = telemetry_cstring(name);
+        // SAFETY: `d` is a started dict; names and strings are valid C strings for the
+        // call (DPDK copies them); a container is a fresh allocation handed over with
+        // keep = 0, so DPDK frees it with the answer (or we free it if refused).
+        unsafe {
+            match value {
+                TelemetryValue::U64(v) => {
+                    sys::rte_tel_data_add_dict_u64(d, c_name.as_ptr(), *v);
+                }
+                TelemetryValue::Int(v) => {
+                    sys::rte_tel_data_add_dict_int(d, c_name.as_ptr(), *v);
+                }
+                TelemetryValue::Str(s) => {
+                    let c_value = telemetry_cstring(s);
+                    sys::rte_tel_data_add_dict_string(d, c_name.as_ptr(), c_value.as_ptr());
+                }
+                TelemetryValue::U64Array(values) => {
+                    let array = sys::rte_tel_data_alloc();
+                    if array.is_null() {
+                        continue;
+                    }
+                    sys::rte_tel_data_start_array(array, sys::rte_tel_value_type_RTE_TEL_U64_VAL);
+                    for v in values {
+                        sys::rte_tel_data_add_array_u64(array, *v);
+                    }
+                    if sys::rte_tel_data_add_dict_container(d, c_name.as_ptr(), array, 0) != 0 {
+                        sys::rte_tel_data_free(array);
+                    }
+                }
+                TelemetryValue::Dict(inner) => {
+                    let container = sys::rte_tel_data_alloc();
+                    if container.is_null() {
+                        continue;
+                    }
+                    let plain: TelemetryDict = inner
+                        .iter()
+                        .filter(|(_, v)| {
+                            !matches!(v, TelemetryValue::Dict(_) | TelemetryValue::U64Array(_))
+                        })
+                        .cloned()
+                        .collect();
+                    fill_telemetry_dict(container, &plain);
+                    if sys::rte_tel_data_add_dict_container(d, c_name.as_ptr(), container, 0) != 0 {
+                        sys::rte_tel_data_free(container);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! Operating a gateway with the tools the field uses, against a running `servicegate run`
 //! on net_tap ports (EAL `--no-huge`): Debian's `prometheus` scrapes it, loads the shipped
 //! alerting rules and answers queries over its HTTP API; every panel of the shipped Grafana
-//! dashboard is a valid query over series the gateway exposes.
+//! dashboard is a valid query over series the gateway exposes; `dpdk-telemetry.py` (the dpdk
+//! package) reads servicegate's own telemetry commands beside ethdev's.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ fn free_port() -> u16 {
 struct RunningGateway {
     gateway: Gateway,
     client: Netns,
+    file_prefix: String,
     _dir: TempDir,
 }
 
@@ -61,6 +63,7 @@ fn start_gateway(tag: &str) -> RunningGateway {
     RunningGateway {
         gateway,
         client,
+        file_prefix,
         _dir: dir,
     }
 }
@@ -337,6 +340,112 @@ fn prometheus_scrapes_the_gateway_evaluates_the_rules_and_the_dashboard_queries(
         );
     }
     drop(p);
+    let (ok, out, err) = g.gateway.stop();
+    assert!(ok, "gateway did not exit 0:\n{out}\n{err}");
+}
+
+/// Runs `dpdk-telemetry.py -f PREFIX` (the dpdk package's client) with `commands` on stdin;
+/// one JSON answer per command.
+fn telemetry(file_prefix: &str, commands: &[&str]) -> Vec<Value> {
+    let mut child = Command::new("dpdk-telemetry.py")
+        .args(["-f", file_prefix])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dpdk-telemetry.py (the dpdk package)");
+    let input = commands.join("\n") + "\n";
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "dpdk-telemetry.py: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It prints the connection banner (a JSON object) first, then one object per command.
+    let answers: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim().trim_start_matches("--> ")).ok())
+        .filter(|v| v.get("version").is_none())
+        .collect();
+    assert_eq!(answers.len(), commands.len(), "{stdout}");
+    answers
+}
+
+#[test]
+fn dpdk_telemetry_answers_servicegates_own_commands() {
+    require_root();
+    let g = start_gateway("tel");
+    g.client
+        .exec_any(&["ping", "-c", "2", "-i", "0.2", "-W", "1", "192.0.2.1"]);
+    // The counters reach the workers' published stats within a publish period.
+    std::thread::sleep(Duration::from_millis(500));
+    let answers = telemetry(
+        &g.file_prefix,
+        &[
+            "/",
+            "/servicegate/services",
+            "/servicegate/workers",
+            "/servicegate/conntrack/summary",
+            "/help,/servicegate/services",
+            "/servicegate/services,3",
+        ],
+    );
+    let commands = answers[0]["/"].as_array().expect("command list");
+    for cmd in [
+        "/servicegate/services",
+        "/servicegate/workers",
+        "/servicegate/conntrack/summary",
+        "/ethdev/stats",
+    ] {
+        assert!(
+            commands.iter().any(|c| c == cmd),
+            "{cmd} not listed: {commands:?}"
+        );
+    }
+    let services = &answers[1]["/servicegate/services"];
+    let metrics_services = get_json(&g.gateway.admin, "/v1/services");
+    let frontends = metrics_services["frontends"].as_array().unwrap();
+    assert_eq!(services["frontends"], frontends.len(), "{services}");
+    assert_eq!(services["generation"], metrics_services["generation"]);
+    assert_eq!(services["ready"], 1);
+    assert_eq!(services["offset"], 0);
+    assert_eq!(services["shown"], frontends.len());
+    for (i, f) in frontends.iter().enumerate() {
+        let t = &services[i.to_string()];
+        assert_eq!(t["service"], f["service"], "{t}");
+        assert_eq!(t["kind"], f["kind"], "{t}");
+        assert_eq!(t["protocol"], f["protocol"], "{t}");
+        assert_eq!(
+            t["backends"],
+            f["backends"].as_array().unwrap().len(),
+            "{t}"
+        );
+    }
+    let workers = &answers[2]["/servicegate/workers"];
+    assert_eq!(workers["workers"], 1, "{workers}");
+    let w0 = &workers["0"];
+    assert_eq!(w0["generation"], services["generation"], "{workers}");
+    assert!(w0["rx_packets"].as_u64().unwrap() >= 2, "{workers}");
+    assert!(w0["bursts"].as_u64().unwrap() >= 1, "{workers}");
+    let ct = &answers[3]["/servicegate/conntrack/summary"];
+    assert_eq!(ct["capacity_per_worker"], 262_144, "{ct}");
+    assert_eq!(ct["capacity"], 262_144, "{ct}");
+    assert_eq!(
+        ct["entries_per_worker"].as_array().map(Vec::len),
+        Some(1),
+        "{ct}"
+    );
+    assert!(answers[4]["/help"]["/servicegate/services"]
+        .as_str()
+        .is_some_and(|h| h.contains("offset")));
+    // A page from offset 3: the rest of the frontends, numbered from 3.
+    let page = &answers[5]["/servicegate/services"];
+    assert_eq!(page["offset"], 3, "{page}");
+    assert_eq!(page["shown"], frontends.len().saturating_sub(3), "{page}");
+    assert_eq!(page["3"]["service"], frontends[3]["service"], "{page}");
+    println!("telemetry: {services}\n{workers}\n{ct}");
     let (ok, out, err) = g.gateway.stop();
     assert!(ok, "gateway did not exit 0:\n{out}\n{err}");
 }
