@@ -3,7 +3,8 @@
 //! The directory (or, for a single manifest file, the directory holding it) is watched
 //! with inotify (the `notify` crate): an event re-reads at once the files it names and
 //! checks the others' metadata, so a change is served within milliseconds and an idle
-//! source costs nothing. Every `poll` (the config's `services.poll_ms`) the files'
+//! source costs nothing. A file created or modified but not yet closed is waited for (up
+//! to [`WRITE_GRACE`]), so that a slow writer's half-written file is not served. Every `poll` (the config's `services.poll_ms`) the files'
 //! metadata (not their content) is checked as well, for filesystems where inotify misses
 //! changes (NFS, some FUSE and overlay mounts, a symlinked directory repointed) and to
 //! re-arm the watch when the directory comes back after being removed.
@@ -20,21 +21,26 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
 use crate::manifests::{Loaded, ManifestSet};
 use crate::model::{Model, SourceProblem};
 
-/// After an event, how long to wait for the rest of its burst (an editor's write, rename
-/// and chmod; a ConfigMap's symlink swap) so that it is read once.
-const SETTLE: Duration = Duration::from_millis(5);
+/// After an event, how long without another one before the files are read: a burst (an
+/// editor's write, rename and chmod; a ConfigMap's symlink swap) is read once.
+const QUIET: Duration = Duration::from_millis(5);
+/// How long a file still open for writing (modified, not yet closed) is waited for, so
+/// that a half-written file is not served (its cut-off document would be skipped and its
+/// objects would flap).
+const WRITE_GRACE: Duration = Duration::from_secs(1);
 
 /// What an inotify event tells the loop.
 enum Change {
-    /// These names in the watched directory were written, created, removed or renamed.
-    Named(Vec<OsString>),
+    /// These names in the watched directory were written, created, removed or renamed;
+    /// `writing`: a writer still has them open (created or modified, not yet closed).
+    Named { names: Vec<OsString>, writing: bool },
     /// Something happened (or the watch overflowed): check every file's metadata.
     Unknown,
 }
@@ -141,19 +147,40 @@ pub async fn watch_files(
             _ = updates.closed() => return,
             _ = tokio::time::sleep(poll) => {}
             Some(change) = events.recv() => {
-                note(change, &mut touched);
-                tokio::time::sleep(SETTLE).await;
-                while let Ok(change) = events.try_recv() {
-                    note(change, &mut touched);
+                let mut writing = HashSet::new();
+                note(change, &mut touched, &mut writing);
+                let started = tokio::time::Instant::now();
+                loop {
+                    let wait = if writing.is_empty() {
+                        QUIET
+                    } else {
+                        WRITE_GRACE.saturating_sub(started.elapsed()).min(QUIET * 20)
+                    };
+                    match tokio::time::timeout(wait, events.recv()).await {
+                        Ok(Some(change)) => note(change, &mut touched, &mut writing),
+                        _ if writing.is_empty() || started.elapsed() >= WRITE_GRACE => break,
+                        _ => {}
+                    }
                 }
             }
         }
     }
 }
 
-fn note(change: Change, touched: &mut HashSet<OsString>) {
-    if let Change::Named(names) = change {
-        touched.extend(names);
+fn note(change: Change, touched: &mut HashSet<OsString>, writing: &mut HashSet<OsString>) {
+    if let Change::Named {
+        names,
+        writing: open,
+    } = change
+    {
+        for name in names {
+            if open {
+                writing.insert(name.clone());
+            } else {
+                writing.remove(&name);
+            }
+            touched.insert(name);
+        }
     }
 }
 
@@ -195,10 +222,13 @@ fn watch_path(
             Ok(event) => match event.kind {
                 // Opening and reading (ours included) change nothing; a write that
                 // finished does.
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => named(&event),
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => named(&event, false),
                 EventKind::Access(_) => return,
                 _ if event.need_rescan() => Change::Unknown,
-                _ => named(&event),
+                EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_)) => {
+                    named(&event, true)
+                }
+                _ => named(&event, false),
             },
             Err(_) => Change::Unknown,
         };
@@ -209,12 +239,13 @@ fn watch_path(
     Ok(watcher)
 }
 
-fn named(event: &notify::Event) -> Change {
-    Change::Named(
-        event
+fn named(event: &notify::Event, writing: bool) -> Change {
+    Change::Named {
+        names: event
             .paths
             .iter()
             .filter_map(|path| path.file_name().map(OsString::from))
             .collect(),
-    )
+        writing,
+    }
 }

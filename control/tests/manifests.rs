@@ -833,3 +833,37 @@ fn an_unreadable_file_keeps_what_it_held() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_file_being_written_is_read_once_it_is_closed() {
+    use std::io::Write;
+    let dir = temp_dir("writer");
+    std::fs::write(dir.join("a.yaml"), SERVICE).unwrap();
+    let (tx, mut rx) = tokio::sync::watch::channel(None);
+    let task = tokio::spawn(watch_files(dir.clone(), Duration::from_secs(3600), tx));
+    next_model(&mut rx).await;
+
+    let text: Vec<String> = (0..200u8).map(|i| service(&format!("s{i}"), i)).collect();
+    let text = text.join("---\n");
+    let file = dir.join("b.yaml");
+    let writer = std::thread::spawn(move || {
+        let mut out = std::fs::File::create(&file).unwrap();
+        // Cut in the middle of a document, then a pause a reader could fall into.
+        let (head, tail) = text.split_at(text.len() / 2 + 7);
+        out.write_all(head.as_bytes()).unwrap();
+        out.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        out.write_all(tail.as_bytes()).unwrap();
+    });
+    let (model, latency) = timed_next_model(&mut rx).await;
+    writer.join().unwrap();
+    println!(
+        "a file written in two parts 150 ms apart: published {:.0} ms after the first event",
+        latency.as_secs_f64() * 1e3
+    );
+    assert!(model.problems.is_empty(), "{:?}", model.problems);
+    assert_eq!(model.services.len(), 201);
+    drop(rx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
