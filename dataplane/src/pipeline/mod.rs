@@ -643,6 +643,11 @@ impl Pipeline {
         self.worker_index
     }
 
+    /// ClientIP affinity entries replaced early because their bucket was full.
+    pub fn affinity_evictions(&self) -> u64 {
+        self.affinity.evictions
+    }
+
     /// The MAC of `addr` on `port`, if resolved (for frames held for ARP).
     pub fn neighbor(&self, port: u16, addr: Ipv4Addr) -> Option<MacAddr> {
         self.neighbors.get(port, addr)

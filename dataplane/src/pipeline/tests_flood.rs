@@ -234,3 +234,239 @@ fn half_open_flows_per_source_are_bounded() {
         run(&mut p, &snap, UPLINK, &one_more, 2, &mut stats).verdict
     ));
 }
+
+/// A single-backend NodePort (masqueraded), so that SNAT ports per backend are few.
+fn one_backend() -> Snapshot {
+    snapshot(
+        1,
+        vec![fe(
+            FrontendKind::NodePort,
+            "0.0.0.0",
+            Protocol::Tcp,
+            30080,
+            &set_of(&[ready("10.244.1.5", 8080)]),
+        )],
+    )
+}
+
+/// Sends one request and its response through an established masqueraded flow and checks
+/// both translations: to the backend from `snat`, back to `client` from the NodePort.
+fn exchange(
+    p: &mut Pipeline,
+    snap: &Snapshot,
+    (client, backend, snat): (SocketAddrV4, SocketAddrV4, SocketAddrV4),
+    now: Tick,
+    stats: &mut WorkerStats,
+) {
+    let data = from_router().tcp_v4(client, sa(NODE_PORT), TcpFlags::ACK, b"q");
+    let r = run(p, snap, UPLINK, &data, now, stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    let o = parse(&r.out);
+    assert_eq!(
+        (
+            SocketAddrV4::new(o.src, o.sport),
+            SocketAddrV4::new(o.dst, o.dport)
+        ),
+        (snat, backend),
+        "request of {client}"
+    );
+    let answer = from_cluster().tcp_v4(backend, snat, TcpFlags::ACK, b"a");
+    let r = run(p, snap, CLUSTER, &answer, now, stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: UPLINK });
+    let o = parse(&r.out);
+    assert_eq!(
+        (
+            SocketAddrV4::new(o.src, o.sport),
+            SocketAddrV4::new(o.dst, o.dport)
+        ),
+        (sa(NODE_PORT), client),
+        "response to {client}"
+    );
+}
+
+/// Ends a flow with an RST from the client (its entry then times out in CLOSE's 10 s).
+fn reset(
+    p: &mut Pipeline,
+    snap: &Snapshot,
+    client: SocketAddrV4,
+    now: Tick,
+    stats: &mut WorkerStats,
+) {
+    let rst = from_router().tcp_v4(client, sa(NODE_PORT), TcpFlags::RST, b"");
+    assert!(transmitted(run(p, snap, UPLINK, &rst, now, stats).verdict));
+}
+
+/// Conntrack full of established flows: new flows are dropped as `ct_full` (nothing
+/// established is evicted), the established ones keep their translations, and new flows
+/// are served again once some have ended and timed out.
+#[test]
+fn a_full_table_refuses_new_flows_keeps_the_established_and_recovers() {
+    let snap = one_backend();
+    let mut p = Pipeline::new(PipelineConfig {
+        conntrack: ConntrackConfig {
+            capacity: 64,
+            ..ConntrackConfig::default()
+        },
+        ..config(0, 1)
+    })
+    .unwrap();
+    let mut stats = WorkerStats::default();
+    let flows: Vec<_> = (0..64)
+        .map(|i| {
+            let client = legit(i);
+            let (backend, snat) = handshake(&mut p, &snap, client, 0, &mut stats).expect("open");
+            (client, backend, snat)
+        })
+        .collect();
+    assert_eq!(p.conntrack().len(), 64);
+    for i in 0..100 {
+        let syn = from_router().tcp_v4(legit(1000 + i), sa(NODE_PORT), TcpFlags::SYN, b"");
+        assert_eq!(
+            run(&mut p, &snap, UPLINK, &syn, 1, &mut stats).verdict,
+            Verdict::Drop(DropReason::CtFull)
+        );
+    }
+    assert_eq!(stats.drops_of(DropReason::CtFull), 100);
+    assert_eq!(p.conntrack().stats().evictions, 0);
+    for &flow in &flows {
+        exchange(&mut p, &snap, flow, 2, &mut stats);
+    }
+    // The load ends: 8 flows close; after CLOSE's 10 s their slots serve new flows.
+    for &(client, ..) in &flows[..8] {
+        reset(&mut p, &snap, client, 3, &mut stats);
+    }
+    let later = 3 + 11 * SECOND;
+    for i in 0..8 {
+        assert!(
+            handshake(&mut p, &snap, legit(2000 + i), later, &mut stats).is_some(),
+            "recovered"
+        );
+    }
+    for &flow in &flows[8..] {
+        exchange(&mut p, &snap, flow, later, &mut stats);
+    }
+}
+
+/// A SNAT range of 4 ports per backend: established flows hold them all, so new flows are
+/// dropped as `snat_exhausted` and no two flows ever share a port; half-open flows give
+/// theirs way; a port freed by a flow that ended serves a new flow.
+#[test]
+fn exhausted_snat_ports_drop_new_flows_without_wrong_translations_and_recover() {
+    let snap = one_backend();
+    let mut p = Pipeline::new(PipelineConfig {
+        snat_port_range: 40000..=40003,
+        ..config(0, 1)
+    })
+    .unwrap();
+    let mut stats = WorkerStats::default();
+    let flows: Vec<_> = (0..4)
+        .map(|i| {
+            let client = legit(i);
+            let (backend, snat) = handshake(&mut p, &snap, client, 0, &mut stats).expect("open");
+            (client, backend, snat)
+        })
+        .collect();
+    let ports: std::collections::HashSet<u16> = flows.iter().map(|f| f.2.port()).collect();
+    assert_eq!(ports.len(), 4, "each flow its own port: {flows:?}");
+    for i in 0..50 {
+        assert!(handshake(&mut p, &snap, legit(100 + i), 1, &mut stats).is_none());
+    }
+    assert_eq!(stats.drops_of(DropReason::SnatExhausted), 50);
+    for &flow in &flows {
+        exchange(&mut p, &snap, flow, 2, &mut stats);
+    }
+    // One flow ends; once its entry has timed out its port serves a new client.
+    reset(&mut p, &snap, flows[0].0, 3, &mut stats);
+    let later = 3 + 11 * SECOND;
+    let (_, snat) = handshake(&mut p, &snap, legit(500), later, &mut stats).expect("recovered");
+    assert_eq!(snat, flows[0].2, "the freed port");
+    for &flow in &flows[1..] {
+        exchange(&mut p, &snap, flow, later, &mut stats);
+    }
+    // Half-open flows hold ports only until a new flow needs one.
+    let mut q = Pipeline::new(PipelineConfig {
+        snat_port_range: 40000..=40003,
+        ..config(0, 1)
+    })
+    .unwrap();
+    for i in 0..4 {
+        let syn = from_router().tcp_v4(spoofed(i), sa(NODE_PORT), TcpFlags::SYN, b"");
+        assert!(transmitted(
+            run(&mut q, &snap, UPLINK, &syn, 0, &mut stats).verdict
+        ));
+    }
+    assert!(handshake(&mut q, &snap, legit(900), 1, &mut stats).is_some());
+    assert_eq!(q.conntrack().stats().evictions, 1);
+}
+
+/// A ClientIP affinity table of one 4-way bucket: a fifth client replaces the entry closest
+/// to expiry (counted, never a wrong backend: every connection goes to a usable backend,
+/// and a client that kept its entry keeps its backend); once the load ends, clients are
+/// pinned again.
+#[test]
+fn a_full_affinity_table_forgets_early_but_never_misroutes() {
+    let set = web();
+    let mut sticky = fe(
+        FrontendKind::ClusterIp,
+        "10.96.0.90",
+        Protocol::Tcp,
+        80,
+        &set,
+    );
+    sticky.affinity = Some(60);
+    let snap = snapshot(1, vec![sticky]);
+    let mut p = Pipeline::new(PipelineConfig {
+        affinity_capacity: 4,
+        ..config(0, 1)
+    })
+    .unwrap();
+    let mut stats = WorkerStats::default();
+    let backends: Vec<SocketAddrV4> = set
+        .backends
+        .iter()
+        .map(|b| SocketAddrV4::new(b.addr, b.port))
+        .collect();
+    let connect =
+        |p: &mut Pipeline, client: &str, port: u16, now: Tick, stats: &mut WorkerStats| {
+            let syn = from_cluster().tcp_v4(
+                SocketAddrV4::new(ip(client), port),
+                sa("10.96.0.90:80"),
+                TcpFlags::SYN,
+                b"",
+            );
+            let r = run(p, &snap, CLUSTER, &syn, now, stats);
+            assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+            let o = parse(&r.out);
+            SocketAddrV4::new(o.dst, o.dport)
+        };
+    let clients: Vec<String> = (1..=32).map(|i| format!("10.244.9.{i}")).collect();
+    let mut first = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let b = connect(&mut p, c, 1000, i as Tick, &mut stats);
+        assert!(backends.contains(&b));
+        first.push(b);
+    }
+    assert!(p.affinity_evictions() > 0, "the table overflowed");
+    // Every connection still goes to a usable backend; the clients whose entries
+    // survived keep their backend.
+    let mut kept = 0;
+    for (i, c) in clients.iter().enumerate() {
+        let b = connect(&mut p, c, 2000, 100, &mut stats);
+        assert!(backends.contains(&b));
+        kept += usize::from(b == first[i]);
+    }
+    assert!(kept >= 4, "kept {kept}");
+    // The load ends: four clients, within the table's room, are pinned again.
+    let later = 200 * SECOND;
+    for c in &clients[..4] {
+        let b = connect(&mut p, c, 3000, later, &mut stats);
+        for port in 3001..3010 {
+            assert_eq!(
+                connect(&mut p, c, port, later + 1, &mut stats),
+                b,
+                "{c} pinned"
+            );
+        }
+    }
+    assert_eq!(stats.total_drops(), 0);
+}
