@@ -386,6 +386,7 @@ fn conntrack_timeouts(t: &crate::config::TimeoutsConfig) -> Timeouts {
         sctp_unreplied: secs(t.sctp_unreplied, defaults.sctp_unreplied),
         sctp_established: secs(t.sctp_established, defaults.sctp_established),
         generic: secs(t.generic, defaults.generic),
+        backend_gone: secs(t.backend_gone, defaults.backend_gone),
     }
 }
 
@@ -1032,7 +1033,7 @@ mod tests {
             "ports: [{name: up, device: net_null0, role: uplink}]\n\
              services: {source: files, path: /}\n\
              conntrack:\n  timeouts: {tcp_established: 3600, udp: 10, sctp_unreplied: 5, \
-             sctp_established: 60, generic: 20}\n",
+             sctp_established: 60, generic: 20, backend_gone: 4}\n",
             "gateway.yaml",
         )
         .expect("parses");
@@ -1043,6 +1044,7 @@ mod tests {
         assert_eq!(t.sctp_unreplied, 5 * SECOND);
         assert_eq!(t.sctp_established, 60 * SECOND);
         assert_eq!(t.generic, 20 * SECOND);
+        assert_eq!(t.backend_gone, 4 * SECOND);
         assert_eq!(t.tcp_time_wait, linux.tcp_time_wait, "not given: Linux's");
     }
 

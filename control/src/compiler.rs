@@ -44,8 +44,8 @@ use std::sync::Arc;
 
 use dataplane::maglev::{is_prime, MaglevTable, DEFAULT_TABLE_SIZE, MAX_BACKENDS};
 use dataplane::snapshot::{
-    Backend, BackendSet, EndpointState, Frontend, FrontendKey, FrontendKind, InternalPolicy,
-    PodCidrRoute, Protocol, ServicePortName, Snapshot,
+    Backend, BackendPresence, BackendSet, EndpointState, Frontend, FrontendKey, FrontendKind,
+    InternalPolicy, PodCidrRoute, Protocol, ServicePortName, Snapshot,
 };
 use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -270,6 +270,7 @@ impl Assembly {
             frontend_count: self.by_id.len() as u32,
             frontends_by_id: self.by_id.clone(),
             backend_counter_base: Snapshot::counter_bases(&self.by_id),
+            backend_presence: BackendPresence::default(),
         }
     }
 }
@@ -290,6 +291,8 @@ pub struct Compiler {
     slices_of: SlicesOf,
     /// The tables of the last compilation.
     assembly: Option<Assembly>,
+    /// Every endpoint of every slice of the last model, kept up to date slice by slice.
+    presence: BackendPresence,
 }
 
 /// An address family the compiler serves.
@@ -435,6 +438,7 @@ impl Compiler {
             slices: BTreeMap::new(),
             slices_of: HashMap::new(),
             assembly: None,
+            presence: BackendPresence::default(),
         }
     }
 
@@ -477,6 +481,7 @@ impl Compiler {
             &mut self.slices,
             &mut self.slices_of,
             &mut self.services,
+            &mut self.presence,
         );
 
         // Frontends added, removed or re-keyed: conflicts and ids are resolved anew.
@@ -552,7 +557,8 @@ impl Compiler {
         if !structural {
             run.warnings.extend(assembly.warnings.iter().cloned());
         }
-        let snapshot = assembly.snapshot(&self.options);
+        let mut snapshot = assembly.snapshot(&self.options);
+        snapshot.backend_presence = self.presence.clone();
         run.stats.services = assembly.services;
         run.stats.frontends = snapshot.frontend_count as usize;
         Compiled {
@@ -596,6 +602,7 @@ fn sync_slices(
     slices: &mut BTreeMap<ObjectKey, SliceEntry>,
     slices_of: &mut SlicesOf,
     services: &mut BTreeMap<ObjectKey, ServiceEntry>,
+    presence: &mut BackendPresence,
 ) {
     let mut changed: Vec<(&ObjectKey, &Arc<EndpointSlice>)> = Vec::new();
     let mut removed: Vec<ObjectKey> = Vec::new();
@@ -628,16 +635,26 @@ fn sync_slices(
         }
     }
     for key in removed {
-        if let Some(SliceEntry {
-            service: Some(service),
-            ..
-        }) = slices.remove(&key)
-        {
+        let Some(old) = slices.remove(&key) else {
+            continue;
+        };
+        for (protocol, addr, port) in listed_endpoints(&old.slice) {
+            presence.remove(protocol, addr, port);
+        }
+        if let Some(service) = old.service {
             unlink(slices_of, &key, &service);
             mark(services, &key.namespace, &service);
         }
     }
     for (key, slice) in changed {
+        for (protocol, addr, port) in listed_endpoints(slice) {
+            presence.add(protocol, addr, port);
+        }
+        if let Some(old) = slices.get(key) {
+            for (protocol, addr, port) in listed_endpoints(&old.slice) {
+                presence.remove(protocol, addr, port);
+            }
+        }
         let service = service_label(slice);
         let old = slices.insert(
             key.clone(),
@@ -664,6 +681,37 @@ fn sync_slices(
                 .insert(key.name.clone(), slice.clone());
         }
     }
+}
+
+/// Every (protocol, address, port) a slice lists, in any condition and whatever Service
+/// it names (or none): what [`BackendPresence`] counts. Invalid values are skipped (the
+/// Service compilation warns about them).
+fn listed_endpoints(slice: &EndpointSlice) -> impl Iterator<Item = (Protocol, Ipv4Addr, u16)> + '_ {
+    let family = FAMILIES
+        .iter()
+        .copied()
+        .find(|f| f.address_type() == slice.address_type);
+    let ports: Vec<(Protocol, u16)> = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| Some((parse_protocol(p.protocol.as_deref())?, port_u16(p.port?)?)))
+        .collect();
+    slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter(move |_| family.is_some())
+        .filter_map(move |e| {
+            let address = e.addresses.first()?.parse::<IpAddr>().ok()?;
+            family?.v4(address)
+        })
+        .flat_map(move |addr| {
+            ports
+                .clone()
+                .into_iter()
+                .map(move |(protocol, port)| (protocol, addr, port))
+        })
 }
 
 /// State and node of one endpoint while slices are merged.

@@ -383,6 +383,8 @@ pub struct TimeoutsConfig {
     pub sctp_established: Option<u64>,
     /// Any other IP protocol.
     pub generic: Option<u64>,
+    /// A TCP/SCTP flow whose backend left every EndpointSlice (not a Linux timeout).
+    pub backend_gone: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

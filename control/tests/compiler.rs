@@ -933,6 +933,81 @@ endpoints:
     assert_eq!(set.state_of(ip("10.0.0.4"), 8080), None, "gone entirely");
 }
 
+/// The snapshot lists every endpoint of every slice, in any condition and whether or not
+/// its Service exists: what an established TCP flow whose frontend went away (a nodePort
+/// edit, a deleted Service) is validated against. Kept up to date slice by slice by one
+/// compiler across models.
+#[test]
+fn item_12_backend_presence_covers_every_slice() {
+    let web_slice_b = r#"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-b
+  namespace: lab
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 9376, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]
+endpoints:
+  - addresses: [10.244.3.3]
+    conditions: {ready: false, serving: false, terminating: true}
+"#;
+    let service_only = WEB.split("---").next().unwrap().to_string();
+    let slices_only = format!("---{}", WEB.split("---").nth(1).unwrap());
+    let mut compiler = Compiler::new(CompileOptions::default());
+    let present = |c: &Compiled, protocol: Protocol, addr: &str, port: u16| {
+        c.snapshot
+            .backend_presence
+            .contains(protocol, ip(addr), port)
+    };
+
+    let c = compiler.compile(&model(&format!("{WEB}{web_slice_b}")));
+    assert!(present(&c, Tcp, "10.244.1.2", 9376));
+    assert!(present(&c, Tcp, "10.244.2.2", 9376));
+    assert!(
+        present(&c, Tcp, "10.244.3.3", 9376),
+        "not serving, still listed"
+    );
+    assert!(present(&c, Udp, "10.244.3.3", 53));
+    assert!(
+        !present(&c, Udp, "10.244.1.2", 9376),
+        "the protocol is part of the key"
+    );
+    assert!(!present(&c, Tcp, "10.244.1.2", 80));
+    assert_eq!(c.snapshot.backend_presence.len(), 4);
+
+    // The Service is deleted, its slices stay (until Kubernetes' garbage collector removes
+    // them): the endpoints are still listed.
+    let c = compiler.compile(&model(&format!("{slices_only}{web_slice_b}")));
+    assert!(c.snapshot.frontends.is_empty());
+    assert!(present(&c, Tcp, "10.244.1.2", 9376));
+
+    // web-b goes; web-a stays with one endpoint fewer.
+    let fewer = slices_only.replace("  - addresses: [10.244.2.2]\n    nodeName: node-2\n", "");
+    assert_ne!(fewer, slices_only);
+    let c = compiler.compile(&model(&format!("{service_only}{fewer}")));
+    assert!(present(&c, Tcp, "10.244.1.2", 9376));
+    assert!(!present(&c, Tcp, "10.244.2.2", 9376), "left every slice");
+    assert!(!present(&c, Tcp, "10.244.3.3", 9376));
+    assert_eq!(c.snapshot.backend_presence.len(), 1);
+
+    // The same endpoint in two slices counts twice: it stays while either lists it.
+    let twice = format!(
+        "{service_only}{fewer}{}",
+        fewer.replace("name: web-a", "name: web-c")
+    );
+    let c = compiler.compile(&model(&twice));
+    assert!(present(&c, Tcp, "10.244.1.2", 9376));
+    let c = compiler.compile(&model(&format!(
+        "{service_only}{}",
+        fewer.replace("name: web-a", "name: web-c")
+    )));
+    assert!(present(&c, Tcp, "10.244.1.2", 9376), "web-c still lists it");
+    let c = compiler.compile(&model(&service_only));
+    assert!(c.snapshot.backend_presence.is_empty());
+}
+
 #[test]
 fn item_14_maglev_over_usable_is_deterministic() {
     let yaml = r#"

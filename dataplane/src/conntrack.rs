@@ -283,6 +283,11 @@ pub struct Timeouts {
     pub sctp_unreplied: Tick,
     pub sctp_established: Tick,
     pub generic: Tick,
+    /// How long a TCP or SCTP flow whose backend left every EndpointSlice stays tracked
+    /// (its packets dropped as `backend_gone`), so that it resumes if the endpoint comes
+    /// back: an endpoint moved between slices remove-first is absent for a moment. Not a
+    /// Linux timeout (nf_conntrack never looks at endpoints).
+    pub backend_gone: Tick,
 }
 
 impl Default for Timeouts {
@@ -302,6 +307,7 @@ impl Default for Timeouts {
             sctp_unreplied: 30 * SECOND,
             sctp_established: 210 * SECOND,
             generic: 600 * SECOND,
+            backend_gone: 30 * SECOND,
         }
     }
 }
@@ -639,6 +645,13 @@ enum TcpClass {
     Ack,
     Rst,
     None,
+}
+
+/// Whether a TCP segment with these flags may open a connection (a SYN without ACK or RST,
+/// as Linux nf_conntrack with `nf_conntrack_tcp_loose=0` requires): any other segment
+/// without a tracked flow is INVALID there, and kube-proxy drops INVALID.
+pub fn opens_tcp_connection(flags: u8) -> bool {
+    tcp_class(flags) == TcpClass::Syn
 }
 
 fn tcp_class(flags: u8) -> TcpClass {
@@ -1180,6 +1193,15 @@ impl Conntrack {
             self.unlink_unassured(id.0);
         }
         true
+    }
+
+    /// Brings the deadline of a live entry forward to `deadline` if it is later (never
+    /// postpones it): a flow whose backend is gone lingers no longer than that, however
+    /// many of its packets arrive meanwhile (they are dropped, not accounted).
+    pub fn expire_by(&mut self, id: EntryId, deadline: Tick) {
+        let e = &mut self.entries[id.index()];
+        debug_assert!(e.live, "stale conntrack handle");
+        e.expires_at = e.expires_at.min(deadline);
     }
 
     /// Removes a live entry (e.g. its backend is gone). Returns `false` for a stale handle.

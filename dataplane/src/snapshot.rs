@@ -168,6 +168,83 @@ impl BackendSet {
     }
 }
 
+/// Shards of [`BackendPresence`]: an EndpointSlice change copies the few shards it touches,
+/// not the whole index.
+const PRESENCE_SHARDS: usize = 256;
+
+/// Slices listing each (protocol, address, port) of one shard.
+type PresenceShard = FxHashMap<(Protocol, Ipv4Addr, u16), u32>;
+
+/// Every endpoint (protocol, address, port) of every EndpointSlice the source knows, in any
+/// condition, whether or not a Service of the snapshot names the slice: what an established
+/// TCP flow whose frontend went away (a nodePort edit, a deleted Service) is validated
+/// against (kube-semantics item 12). A count per key, since an endpoint can be listed by
+/// several slices.
+///
+/// Persistent: cloning it (once per snapshot) clones [`PRESENCE_SHARDS`] `Arc`s, and a
+/// change copies only the shards it touches (`Arc::make_mut`), so that a one-endpoint update
+/// of a 250,000-endpoint cluster stays cheap.
+#[derive(Clone, Debug, Default)]
+pub struct BackendPresence {
+    /// Empty until the first endpoint is added.
+    shards: Vec<Arc<PresenceShard>>,
+    len: usize,
+}
+
+impl BackendPresence {
+    fn shard_of(protocol: Protocol, addr: Ipv4Addr, port: u16) -> usize {
+        let k = (u64::from(u32::from(addr)) << 24) | (u64::from(port) << 8) | protocol as u64;
+        (crate::maglev::fmix64(k) % PRESENCE_SHARDS as u64) as usize
+    }
+
+    /// Whether some EndpointSlice lists `addr:port` for `protocol`.
+    pub fn contains(&self, protocol: Protocol, addr: Ipv4Addr, port: u16) -> bool {
+        self.shards
+            .get(Self::shard_of(protocol, addr, port))
+            .is_some_and(|shard| shard.contains_key(&(protocol, addr, port)))
+    }
+
+    /// One more slice lists `addr:port`.
+    pub fn add(&mut self, protocol: Protocol, addr: Ipv4Addr, port: u16) {
+        if self.shards.is_empty() {
+            self.shards = (0..PRESENCE_SHARDS).map(|_| Arc::default()).collect();
+        }
+        let shard = Arc::make_mut(&mut self.shards[Self::shard_of(protocol, addr, port)]);
+        let count = shard.entry((protocol, addr, port)).or_insert(0);
+        if *count == 0 {
+            self.len += 1;
+        }
+        *count += 1;
+    }
+
+    /// One slice fewer lists `addr:port` (a key no slice lists is left alone).
+    pub fn remove(&mut self, protocol: Protocol, addr: Ipv4Addr, port: u16) {
+        let Some(shard) = self.shards.get_mut(Self::shard_of(protocol, addr, port)) else {
+            return;
+        };
+        if !shard.contains_key(&(protocol, addr, port)) {
+            return;
+        }
+        let shard = Arc::make_mut(shard);
+        if let Some(count) = shard.get_mut(&(protocol, addr, port)) {
+            *count -= 1;
+            if *count == 0 {
+                shard.remove(&(protocol, addr, port));
+                self.len -= 1;
+            }
+        }
+    }
+
+    /// Distinct (protocol, address, port) listed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// internalTrafficPolicy: Local, seen from a gateway (kube-semantics item 18).
 #[derive(Clone, Debug)]
 pub enum InternalPolicy {
@@ -249,6 +326,8 @@ pub struct Snapshot {
     pub frontend_count: u32,
     /// Every frontend by id (the compiler fills it, or [`Snapshot::index_counters`]).
     pub frontends_by_id: Vec<Arc<Frontend>>,
+    /// Every endpoint of every EndpointSlice, in any condition (see [`BackendPresence`]).
+    pub backend_presence: BackendPresence,
     /// Per-backend packet counters of this snapshot: frontend `id`'s backend `i` (index in
     /// its `backends.backends`) counts at `backend_counter_base[id] + i`; the last entry is
     /// the number of counters. The compiler fills it, or [`Snapshot::index_counters`].

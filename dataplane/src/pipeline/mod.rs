@@ -33,12 +33,16 @@
 //!    are dropped (`martian_source`, `spoofed_source`); a conntrack hit counts only through
 //!    a direction the entry admits from uplinks; what steps 4–5 neither translate nor
 //!    deliver locally is routed only into `edge.routable_prefixes` (`uplink_not_allowed`).
-//! 4. **Services** (see `kube-semantics.md`): conntrack hit → stored translation; a snapshot
-//!    change re-validates the backend lazily (gone → entry removed; UDP re-picked as a new
-//!    flow, TCP/SCTP dropped with `backend_gone` — the client's retransmissions keep being
-//!    dropped until it times out or the entry-less packets are re-balanced: a SYN makes a
-//!    new flow). Miss → frontend match, source ranges, ITP Local, affinity, Maglev, SNAT,
-//!    insert, rewrite. No usable endpoint or an unknown port on a service address → ICMP
+//! 4. **Services** (see `kube-semantics.md`; the decisions are [`decide`]'s, which `ctl
+//!    trace` shares): conntrack hit → stored translation; a snapshot change re-validates
+//!    the backend lazily ([`decide::tracked_flow`]: TCP/SCTP keep it while any slice of the
+//!    Service lists it in any condition, or, their frontend gone, any slice at all; else
+//!    `backend_gone` drops and the entry lingers `timeouts.backend_gone` in case it returns.
+//!    UDP keeps it while ready or serving-terminating and its frontend exists, else the
+//!    entry goes and the datagram is a new flow). Miss → a TCP segment that is not a SYN is
+//!    dropped (`tcp_no_flow`), never balanced; frontend match, source ranges, ITP Local,
+//!    affinity, Maglev, SNAT (policy, pods to eTP Local frontends, hairpin), insert,
+//!    rewrite. No usable endpoint or an unknown port on a service address → ICMP
 //!    port-unreachable (rate-limited). ICMP errors quoting a tracked flow are translated.
 //!    ICMP echo requests to a service address are answered by the gateway (like IPVS).
 //! 5. **Local**: traffic for an owned address (or broadcast/multicast) → the in-port's
@@ -73,6 +77,7 @@
 //! protocols, unparsable) belongs to worker 0. SNAT addresses must not also be node-port
 //! or service addresses.
 
+pub mod decide;
 pub mod edge;
 mod fast;
 mod neighbor;
@@ -103,9 +108,7 @@ use crate::conntrack::{
 };
 use crate::frame::Frame;
 use crate::maglev::fmix64;
-use crate::snapshot::{
-    Backend, BackendSet, EndpointState, Frontend, FrontendKind, InternalPolicy, Protocol, Snapshot,
-};
+use crate::snapshot::{Backend, BackendSet, Frontend, FrontendKind, Protocol, Snapshot};
 use crate::stats::{DropReason, WorkerStats};
 use crate::wire::arp::{self, ArpPacket};
 use crate::wire::ethernet::{self, EthernetFrame, MacAddr};
@@ -466,6 +469,10 @@ pub fn pick_hash(fe: &Frontend, flow_hash: u64, client: Ipv4Addr) -> u64 {
         flow_hash
     }
 }
+
+/// The frontend id of a flow whose frontend is gone from the snapshot (no frontend's
+/// counters count it).
+pub const NO_FRONTEND: u32 = u32::MAX;
 
 fn is_usable(set: &BackendSet, addr: Ipv4Addr, port: u16) -> bool {
     set.backends
@@ -1105,28 +1112,35 @@ impl Pipeline {
             }
             if let Some(p) = Protocol::from_ip_proto(protocol) {
                 if let Some(fe) = snap.match_frontend(dst, p, dport) {
+                    if !decide::opens_connection(p, tcp_flags) {
+                        return Verdict::Drop(DropReason::TcpNoFlow);
+                    }
                     return self.new_flow(frame, ctx, snap, now, stats, fe, key, tcp_flags);
                 }
             }
         }
-        if snap.service_addresses.contains_key(&dst) {
-            return match l4 {
-                L4::Ports { .. } => self.reject(
+        let echo_request = matches!(l4, L4::Echo { request: true, .. }) && !fragment;
+        let unframed = match l4 {
+            L4::Ports { .. } => decide::Unframed::Ports,
+            _ if echo_request => decide::Unframed::EchoRequest,
+            _ => decide::Unframed::Other,
+        };
+        match decide::unmatched(snap, dst, unframed) {
+            decide::Unmatched::Reject(reason) => {
+                return self.reject(
                     frame,
                     ctx,
                     now,
                     stats,
                     (icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_PORT_UNREACHABLE),
                     0,
-                    DropReason::NoService,
+                    reason,
                     Some(dst),
-                ),
-                L4::Echo { request: true, .. } if !fragment => self.answer_echo(frame, ctx, now),
-                _ => Verdict::Drop(DropReason::NoService),
-            };
-        }
-        if snap.service_cidr.is_some_and(|c| c.contains(&dst)) {
-            return Verdict::Drop(DropReason::NoService);
+                )
+            }
+            decide::Unmatched::AnswerEcho => return self.answer_echo(frame, ctx, now),
+            decide::Unmatched::Drop(reason) => return Verdict::Drop(reason),
+            decide::Unmatched::NotService => {}
         }
         let local = self.is_owned(dst)
             || dst.is_broadcast()
@@ -1136,17 +1150,18 @@ impl Pipeline {
                 .iter()
                 .any(|n| n.prefix_len() < 31 && n.broadcast() == dst);
         if local {
-            if ctx.outer_src.is_none() {
-                if let Some(port) = self.ports[ctx.in_port].exception_port {
-                    return Verdict::ToException { port };
-                }
-            }
-            if let L4::Echo { request: true, .. } = l4 {
-                if !fragment && self.is_owned(dst) {
-                    return self.answer_echo(frame, ctx, now);
-                }
-            }
-            return Verdict::Drop(DropReason::NoException);
+            let exception_port = self.ports[ctx.in_port].exception_port;
+            return match decide::local(
+                exception_port.is_some(),
+                ctx.outer_src.is_some(),
+                echo_request && self.is_owned(dst),
+            ) {
+                decide::Local::Exception => Verdict::ToException {
+                    port: exception_port.unwrap_or_default(),
+                },
+                decide::Local::AnswerEcho => self.answer_echo(frame, ctx, now),
+                decide::Local::Drop(reason) => Verdict::Drop(reason),
+            };
         }
         if from_uplink && !self.edge.routable(dst) {
             return Verdict::Drop(DropReason::UplinkNotAllowed);
@@ -1183,31 +1198,45 @@ impl Pipeline {
         };
         if binding.generation != snap.generation {
             // Frontend ids and counter slots are per snapshot: find the frontend again and
-            // check the backend is still one of its endpoints.
-            let protocol = Protocol::from_ip_proto(original.protocol);
-            let fe =
-                protocol.and_then(|p| snap.match_frontend(nat.frontend_addr, p, nat.frontend_port));
-            let state = fe.and_then(|f| f.backends.state_of(nat.backend_addr, nat.backend_port));
-            match (fe, state) {
-                // A flow keeps its backend while it is ready or serving and terminating
-                // (kube-semantics item 12).
-                (Some(f), Some(EndpointState::Ready | EndpointState::ServingTerminating)) => {
-                    binding = SnapshotBinding {
-                        generation: snap.generation,
-                        frontend_id: f.id,
-                        backend_counter: snap.backend_counter(
-                            f.id,
-                            nat.backend_addr,
-                            nat.backend_port,
-                        ),
+            // check the backend may keep the flow (kube-semantics item 12).
+            match decide::tracked_flow(snap, original.protocol, &nat) {
+                decide::TrackedFlow::Keep(fe) => {
+                    binding = match fe {
+                        Some(f) => SnapshotBinding {
+                            generation: snap.generation,
+                            frontend_id: f.id,
+                            backend_counter: snap.backend_counter(
+                                f.id,
+                                nat.backend_addr,
+                                nat.backend_port,
+                            ),
+                        },
+                        // Its frontend is gone: counted under no frontend nor backend.
+                        None => SnapshotBinding::new(snap.generation, NO_FRONTEND),
                     };
                     self.ct.revalidate(id, binding);
                 }
-                _ => {
+                decide::TrackedFlow::Flush => {
                     self.ct.remove(id);
-                    if original.protocol == ipv4::PROTO_UDP && dir == Direction::Original {
+                    if dir == Direction::Original {
                         return None;
                     }
+                    return Some(Verdict::Drop(DropReason::BackendGone));
+                }
+                decide::TrackedFlow::Gone => {
+                    if dir == Direction::Original
+                        && tcp_flags.is_some_and(crate::conntrack::opens_tcp_connection)
+                    {
+                        // A SYN is a new connection: it picks again.
+                        self.ct.remove(id);
+                        return None;
+                    }
+                    // The entry stays, not refreshed, for `backend_gone` at most (the
+                    // generation is left behind, so each packet checks again): if the
+                    // endpoint comes back meanwhile (moved between slices remove-first), the
+                    // flow goes on where it was.
+                    let grace = self.ct.timeouts().backend_gone;
+                    self.ct.expire_by(id, now.saturating_add(grace));
                     return Some(Verdict::Drop(DropReason::BackendGone));
                 }
             }
@@ -1260,39 +1289,34 @@ impl Pipeline {
         if let Some(c) = stats.frontend_packets.get_mut(fe.id as usize) {
             *c += 1;
         }
-        if fe.kind == FrontendKind::LoadBalancer
-            && !fe.source_ranges.is_empty()
-            && !fe.source_ranges.iter().any(|r| r.contains(&key.src))
-        {
-            return Verdict::Drop(DropReason::SourceRange);
-        }
-        let set: &BackendSet = match (&fe.internal_policy, ctx.outer_src) {
-            (InternalPolicy::Local { by_node }, Some(vtep)) => {
-                match self.snap.vtep_nodes.get(&vtep) {
-                    Some(node) => match by_node.get(node) {
-                        Some(s) if !s.usable.is_empty() => s,
-                        // No usable endpoint anywhere: rejected below, as for Cluster.
-                        _ if fe.backends.usable.is_empty() => &fe.backends,
-                        _ => return Verdict::Drop(DropReason::NoLocalEndpoint),
-                    },
-                    // The VTEP has no node name: treat the Service as Cluster.
-                    None => &fe.backends,
-                }
-            }
-            _ => &fe.backends,
+        // A VTEP without a node name leaves the sender's node unknown: internalTrafficPolicy
+        // Local is then treated as Cluster.
+        let sender = decide::Sender {
+            src: key.src,
+            node: ctx
+                .outer_src
+                .and_then(|vtep| self.snap.vtep_nodes.get(&vtep)),
+            from_pod: decide::needs_from_pod(fe)
+                && (ctx.outer_src.is_some() || self.snap.pod_routes.vtep_for(key.src).is_some()),
         };
-        if set.usable.is_empty() {
-            return self.reject(
-                frame,
-                ctx,
-                now,
-                stats,
-                (icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_PORT_UNREACHABLE),
-                0,
-                DropReason::NoEndpoints,
-                Some(key.dst),
-            );
-        }
+        let (set, policy_masquerade) = match decide::new_connection(fe, sender) {
+            decide::NewConnection::Balance {
+                set, masquerade, ..
+            } => (set, masquerade),
+            decide::NewConnection::Drop(reason) => return Verdict::Drop(reason),
+            decide::NewConnection::Reject(reason) => {
+                return self.reject(
+                    frame,
+                    ctx,
+                    now,
+                    stats,
+                    (icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_PORT_UNREACHABLE),
+                    0,
+                    reason,
+                    Some(key.dst),
+                )
+            }
+        };
         let hash = rewrite::flow_hash(key.protocol, key.src, key.src_port, key.dst, key.dst_port);
         let affinity_scope = fe.affinity_timeout_secs.map(|_| fe.service.stable_id());
         let affine = affinity_scope.and_then(|scope| {
@@ -1310,7 +1334,7 @@ impl Pipeline {
         let reply_without_snat =
             FlowKey::new(key.protocol, backend.0, backend.1, key.src, key.src_port);
         let reply_without_snat_hash = reply_without_snat.hash();
-        if !fe.masquerade {
+        if policy_masquerade.is_none() {
             // The reply key is known now (without SNAT): start fetching its index slot,
             // which the insert below probes, while the route and counters are looked up.
             self.ct.prefetch_slot(reply_without_snat_hash);
@@ -1324,7 +1348,7 @@ impl Pipeline {
             return Verdict::Drop(DropReason::HalfOpenLimit);
         }
         let mut snat = None;
-        if fe.masquerade || backend.0 == key.src {
+        if policy_masquerade.is_some() || backend.0 == key.src {
             snat = self.allocate_snat(hop.port, key.protocol, backend, hash, now);
             if snat.is_none() {
                 return Verdict::Drop(DropReason::SnatExhausted);

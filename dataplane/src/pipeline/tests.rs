@@ -282,6 +282,15 @@ pub(super) fn snapshot(generation: u64, fes: Vec<Fe>) -> Snapshot {
         }
         s.frontend_count += 1;
     }
+    // Every backend is listed by its Service's slices, as the compiler sees them.
+    let mut listed = std::collections::HashSet::new();
+    for f in s.frontends.values().chain(s.node_ports.values()) {
+        for b in &f.backends.backends {
+            if listed.insert((f.protocol, b.addr, b.port)) {
+                s.backend_presence.add(f.protocol, b.addr, b.port);
+            }
+        }
+    }
     s.index_counters();
     s
 }
@@ -1801,8 +1810,194 @@ fn backend_removed_udp_repicked_tcp_dropped() {
     let r = run(&mut p, &snap2, CLUSTER, &ack, 10, &mut stats);
     assert_eq!(r.verdict, Verdict::Drop(DropReason::BackendGone));
     assert_drop(&stats, DropReason::BackendGone, 1);
+    // The entry lingers, unrefreshed by the dropped segments, for the backend_gone grace.
     let key = FlowKey::new(ipv4::PROTO_TCP, ip("10.244.9.9"), 41000, ip(CIP), 80);
-    assert!(p.conntrack().peek(&key, 10).is_none(), "entry removed");
+    let grace = p.conntrack().timeouts().backend_gone;
+    let r = run(&mut p, &snap2, CLUSTER, &ack, 5000, &mut stats);
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::BackendGone));
+    let (id, _) = p.conntrack().peek(&key, 5000).expect("kept for the grace");
+    assert_eq!(p.conntrack().entry(id).expires_at(), 10 + grace);
+    // Past it the entry is gone, and the retransmission is not balanced anew.
+    let r = run(&mut p, &snap2, CLUSTER, &ack, 10 + grace, &mut stats);
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::TcpNoFlow));
+    assert!(
+        p.conntrack().peek(&key, 10 + grace).is_none(),
+        "entry expired"
+    );
+    assert_drop(&stats, DropReason::BackendGone, 2);
+}
+
+/// An endpoint moved between two slices remove-first is absent from one snapshot: its
+/// TCP flow's segments in the gap are dropped (`backend_gone`), and once a snapshot lists it
+/// again the flow goes on to the same backend (the client's retransmission gets through).
+#[test]
+fn tcp_flow_survives_an_endpoint_absent_for_a_moment() {
+    let WebFlow {
+        web: web0,
+        snap1: _,
+        mut p,
+        mut stats,
+        client,
+        vip,
+        backend,
+    } = web_flow_opened();
+    let reply = from_cluster().tcp_v4(backend, sa(client), TcpFlags::SYN | TcpFlags::ACK, b"");
+    let snap1 = services(1, &web0, &dns());
+    run(&mut p, &snap1, CLUSTER, &reply, 1, &mut stats);
+    let ack = from_cluster().tcp_v4(sa(client), sa(vip), TcpFlags::ACK, b"GET /");
+    assert_eq!(
+        sock(&parse(
+            &run(&mut p, &snap1, CLUSTER, &ack, 2, &mut stats).out
+        ))
+        .1,
+        backend
+    );
+    let rest: Vec<(String, u16)> = web0
+        .backends
+        .iter()
+        .filter(|b| SocketAddrV4::new(b.addr, b.port) != backend)
+        .map(|b| (b.addr.to_string(), b.port))
+        .collect();
+    let rest: Vec<_> = rest.iter().map(|(a, port)| ready(a, *port)).collect();
+    let gap = services(2, &set_of(&rest), &dns());
+    let r = run(&mut p, &gap, CLUSTER, &ack, 100, &mut stats);
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::BackendGone));
+    // Listed again (by another slice: the set is the same), 0.3 s later.
+    let back = services(3, &web0, &dns());
+    let r = run(&mut p, &back, CLUSTER, &ack, 400, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    assert_eq!(sock(&parse(&r.out)).1, backend, "the same backend");
+    let key = FlowKey::new(ipv4::PROTO_TCP, ip("10.244.9.9"), 41000, ip(CIP), 80);
+    let (id, _) = p.conntrack().peek(&key, 400).unwrap();
+    assert!(
+        p.conntrack().entry(id).expires_at() > 400 + p.conntrack().timeouts().backend_gone,
+        "an established timeout again"
+    );
+    let r = run(&mut p, &back, CLUSTER, &reply, 401, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    assert_drop(&stats, DropReason::BackendGone, 1);
+}
+
+/// A TCP segment without SYN and without a flow is never balanced as a new connection
+/// (kube-proxy drops nf_conntrack's INVALID): it would reach a pod that answers RST.
+#[test]
+fn tcp_without_syn_and_without_flow_is_dropped() {
+    let snap = svc_snapshot();
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let (client, vip) = ("10.244.9.9:41000", "10.96.0.10:80");
+    for flags in [
+        TcpFlags::ACK,
+        TcpFlags::ACK | TcpFlags::PSH,
+        TcpFlags::SYN | TcpFlags::ACK,
+        TcpFlags::RST,
+        TcpFlags::FIN | TcpFlags::ACK,
+        TcpFlags::SYN | TcpFlags::RST,
+    ] {
+        let frame = from_cluster().tcp_v4(sa(client), sa(vip), flags, b"x");
+        let r = run(&mut p, &snap, CLUSTER, &frame, 0, &mut stats);
+        assert_eq!(r.verdict, Verdict::Drop(DropReason::TcpNoFlow), "{flags:?}");
+    }
+    assert_eq!(p.conntrack().len(), 0);
+    assert_eq!(stats.frontend_packets[0], 0, "not counted as the Service's");
+    // Also through a NodePort; a SYN still opens.
+    let ack = from_router().tcp_v4(
+        sa("203.0.113.5:40000"),
+        sa("192.0.2.1:30080"),
+        TcpFlags::ACK,
+        b"",
+    );
+    let r = run(&mut p, &snap, UPLINK, &ack, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::TcpNoFlow));
+    assert_drop(&stats, DropReason::TcpNoFlow, 7);
+    let syn = from_cluster().tcp_v4(sa(client), sa(vip), TcpFlags::SYN, b"");
+    let r = run(&mut p, &snap, CLUSTER, &syn, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    // Routed TCP that no frontend claims is not concerned.
+    let routed = from_cluster().tcp_v4(
+        sa("10.244.9.9:41000"),
+        sa("203.0.113.9:443"),
+        TcpFlags::ACK,
+        b"",
+    );
+    let r = run(&mut p, &snap, CLUSTER, &routed, 0, &mut stats);
+    assert_ne!(r.verdict, Verdict::Drop(DropReason::TcpNoFlow));
+}
+
+/// kube-semantics item 12, frontend edits: a nodePort change or a deleted Service leaves
+/// the established TCP flows it created alone while an EndpointSlice still lists their
+/// backend (the translation is in conntrack by value); UDP flows of the removed frontend
+/// are flushed; a backend no slice lists any more loses its TCP flows.
+#[test]
+fn frontend_edits_keep_tcp_flows_and_flush_udp() {
+    let (web0, dns0) = (web(), dns());
+    let snap1 = services(1, &web0, &dns0);
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    let (client, node_port) = ("203.0.113.5:40000", "192.0.2.1:30080");
+    let syn = from_router().tcp_v4(sa(client), sa(node_port), TcpFlags::SYN, b"");
+    let first = parse(&run(&mut p, &snap1, UPLINK, &syn, 0, &mut stats).out);
+    let (snat, backend) = sock(&first);
+    let synack = from_cluster().tcp_v4(backend, snat, TcpFlags::SYN | TcpFlags::ACK, b"");
+    run(&mut p, &snap1, CLUSTER, &synack, 1, &mut stats);
+    let (uc, uvip) = ("10.244.9.9:5353", "10.96.0.53:53");
+    let q = from_cluster().udp_v4(sa(uc), sa(uvip), b"q");
+    run(&mut p, &snap1, CLUSTER, &q, 1, &mut stats);
+
+    // The nodePort moves 30080 → 30081 and the UDP Service is deleted; the web pods stay.
+    let mut edited = services(2, &web0, &dns0);
+    let np = edited.node_ports.remove(&(Protocol::Tcp, 30080)).unwrap();
+    edited.node_ports.insert((Protocol::Tcp, 30081), np);
+    let dns_key = FrontendKey {
+        addr: ip("10.96.0.53"),
+        protocol: Protocol::Udp,
+        port: 53,
+    };
+    edited.frontends.remove(&dns_key);
+    edited.service_addresses.remove(&ip("10.96.0.53"));
+    assert!(edited
+        .backend_presence
+        .contains(Protocol::Tcp, *backend.ip(), backend.port()));
+    let ack = from_router().tcp_v4(sa(client), sa(node_port), TcpFlags::ACK, b"GET /");
+    let r = run(&mut p, &edited, UPLINK, &ack, 10, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    assert_eq!(sock(&parse(&r.out)), (snat, backend), "same translation");
+    let answer = from_cluster().tcp_v4(backend, snat, TcpFlags::ACK, b"200 OK");
+    let r = run(&mut p, &edited, CLUSTER, &answer, 11, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: UPLINK });
+    assert_eq!(sock(&parse(&r.out)), (sa(node_port), sa(client)));
+    // A new connection to the old nodePort is not served; to the new one it is.
+    let syn2 = from_router().tcp_v4(sa("203.0.113.5:40001"), sa(node_port), TcpFlags::SYN, b"");
+    let r = run(&mut p, &edited, UPLINK, &syn2, 12, &mut stats);
+    assert_ne!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    // The UDP flow is flushed: its next datagram finds no Service (inside the service CIDR).
+    let r = run(&mut p, &edited, CLUSTER, &q, 12, &mut stats);
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::NoService));
+    let ukey = FlowKey::new(
+        ipv4::PROTO_UDP,
+        ip("10.244.9.9"),
+        5353,
+        ip("10.96.0.53"),
+        53,
+    );
+    assert!(p.conntrack().peek(&ukey, 12).is_none(), "UDP entry flushed");
+
+    // The web Service is deleted too, and its slices with it: the backend is listed
+    // nowhere, the TCP flow ends.
+    let mut deleted = services(3, &set_of(&[]), &dns0);
+    deleted.node_ports.clear();
+    deleted.backend_presence = Default::default();
+    let r = run(&mut p, &deleted, UPLINK, &ack, 20, &mut stats);
+    assert_eq!(r.verdict, Verdict::Drop(DropReason::BackendGone));
+    // While an orphaned slice still lists it, the flow would have gone on.
+    let mut orphaned = services(4, &set_of(&[]), &dns0);
+    orphaned.node_ports.clear();
+    orphaned.backend_presence = Default::default();
+    orphaned
+        .backend_presence
+        .add(Protocol::Tcp, *backend.ip(), backend.port());
+    let r = run(&mut p, &orphaned, UPLINK, &ack, 21, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
 }
 
 /// A TCP flow from a pod to the `web` ClusterIP, opened (SYN at time 0) under generation 1
@@ -2712,11 +2907,11 @@ fn affinity_is_per_service_port_and_outlives_frontend_ids() {
     );
 }
 
-/// kube-semantics item 12: a flow keeps its backend only while that backend is ready or
-/// serving and terminating. One that is still listed but neither loses its flows: UDP
-/// picks again, TCP is dropped with a counter.
+/// kube-semantics item 12: a TCP flow keeps its backend while the backend is listed in any
+/// condition (a readiness flap breaks nothing); a UDP flow only while it is ready or serving
+/// and terminating: one that is neither makes UDP pick again.
 #[test]
-fn not_serving_backend_loses_its_flows() {
+fn readiness_flap_keeps_tcp_flows_udp_picks_again() {
     let (web0, dns0) = (web(), dns());
     let snap1 = services(1, &web0, &dns0);
     let mut p = pipeline();
@@ -2740,8 +2935,21 @@ fn not_serving_backend_loses_its_flows() {
     assert_ne!(sock(&parse(&r.out)).1, ub, "UDP picks a serving backend");
     let ack = from_cluster().tcp_v4(sa(tc), sa(tvip), TcpFlags::ACK, b"data");
     let r = run(&mut p, &snap2, CLUSTER, &ack, 10, &mut stats);
-    assert_eq!(r.verdict, Verdict::Drop(DropReason::BackendGone));
-    assert_drop(&stats, DropReason::BackendGone, 1);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    assert_eq!(
+        sock(&parse(&r.out)).1,
+        tb,
+        "TCP keeps its not-ready backend"
+    );
+    // Ready again 0.3 s later: the same backend still.
+    let snap3 = services(3, &web0, &dns0);
+    let r = run(&mut p, &snap3, CLUSTER, &ack, 310, &mut stats);
+    assert_eq!(sock(&parse(&r.out)).1, tb);
+    // Not ready, not serving, terminating: still listed, still kept.
+    let snap4 = services(4, &with_state(&web0, tb, EndpointState::NotServing), &dns0);
+    let r = run(&mut p, &snap4, CLUSTER, &ack, 320, &mut stats);
+    assert_eq!(sock(&parse(&r.out)).1, tb);
+    assert_drop(&stats, DropReason::BackendGone, 0);
 }
 
 /// A SYN on the tuple of a connection that ended opens a new connection, which never goes
@@ -2839,4 +3047,60 @@ fn internal_traffic_policy_local_without_a_local_endpoint() {
         r.verdict
     );
     assert_drop(&stats, DropReason::NoEndpoints, 1);
+}
+
+/// Issue 24 item 3: a pod reaching a NodePort, LB IP or externalIP of an
+/// externalTrafficPolicy: Local Service is treated as Cluster policy and masqueraded, as
+/// kube-proxy does (the backend would answer the pod directly otherwise); whether it came
+/// over VXLAN or from a pod CIDR source. An external client keeps its address.
+#[test]
+fn pods_reaching_local_policy_frontends_are_masqueraded() {
+    let snap = svc_snapshot();
+    let eip = format!("{EIP}:80");
+    let translated = |p: &mut Pipeline, port: u16, frame: &[u8], stats: &mut WorkerStats| {
+        let r = run(p, &snap, port, frame, 0, stats);
+        assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+        sock(&parse(&r.out))
+    };
+    let mut p = pipeline();
+    let mut stats = WorkerStats::default();
+    // An external client: the client address is kept (eTP Local).
+    let outside = from_router().tcp_v4(sa("203.0.113.5:40000"), sa(&eip), TcpFlags::SYN, b"");
+    let (src, _) = translated(&mut p, UPLINK, &outside, &mut stats);
+    assert_eq!(src, sa("203.0.113.5:40000"));
+    // A pod on node-2, over VXLAN.
+    let inner = pod_inner().tcp_v4(sa("10.245.2.7:6000"), sa(&eip), TcpFlags::SYN, b"");
+    let (src, _) = translated(&mut p, CLUSTER, &from_node2(&inner), &mut stats);
+    assert_eq!(
+        *src.ip(),
+        ip("10.0.0.1"),
+        "SNAT to the cluster-side address"
+    );
+    // A pod of a pod CIDR, routed to the gateway without VXLAN.
+    let routed = from_cluster().tcp_v4(sa("10.245.3.7:6000"), sa(&eip), TcpFlags::SYN, b"");
+    let (src, _) = translated(&mut p, CLUSTER, &routed, &mut stats);
+    assert_eq!(*src.ip(), ip("10.0.0.1"));
+    // Over VXLAN from a source outside every pod CIDR (a node's host network): still
+    // cluster traffic.
+    let host = pod_inner().tcp_v4(sa("10.0.0.2:6001"), sa(&eip), TcpFlags::SYN, b"");
+    let (src, _) = translated(&mut p, CLUSTER, &from_node2(&host), &mut stats);
+    assert_eq!(*src.ip(), ip("10.0.0.1"));
+    // A ClusterIP without masquerade stays unmasqueraded (the operator's choice).
+    let mut unmasked = fe(FrontendKind::ClusterIp, CIP, Protocol::Tcp, 80, &web());
+    unmasked.masquerade = false;
+    let snap2 = snapshot(2, vec![unmasked]);
+    let r = run(
+        &mut p,
+        &snap2,
+        CLUSTER,
+        &from_cluster().tcp_v4(
+            sa("10.245.3.7:6002"),
+            sa("10.96.0.10:80"),
+            TcpFlags::SYN,
+            b"",
+        ),
+        0,
+        &mut stats,
+    );
+    assert_eq!(sock(&parse(&r.out)).0, sa("10.245.3.7:6002"));
 }
