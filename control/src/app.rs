@@ -467,6 +467,7 @@ fn pipeline_config(
             capacity: config.conntrack.capacity,
             timeouts,
             half_open_per_source: config.conntrack.half_open_per_source,
+            tcp_loose: config.conntrack.tcp_loose,
         },
         affinity_capacity: config.conntrack.affinity_capacity,
         icmp_errors_per_second: config.icmp_errors_per_second,

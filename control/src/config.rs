@@ -338,6 +338,10 @@ pub struct ConntrackSection {
     /// Per-state timeouts in seconds; omitted ones keep Linux nf_conntrack's defaults.
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
+    /// A TCP segment without SYN may open a flow (`nf_conntrack_tcp_loose=1`; for
+    /// benchmarks replaying captures without handshakes).
+    #[serde(default)]
+    pub tcp_loose: bool,
 }
 
 fn default_ct_capacity() -> usize {
@@ -361,6 +365,7 @@ impl Default for ConntrackSection {
             overlap_bursts_from: default_overlap_bursts_from(),
             half_open_per_source: default_half_open_per_source(),
             timeouts: TimeoutsConfig::default(),
+            tcp_loose: false,
         }
     }
 }

@@ -80,6 +80,8 @@ fn pipeline(flows: usize, routed: bool) -> Pipeline {
         snat_port_range: 32768..=60999,
         conntrack: ConntrackConfig {
             capacity: (flows * 2).next_power_of_two().max(1024),
+            // The bursts are established flows without handshakes.
+            tcp_loose: true,
             ..ConntrackConfig::default()
         },
         affinity_capacity: 256,

@@ -352,6 +352,11 @@ pub struct ConntrackConfig {
     /// Unassured (half-open) entries one source address may hold; 0: no limit (see
     /// [`Conntrack::half_open_of`]).
     pub half_open_per_source: u32,
+    /// Let a TCP segment without SYN open a flow to a frontend, as Linux does with
+    /// `nf_conntrack_tcp_loose=1` (picking up connections mid-stream). Off by default: such a
+    /// segment is dropped (`tcp_no_flow`), never balanced anew. The benchmarks, whose
+    /// captures are established flows without handshakes, turn it on.
+    pub tcp_loose: bool,
 }
 
 impl Default for ConntrackConfig {
@@ -360,6 +365,7 @@ impl Default for ConntrackConfig {
             capacity: 262_144,
             timeouts: Timeouts::default(),
             half_open_per_source: DEFAULT_HALF_OPEN_PER_SOURCE,
+            tcp_loose: false,
         }
     }
 }
@@ -615,6 +621,7 @@ pub struct Conntrack {
     len: usize,
     cursor: usize,
     timeouts: Timeouts,
+    tcp_loose: bool,
     stats: ConntrackStats,
     /// The key the last `lookup_hashed` missed, while no key has been added since: a new
     /// flow's insert then skips probing for it again.
@@ -764,6 +771,7 @@ impl Conntrack {
             len: 0,
             cursor: 0,
             timeouts: config.timeouts,
+            tcp_loose: config.tcp_loose,
             stats: ConntrackStats::default(),
             absent: None,
             half_open: vec![0; HALF_OPEN_BUCKETS].into_boxed_slice(),
@@ -786,6 +794,11 @@ impl Conntrack {
 
     pub fn timeouts(&self) -> &Timeouts {
         &self.timeouts
+    }
+
+    /// [`ConntrackConfig::tcp_loose`].
+    pub fn tcp_loose(&self) -> bool {
+        self.tcp_loose
     }
 
     /// A copy of the counters, with `entries` filled in.

@@ -151,6 +151,7 @@ ports:
   masquerade_cluster_ip: {masq}
 conntrack:
   capacity: {capacity}
+  tcp_loose: true
 {timeouts}admin:
   listen: 127.0.0.1:{admin_port}
 "#,

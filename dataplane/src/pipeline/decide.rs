@@ -123,10 +123,10 @@ pub fn new_connection<'f>(fe: &'f Frontend, sender: Sender<'_>) -> NewConnection
 /// Whether a packet of `protocol` without a tracked flow may open a connection to a
 /// frontend: a TCP segment must be a SYN (without ACK or RST); any other is dropped as
 /// `tcp_no_flow`, never balanced (a retransmission of a flow whose entry is gone would
-/// otherwise reach another pod, which answers RST).
+/// otherwise reach another pod, which answers RST), unless conntrack is `tcp_loose`.
 #[inline]
-pub fn opens_connection(protocol: Protocol, tcp_flags: Option<u8>) -> bool {
-    protocol != Protocol::Tcp || tcp_flags.is_some_and(opens_tcp_connection)
+pub fn opens_connection(protocol: Protocol, tcp_flags: Option<u8>, tcp_loose: bool) -> bool {
+    protocol != Protocol::Tcp || tcp_loose || tcp_flags.is_some_and(opens_tcp_connection)
 }
 
 /// Whether a tracked flow keeps its backend under a snapshot it was not validated in.

@@ -1112,7 +1112,7 @@ impl Pipeline {
             }
             if let Some(p) = Protocol::from_ip_proto(protocol) {
                 if let Some(fe) = snap.match_frontend(dst, p, dport) {
-                    if !decide::opens_connection(p, tcp_flags) {
+                    if !decide::opens_connection(p, tcp_flags, self.ct.tcp_loose()) {
                         return Verdict::Drop(DropReason::TcpNoFlow);
                     }
                     return self.new_flow(frame, ctx, snap, now, stats, fe, key, tcp_flags);

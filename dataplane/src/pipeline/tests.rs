@@ -1913,6 +1913,19 @@ fn tcp_without_syn_and_without_flow_is_dropped() {
     let syn = from_cluster().tcp_v4(sa(client), sa(vip), TcpFlags::SYN, b"");
     let r = run(&mut p, &snap, CLUSTER, &syn, 0, &mut stats);
     assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
+    // With `tcp_loose` (the benchmarks' captures have no handshakes) an ACK opens.
+    let mut loose = Pipeline::new(PipelineConfig {
+        conntrack: ConntrackConfig {
+            capacity: 1024,
+            tcp_loose: true,
+            ..ConntrackConfig::default()
+        },
+        ..config(0, 1)
+    })
+    .unwrap();
+    let ack = from_cluster().tcp_v4(sa(client), sa(vip), TcpFlags::ACK, b"x");
+    let r = run(&mut loose, &snap, CLUSTER, &ack, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Transmit { port: CLUSTER });
     // Routed TCP that no frontend claims is not concerned.
     let routed = from_cluster().tcp_v4(
         sa("10.244.9.9:41000"),
