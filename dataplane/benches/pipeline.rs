@@ -189,7 +189,7 @@ fn run_burst(
     snap: &Snapshot,
     stats: &mut WorkerStats,
 ) {
-    let hashes = pipeline.prefetch_burst(burst.iter().map(|f| f.data()));
+    let hashes = pipeline.prefetch_burst(in_port, burst.iter().map(|f| f.data()));
     for (position, frame) in burst.iter_mut().enumerate() {
         let hash = hashes.get(position);
         black_box(pipeline.process_hashed(frame, in_port, snap, 2, stats, hash));

@@ -202,7 +202,7 @@ impl Worker {
                 if let Mode::Gateway(pipeline) = &self.mode {
                     if n > 1 {
                         burst.prefetch_data();
-                        hashes = pipeline.prefetch_slots(burst.pending_data());
+                        hashes = pipeline.prefetch_slots(port.0, burst.pending_data());
                         overlap = pipeline.conntrack().len() >= self.overlap_bursts_from;
                     }
                 }

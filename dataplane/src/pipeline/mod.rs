@@ -1868,19 +1868,34 @@ impl Pipeline {
     /// Both stages back to back wait once for the index lines (stage 2 reads them) and once
     /// more for the entries; a caller with other work to do in between calls
     /// [`Pipeline::prefetch_slots`] and [`Pipeline::prefetch_entries`] apart.
-    pub fn prefetch_burst<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> BurstHashes {
-        let burst = self.prefetch_slots(frames);
+    pub fn prefetch_burst<'a>(
+        &self,
+        in_port: u16,
+        frames: impl Iterator<Item = &'a [u8]>,
+    ) -> BurstHashes {
+        let burst = self.prefetch_slots(in_port, frames);
         self.prefetch_entries(&burst);
         burst
     }
 
     /// Stage 1 of [`Pipeline::prefetch_burst`]: the hashes, and the index slots where
-    /// their probes start.
+    /// their probes start. `in_port` is the DPDK port the burst came from: VXLAN is only
+    /// looked into on cluster ports, as the pipeline itself does (on an uplink the VTEP is
+    /// just one of the gateway's addresses), so that the hash is the one the stages use.
     #[inline]
-    pub fn prefetch_slots<'a>(&self, frames: impl Iterator<Item = &'a [u8]>) -> BurstHashes {
+    pub fn prefetch_slots<'a>(
+        &self,
+        in_port: u16,
+        frames: impl Iterator<Item = &'a [u8]>,
+    ) -> BurstHashes {
         let mut burst = BurstHashes::default();
+        let decapsulates = match self.arrival(in_port) {
+            Arrival::Port(pidx) => self.ports[pidx].role == PortRole::Cluster,
+            // Frames from the kernel go out as they are and never use the hash.
+            Arrival::FromException(_) | Arrival::Unknown => return burst,
+        };
         for (position, data) in frames.take(PREFETCH_BURST).enumerate() {
-            if let Some(hash) = self.prefetch_hash(data) {
+            if let Some(hash) = self.prefetch_hash(data, decapsulates) {
                 self.ct.prefetch_slot(hash);
                 burst.hashes[position] = hash;
                 burst.present |= 1 << position;
@@ -1907,7 +1922,7 @@ impl Pipeline {
     /// stages do (and the rarer shapes: VLAN tags, IPv4 options, ICMP): a wrong or missing
     /// hash costs a wasted prefetch, nothing else.
     #[inline]
-    fn prefetch_hash(&self, data: &[u8]) -> Option<u64> {
+    fn prefetch_hash(&self, data: &[u8], decapsulates: bool) -> Option<u64> {
         const IP: usize = ethernet::HEADER_LEN;
         const L4: usize = IP + ipv4::HEADER_LEN;
         /// Through the transport ports.
@@ -1937,7 +1952,10 @@ impl Pipeline {
         let (protocol, dst, dport, hash) = plain(data.first_chunk::<SPAN>()?)?;
         match &self.vxlan {
             Some(vx)
-                if protocol == ipv4::PROTO_UDP && dst == vx.local_vtep && dport == vx.udp_port =>
+                if decapsulates
+                    && protocol == ipv4::PROTO_UDP
+                    && dst == vx.local_vtep
+                    && dport == vx.udp_port =>
             {
                 // The inner frame starts after outer Ethernet, IPv4, UDP and VXLAN.
                 let inner = data.get(VXLAN_OVERHEAD..)?;

@@ -327,7 +327,7 @@ pub(super) fn run(
     let mut frame = VecFrame::new(input);
     // As a worker does: the burst prefetch's hash goes back with the frame (in debug
     // builds the fast path asserts that it is the key's).
-    let hash = p.prefetch_burst(std::iter::once(frame.data())).get(0);
+    let hash = p.prefetch_burst(port, std::iter::once(frame.data())).get(0);
     let verdict = p.process_hashed(&mut frame, port, snap, now, stats, hash);
     Run {
         verdict,
@@ -1204,6 +1204,7 @@ fn burst_prefetch_reads_the_key_the_lookup_uses() {
         let (s, d) = (sa(s), sa(d));
         Some(FlowKey::new(proto, *s.ip(), s.port(), *d.ip(), d.port()).hash())
     };
+    let hint = |port: u16, frame: &[u8]| p.prefetch_burst(port, std::iter::once(frame)).get(0);
     let tcp = from_router().tcp_v4(
         sa("203.0.113.5:40000"),
         sa("10.96.0.10:80"),
@@ -1211,16 +1212,24 @@ fn burst_prefetch_reads_the_key_the_lookup_uses() {
         b"",
     );
     assert_eq!(
-        p.prefetch_hash(&tcp),
+        hint(UPLINK, &tcp),
         key(ipv4::PROTO_TCP, "203.0.113.5:40000", "10.96.0.10:80")
     );
-    // VXLAN: the inner flow, which is what the stages look up after decapsulation.
+    // VXLAN: the inner flow, which is what the stages look up after decapsulation...
     let inner = pod_inner().udp_v4(sa("10.245.2.9:5353"), sa("10.96.0.10:53"), b"dns");
+    let encapsulated = from_node2(&inner);
     assert_eq!(
-        p.prefetch_hash(&from_node2(&inner)),
+        hint(CLUSTER, &encapsulated),
         key(ipv4::PROTO_UDP, "10.245.2.9:5353", "10.96.0.10:53")
     );
-    // Rarer shapes and truncated frames get no hint (the stages parse them fully).
+    // ... but only on a cluster port: on an uplink the stages do not decapsulate, and
+    // look up the outer flow.
+    assert_eq!(
+        hint(UPLINK, &encapsulated),
+        key(ipv4::PROTO_UDP, "10.0.0.2:51000", "10.0.0.1:4789")
+    );
+    // Rarer shapes and truncated frames get no hint (the stages parse them fully), nor
+    // does what the kernel sends out of an exception port.
     let tagged = from_router()
         .vlan(7)
         .udp_v4(sa("203.0.113.5:1"), sa("10.96.0.10:53"), b"");
@@ -1231,8 +1240,9 @@ fn burst_prefetch_reads_the_key_the_lookup_uses() {
     );
     let echo = from_router().icmp_echo_v4(ip("203.0.113.5"), ip("10.96.0.10"), true, 1, 1, b"");
     for frame in [&tagged, &options, &echo, &tcp[..37].to_vec()] {
-        assert_eq!(p.prefetch_hash(frame), None);
+        assert_eq!(hint(UPLINK, frame), None);
     }
+    assert_eq!(hint(UPLINK_EXC, &tcp), None);
 }
 
 #[test]
