@@ -197,6 +197,9 @@ pub struct AdminState {
     pub conntrack_capacity: u64,
     /// Per-service and per-backend packet totals (the publisher registers snapshots).
     pub packets: Arc<parking_lot::Mutex<crate::packets::PacketTotals>>,
+    /// Readiness (workers polling, links up, draining) and announcements; without it
+    /// `/readyz` follows `ready` alone.
+    pub announce: Option<Arc<crate::announce::Announcer>>,
 }
 
 /// Per-worker liveness: the last `total_cycles` seen and when it last moved.
@@ -269,6 +272,7 @@ fn router_for(app: Arc<App>) -> Router {
         .route("/v1/services", get(services))
         .route("/v1/conntrack", get(conntrack))
         .route("/v1/trace", get(trace))
+        .route("/v1/announcements", get(announcements))
         .with_state(app)
 }
 
@@ -328,6 +332,20 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if let Some(announcer) = &app.state.announce {
+        let readiness = announcer.readiness();
+        if !readiness.ready {
+            let reasons = if readiness.reasons.is_empty() {
+                "not evaluated yet".to_string()
+            } else {
+                readiness.summary()
+            };
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reasons}"),
+            );
+        }
+    }
     if app.state.ready.load(Ordering::Acquire) {
         let generation = app.state.snapshot.load().generation;
         text(
@@ -803,10 +821,60 @@ fn render_metrics(state: &AdminState, worker_idle: &[Duration]) -> String {
         frontends,
     );
     let ready: Gauge = Gauge::default();
-    ready.set(i64::from(state.ready.load(Ordering::Acquire)));
+    let snapshot_ready = state.ready.load(Ordering::Acquire);
+    match &state.announce {
+        Some(announcer) => {
+            let status = announcer.status.lock();
+            ready.set(i64::from(status.readiness.ready && snapshot_ready));
+            let draining: Gauge = Gauge::default();
+            draining.set(i64::from(status.readiness.draining));
+            registry.register(
+                "servicegate_draining",
+                "1 from SIGTERM/SIGINT until exit: announcements withdrawn, still forwarding",
+                draining,
+            );
+            let count: Gauge = Gauge::default();
+            count.set(status.announced.len() as i64);
+            registry.register(
+                "servicegate_announced_prefixes",
+                "Prefixes in the announce table (what the BGP speaker announces)",
+                count,
+            );
+            let each = gauge_family();
+            for candidate in status.candidates.iter().filter(|c| c.announce) {
+                if status.announced.contains(&candidate.prefix) {
+                    let reason = match candidate.source {
+                        "service" if candidate.usable_endpoints => "usable_endpoints",
+                        "service" => "always",
+                        other => other,
+                    };
+                    each.get_or_create(&labels(&[
+                        ("prefix", &candidate.prefix.to_string()),
+                        ("reason", reason),
+                    ]))
+                    .set(1);
+                }
+            }
+            registry.register(
+                "servicegate_announced_prefix",
+                "1 for each announced prefix, with why (usable_endpoints, always, extra, node_port_address)",
+                each,
+            );
+            let errors: Counter = Counter::default();
+            errors.inc_by(status.errors);
+            registry.register(
+                "servicegate_announce_errors",
+                "Failed attempts to bring the announce table to the desired prefixes",
+                errors,
+            );
+        }
+        None => {
+            ready.set(i64::from(snapshot_ready));
+        }
+    }
     registry.register(
         "servicegate_ready",
-        "1 once the first complete snapshot is installed",
+        "1 when ready: first complete snapshot installed, every worker polling, every port's link up, not draining",
         ready,
     );
     {
@@ -926,6 +994,34 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         body,
     )
         .into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// /v1/announcements
+
+async fn announcements(State(app): State<Arc<App>>) -> Response {
+    let Some(announcer) = &app.state.announce else {
+        return Json(json!({
+            "enabled": false,
+            "readiness": {
+                "ready": app.state.ready.load(Ordering::Acquire),
+                "draining": false,
+                "reasons": [],
+            },
+            "candidates": [],
+            "announced": [],
+        }))
+        .into_response();
+    };
+    let status = announcer.status.lock().clone();
+    let mut value = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));
+    // Each candidate says whether the kernel table holds it now.
+    if let Some(candidates) = value.get_mut("candidates").and_then(Value::as_array_mut) {
+        for (candidate, c) in candidates.iter_mut().zip(&status.candidates) {
+            candidate["in_table"] = json!(status.announced.contains(&c.prefix));
+        }
+    }
+    Json(value).into_response()
 }
 
 // ---------------------------------------------------------------------------------------

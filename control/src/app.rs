@@ -776,6 +776,21 @@ async fn serve_control(
         })
         .collect();
     let stats_ports: Vec<(String, u16)> = ports.iter().map(|p| (p.name.clone(), p.id)).collect();
+    let announcer = Arc::new(crate::announce::Announcer::default());
+    let health = crate::announce::HealthInputs {
+        snapshot: runtime.snapshot.clone(),
+        snapshot_installed: publisher.ready.clone(),
+        workers: runtime.workers.clone(),
+        ports: spec
+            .ports
+            .iter()
+            .zip(runtime.port_ids())
+            .map(|(p, id)| {
+                crate::announce::PortProbe::new(&p.name, id, configured_device(config, &p.name))
+            })
+            .collect(),
+        link_up: |id| dataplane::dpdk::link_up(dataplane::dpdk::PortId(id)),
+    };
     let state = Arc::new(crate::admin::AdminState {
         snapshot: runtime.snapshot.clone(),
         workers: runtime.workers.clone(),
@@ -802,6 +817,7 @@ async fn serve_control(
         tsc_hz: dataplane::dpdk::tsc_hz(),
         conntrack_capacity: config.conntrack.capacity as u64,
         packets: publisher.packets.clone(),
+        announce: Some(announcer.clone()),
     });
     // Beside ethdev's commands on the telemetry socket; a gateway without them still runs.
     if let Err(err) = crate::telemetry::register(Arc::clone(&state)) {
@@ -813,18 +829,69 @@ async fn serve_control(
     tracing::info!("admin API on http://{}", config.admin.listen);
     spawn_source(config, tx);
     tokio::spawn(publish_loop(publisher, rx));
+    tokio::spawn(crate::announce::run(
+        announcer.clone(),
+        health,
+        crate::announce::AnnounceSettings::from_config(config),
+        crate::announce::kernel_table(config),
+    ));
     tokio::spawn(async move {
         if let Err(err) = crate::admin::serve(listener, state).await {
             tracing::error!("admin API stopped: {err:#}");
         }
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+        _ = int.recv() => tracing::info!("SIGINT"),
         _ = term.recv() => tracing::info!("SIGTERM"),
+    }
+    // Withdraw first, so the routers move new traffic to other gateways, while this one
+    // keeps forwarding what still arrives for `drain_seconds`.
+    let signalled = Instant::now();
+    announcer.drain();
+    if announcer.wait_withdrawn(WITHDRAW_TIMEOUT).await {
+        tracing::info!(
+            ms = signalled.elapsed().as_secs_f64() * 1000.0,
+            "draining: announcements withdrawn"
+        );
+    } else {
+        tracing::warn!(
+            "draining: announcements not confirmed withdrawn within {WITHDRAW_TIMEOUT:?} \
+             (they go with the exception tap when the process exits)"
+        );
+    }
+    if config.drain_seconds > 0 {
+        let drain = Duration::from_secs(config.drain_seconds);
+        tracing::info!("draining: forwarding for {} s more", config.drain_seconds);
+        // A second signal cuts the drain short.
+        tokio::select! {
+            _ = tokio::time::sleep(drain.saturating_sub(signalled.elapsed())) => {}
+            _ = int.recv() => tracing::info!("SIGINT again: stopping now"),
+            _ = term.recv() => tracing::info!("SIGTERM again: stopping now"),
+        }
     }
     Ok(())
 }
+
+/// The configured DPDK device of the runtime port called `name` (`NAME` or
+/// `NAME-exception`, as [`runtime_spec`] names them).
+fn configured_device<'a>(config: &'a Config, name: &str) -> &'a str {
+    for port in &config.ports {
+        if port.name == name {
+            return &port.device;
+        }
+        if let Some(exception) = &port.exception {
+            if name.strip_suffix("-exception") == Some(port.name.as_str()) {
+                return exception;
+            }
+        }
+    }
+    ""
+}
+
+/// How long a stop waits for the withdrawal to be confirmed in the kernel table.
+const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Counts the frames of a classic pcap file (either byte order, µs or ns timestamps).
 pub fn pcap_frame_count(path: &Path) -> anyhow::Result<u64> {

@@ -46,6 +46,13 @@ pub struct Config {
     /// ICMP errors (unreachable, time exceeded) a worker may send per second.
     #[serde(default = "default_icmp_rate")]
     pub icmp_errors_per_second: u32,
+    /// Routes for the node's BGP speaker to announce (`crate::announce`).
+    #[serde(default)]
+    pub announce: AnnounceConfig,
+    /// On SIGTERM/SIGINT: withdraw every announcement at once, keep forwarding this many
+    /// seconds (while the routers move traffic to other gateways), then stop.
+    #[serde(default)]
+    pub drain_seconds: u64,
 }
 
 fn default_icmp_rate() -> u32 {
@@ -432,6 +439,60 @@ impl Default for AdminConfig {
     }
 }
 
+/// Which Services' addresses are announced.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AnnounceWhen {
+    /// Only a Service port with at least one usable endpoint attracts traffic.
+    #[default]
+    UsableEndpoints,
+    /// Every LoadBalancer ingress IP and externalIP, with or without endpoints.
+    Always,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnounceConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub when: AnnounceWhen,
+    /// Kernel interface the routes point at. Default: the `iface=` of the first uplink's
+    /// exception vdev (the tap dies with the process, and its routes with it).
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Named network namespace (`/run/netns/NAME`) holding `device`.
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// Kernel routing table the routes go to (the BGP speaker learns it).
+    #[serde(default = "default_announce_table")]
+    pub table: u32,
+    /// Announced whenever the gateway is ready (e.g. the Service CIDR).
+    #[serde(default)]
+    pub extra_prefixes: Vec<Ipv4Net>,
+    /// Also announce each NodePort address (/32).
+    #[serde(default)]
+    pub node_port_addresses: bool,
+}
+
+fn default_announce_table() -> u32 {
+    100
+}
+
+impl Default for AnnounceConfig {
+    fn default() -> Self {
+        AnnounceConfig {
+            enabled: false,
+            when: AnnounceWhen::default(),
+            device: None,
+            netns: None,
+            table: default_announce_table(),
+            extra_prefixes: Vec::new(),
+            node_port_addresses: false,
+        }
+    }
+}
+
 /// A config error, already phrased for the user: `FILE: KEY: what is wrong`.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {message}")]
@@ -735,6 +796,9 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.announce.enabled {
+            self.validate_announce(file)?;
+        }
         if self.mode == ForwardingMode::Io && self.ports.len() % 2 == 1 && self.ports.len() > 1 {
             return Err(err(
                 "mode".into(),
@@ -742,6 +806,73 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    fn validate_announce(&self, file: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            file: file.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        let announce = &self.announce;
+        if self.announce_device().is_none() {
+            return Err(err(
+                "announce.device",
+                "not given, and no uplink port has an exception vdev with `iface=` to default to"
+                    .into(),
+            ));
+        }
+        if let Some(device) = &announce.device {
+            let valid = !device.is_empty()
+                && device.len() <= 15
+                && !device.contains(['/', ' ', ':'])
+                && device != "."
+                && device != "..";
+            if !valid {
+                return Err(err(
+                    "announce.device",
+                    format!("{device:?} is not a Linux interface name (1-15 characters, no '/', ':' or space)"),
+                ));
+            }
+        }
+        if let Some(netns) = &announce.netns {
+            if netns.is_empty() || netns.contains(['/', ' ']) || netns == "." || netns == ".." {
+                return Err(err(
+                    "announce.netns",
+                    format!("{netns:?} is not a network namespace name (as `ip netns` lists)"),
+                ));
+            }
+        }
+        // 0 is unspecified, 253-255 are the kernel's default, main and local tables.
+        if announce.table == 0 || (253..=255).contains(&announce.table) {
+            return Err(err(
+                "announce.table",
+                format!(
+                    "{} is reserved (0: unspecified, 253: default, 254: main, 255: local): \
+                     use a table of its own, e.g. 100",
+                    announce.table
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The kernel interface announced routes point at: `announce.device`, or the `iface=`
+    /// of the first uplink's exception vdev.
+    pub fn announce_device(&self) -> Option<String> {
+        if let Some(device) = &self.announce.device {
+            return Some(device.clone());
+        }
+        self.ports
+            .iter()
+            .filter(|p| p.role == PortRole::Uplink)
+            .filter_map(|p| p.exception.as_deref())
+            .find_map(|vdev| {
+                vdev.split(',')
+                    .skip(1)
+                    .find_map(|arg| arg.strip_prefix("iface="))
+                    .map(str::to_string)
+            })
     }
 
     fn port_names(&self) -> String {

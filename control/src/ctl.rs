@@ -21,6 +21,8 @@ pub enum CtlCommand {
     },
     /// What the gateway would do with a flow (`tcp 10.0.0.5:41000 -> 10.96.0.10:80`).
     Trace { flow: String },
+    /// The prefixes this gateway asks its BGP speaker to announce, and why.
+    Announcements,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -153,6 +155,7 @@ pub fn path_of(command: &CtlCommand) -> String {
             }
         }
         CtlCommand::Trace { flow } => format!("/v1/trace?flow={}", url_encode(flow)),
+        CtlCommand::Announcements => "/v1/announcements".to_string(),
     }
 }
 
@@ -185,6 +188,7 @@ pub fn render(admin: &str, command: &CtlCommand, json: bool) -> anyhow::Result<S
         CtlCommand::Services => services_text(&value),
         CtlCommand::Conntrack { .. } => conntrack_text(&value),
         CtlCommand::Trace { .. } => trace_text(&value),
+        CtlCommand::Announcements => announcements_text(&value),
     })
 }
 
@@ -225,6 +229,77 @@ fn s(v: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+fn announcements_text(v: &Value) -> String {
+    let readiness = &v["readiness"];
+    let mut out = String::new();
+    if readiness["ready"] == true {
+        out.push_str("readiness: ready\n");
+    } else {
+        let reasons: Vec<String> = readiness["reasons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        out.push_str(&format!("readiness: not ready: {}\n", reasons.join("; ")));
+    }
+    if v["enabled"] != true {
+        out.push_str("announcements: disabled (announce.enabled is false)\n");
+        return out;
+    }
+    let netns = match v["netns"].as_str() {
+        Some(ns) => format!(" in netns {ns}"),
+        None => String::new(),
+    };
+    out.push_str(&format!(
+        "announcements: table {} dev {}{netns}, proto {}\n",
+        s(&v["table"]),
+        s(&v["device"]),
+        crate::announce::ROUTE_PROTOCOL
+    ));
+    if let Some(error) = v["error"].as_str() {
+        out.push_str(&format!("last error: {error}\n"));
+    }
+    let rows: Vec<Vec<String>> = v["candidates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let services: Vec<String> = c["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            vec![
+                s(&c["prefix"]),
+                if c["announce"] == true { "yes" } else { "no" }.to_string(),
+                if c["in_table"] == true { "yes" } else { "no" }.to_string(),
+                s(&c["source"]),
+                if services.is_empty() {
+                    "-".to_string()
+                } else {
+                    services.join(",")
+                },
+                s(&c["reason"]),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        out.push_str(
+            "(no candidate prefixes: no LoadBalancer ingress IP, externalIP or extra prefix)\n",
+        );
+    } else {
+        out.push_str(&table(
+            &[
+                "PREFIX", "ANNOUNCE", "IN TABLE", "SOURCE", "SERVICES", "WHY",
+            ],
+            &rows,
+        ));
+    }
+    out
 }
 
 fn services_text(v: &Value) -> String {

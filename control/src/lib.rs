@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod announce;
 pub mod app;
 pub mod compiler;
 pub mod config;

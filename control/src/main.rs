@@ -79,6 +79,8 @@ enum CtlWhat {
         #[arg(num_args = 1.., required = true)]
         flow: Vec<String>,
     },
+    /// The prefixes this gateway asks its BGP speaker to announce, and why.
+    Announcements,
 }
 
 fn main() -> ExitCode {
@@ -107,6 +109,7 @@ fn main() -> ExitCode {
                 CtlWhat::Trace { flow } => control::ctl::CtlCommand::Trace {
                     flow: flow.join(" "),
                 },
+                CtlWhat::Announcements => control::ctl::CtlCommand::Announcements,
             };
             control::ctl::run(&admin, command, json)
         }

@@ -422,6 +422,7 @@ async fn start() -> Harness {
         routing: routing(true),
         tsc_hz: 2_000_000_000,
         conntrack_capacity: 4096,
+        announce: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

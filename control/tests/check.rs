@@ -302,3 +302,57 @@ fn check_lists_every_bad_document_and_the_rest_it_would_serve() {
     control::app::check(&config).expect("an empty directory is no error");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn announce_keys_are_checked_and_named() {
+    let base = format!("{PORTS}services: {{source: files, path: lab}}\n");
+    let parse = |extra: &str| Config::parse(&format!("{base}{extra}"), "gateway.yaml");
+    let error = |extra: &str| parse(extra).unwrap_err().to_string();
+
+    // Absent: disabled, nothing to drain.
+    let config = parse("").expect("valid");
+    assert!(!config.announce.enabled);
+    assert_eq!(config.drain_seconds, 0);
+    // The device defaults to the uplink's exception tap.
+    let with_exception = base.replace(
+        "    addresses: [192.0.2.1/24]\n",
+        "    addresses: [192.0.2.1/24]\n    exception: \"net_tap9,iface=sg-up-k\"\n",
+    );
+    let config = Config::parse(
+        &format!("{with_exception}announce: {{enabled: true, when: always, extra_prefixes: [10.96.0.0/12]}}\ndrain_seconds: 3\n"),
+        "gateway.yaml",
+    )
+    .expect("valid");
+    assert_eq!(config.announce_device().as_deref(), Some("sg-up-k"));
+    assert_eq!(config.announce.table, 100);
+    assert_eq!(config.drain_seconds, 3);
+
+    assert_eq!(
+        error("announce: {enabled: true}\n"),
+        "gateway.yaml: announce.device: not given, and no uplink port has an exception vdev \
+         with `iface=` to default to"
+    );
+    assert_eq!(
+        error("announce: {enabled: true, device: sg-up-k, table: 254}\n"),
+        "gateway.yaml: announce.table: 254 is reserved (0: unspecified, 253: default, \
+         254: main, 255: local): use a table of its own, e.g. 100"
+    );
+    assert!(
+        error("announce: {enabled: true, device: a-name-much-too-long}\n").starts_with(
+            "gateway.yaml: announce.device: \"a-name-much-too-long\" is not a Linux interface name"
+        ),
+    );
+    assert!(error("announce: {enabled: true, device: x, netns: a/b}\n")
+        .starts_with("gateway.yaml: announce.netns: \"a/b\" is not a network namespace name"));
+    assert!(
+        error("announce: {enabled: true, device: x, when: sometimes}\n")
+            .starts_with("gateway.yaml: announce.when: unknown variant `sometimes`"),
+        "{}",
+        error("announce: {enabled: true, device: x, when: sometimes}\n")
+    );
+    assert!(
+        error("announce: {enabled: true, device: x, colour: blue}\n")
+            .starts_with("gateway.yaml: announce: unknown field `colour`")
+    );
+    assert!(error("drain_seconds: -1\n").starts_with("gateway.yaml: drain_seconds: "));
+}

@@ -902,6 +902,16 @@ pub fn port_stats(port: PortId) -> PortStats {
     }
 }
 
+/// Whether the port's link is up, as the driver last saw it (`rte_eth_link_get_nowait`:
+/// never waits for autonegotiation, so the control thread can poll it). An id DPDK does
+/// not know reads as down.
+pub fn link_up(port: PortId) -> bool {
+    let mut link = sys::rte_eth_link::default();
+    // SAFETY: valid out pointer; an invalid id makes DPDK return an error, checked below.
+    let rc = unsafe { sys::rte_eth_link_get_nowait(port.0, &mut link) };
+    rc == 0 && u32::from(link.link_status()) == sys::RTE_ETH_LINK_UP
+}
+
 /// `rx_burst` by id: workers hold only ids; the `Port` values stay with the runtime.
 #[inline]
 pub fn rx_burst(port: PortId, queue: QueueId, burst: &mut RxBurst) -> usize {

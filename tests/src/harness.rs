@@ -245,6 +245,49 @@ impl Gateway {
         (out, err)
     }
 
+    /// The process id (for signals).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`, ...) without waiting.
+    pub fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            sh("kill", &[&format!("-{signal}"), &pid.to_string()]);
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; returns (exit success,
+    /// stdout, stderr), killing it first when it did not exit in time (then not a success).
+    pub fn wait_exit(mut self, timeout: Duration) -> (bool, String, String) {
+        let mut ok = false;
+        if let Some(child) = self.child.as_mut() {
+            let deadline = Instant::now() + timeout;
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        ok = status.success();
+                        break;
+                    }
+                    _ if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        let (out, err) = self.take_output();
+        (ok, out, err)
+    }
+
     /// SIGINT, wait for exit; returns (exit success, stdout, stderr).
     pub fn stop(mut self) -> (bool, String, String) {
         let mut ok = false;
