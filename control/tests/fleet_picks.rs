@@ -46,7 +46,7 @@ fn service(name: &str, vip: &str, affinity: bool) -> Service {
     } else {
         ""
     };
-    serde_yaml::from_str(&format!(
+    serde_saphyr::from_str(&format!(
         "apiVersion: v1
 kind: Service
 metadata: {{name: {name}, namespace: fleet}}
@@ -71,7 +71,7 @@ fn slice(service: &str, name: &str, endpoints: &[Ipv4Addr]) -> EndpointSlice {
             format!("  - addresses: [\"{a}\"]\n    conditions: {{ready: true, serving: true, terminating: false}}\n")
         })
         .collect();
-    serde_yaml::from_str(&format!(
+    serde_saphyr::from_str(&format!(
         "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
