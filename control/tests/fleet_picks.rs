@@ -160,6 +160,7 @@ fn pipeline(index: usize, workers: usize) -> Pipeline {
         worker_index: index,
         workers,
         neighbor_timeout_ms: 30_000,
+        routable_prefixes: Vec::new(),
     })
     .expect("pipeline")
 }
