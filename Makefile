@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build lab lab-virtio test bench fuzz-build deps package
+.PHONY: build lab lab-virtio lab-fleet test bench fuzz-build deps package
 
 deps:
 	bash .ci/install-deps
@@ -15,6 +15,10 @@ lab: deps build
 
 lab-virtio: deps build
 	bash tests/lab/run.sh --virtio
+
+# Two gateways announcing over BGP (BIRD) to an ECMP router, clients and the lab cluster.
+lab-fleet: deps build
+	bash tests/lab/fleet-run.sh
 
 test: deps
 	$(CARGO) fmt --all -- --check

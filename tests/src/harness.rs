@@ -205,6 +205,12 @@ impl Gateway {
 
     /// Waits for `GET /readyz` to answer 200.
     pub fn wait_ready(&mut self, timeout: Duration) {
+        self.wait_for_200("/readyz", timeout);
+    }
+
+    /// Waits for `GET path` of the admin API to answer 200 (`/healthz`: the ports are started
+    /// and the workers poll, even where readiness waits for the ports' links).
+    pub fn wait_for_200(&mut self, path: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
@@ -215,7 +221,7 @@ impl Gateway {
                     );
                 }
             }
-            if http_get(&self.admin, "/readyz")
+            if http_get(&self.admin, path)
                 .map(|(code, _)| code == 200)
                 .unwrap_or(false)
             {
@@ -225,7 +231,7 @@ impl Gateway {
         }
         let _ = self.child.as_mut().map(|c| c.kill());
         let (out, err) = self.take_output();
-        panic!("servicegate not ready within {timeout:?}\nstdout:\n{out}\nstderr:\n{err}");
+        panic!("servicegate: no 200 on {path} within {timeout:?}\nstdout:\n{out}\nstderr:\n{err}");
     }
 
     fn take_output(&mut self) -> (String, String) {
@@ -264,16 +270,19 @@ impl Gateway {
         }
     }
 
-    /// Waits up to `timeout` for the process to exit by itself; returns (exit success,
-    /// stdout, stderr), killing it first when it did not exit in time (then not a success).
-    pub fn wait_exit(mut self, timeout: Duration) -> (bool, String, String) {
-        let mut ok = false;
+    /// Waits up to `timeout` for the process to exit by itself (after a signal the test sent),
+    /// killing it after that; returns (exit status if it exited in time, stdout, stderr).
+    pub fn wait_exit(
+        mut self,
+        timeout: Duration,
+    ) -> (Option<std::process::ExitStatus>, String, String) {
+        let mut status = None;
         if let Some(child) = self.child.as_mut() {
             let deadline = Instant::now() + timeout;
             loop {
                 match child.try_wait() {
-                    Ok(Some(status)) => {
-                        ok = status.success();
+                    Ok(Some(s)) => {
+                        status = Some(s);
                         break;
                     }
                     _ if Instant::now() > deadline => {
@@ -285,7 +294,7 @@ impl Gateway {
             }
         }
         let (out, err) = self.take_output();
-        (ok, out, err)
+        (status, out, err)
     }
 
     /// SIGINT, wait for exit; returns (exit success, stdout, stderr).
