@@ -35,7 +35,12 @@ pub fn check(config: &Config) -> anyhow::Result<()> {
             .vxlan
             .as_ref()
             .is_some_and(|vx| vx.pod_cidrs.iter().any(|p| p.node.is_some()));
-        if !names_nodes {
+        let nodes = config.node_scheme();
+        if nodes != crate::config::NodeScheme::None {
+            println!(
+                "nodes (pod CIDRs, VTEPs, VTEP MACs) come from the API: vxlan.nodes {nodes:?}"
+            );
+        } else if !names_nodes {
             println!(
                 "note: no vxlan.pod_cidrs[].node is configured: Services with \
                  internalTrafficPolicy: Local will be treated as Cluster"
@@ -122,6 +127,8 @@ pub fn compile_options(config: &Config) -> CompileOptions {
         service_cidr: config.services.service_cidr,
         pod_routes: pod_routes(config),
         masquerade_cluster_ip: config.services.masquerade_cluster_ip,
+        node_scheme: config.node_scheme(),
+        vni: config.vxlan.as_ref().map_or(0, |v| v.vni),
     }
 }
 
@@ -693,6 +700,7 @@ fn spawn_source(config: &Config, tx: watch::Sender<Option<Arc<Model>>>) {
                 kubeconfig: config.services.kubeconfig.clone(),
                 label_selector: config.services.label_selector.clone(),
                 namespace: config.services.namespace.clone(),
+                watch_nodes: config.node_scheme() != crate::config::NodeScheme::None,
             };
             tokio::spawn(async move {
                 if let Err(err) = crate::kube_source::run(source, tx).await {

@@ -53,7 +53,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use rustc_hash::FxHashMap;
 
+use crate::config::NodeScheme;
 use crate::model::{Model, ObjectKey, ObjectKind};
+use crate::nodes::NodeRoutes;
 
 /// The label that ties an EndpointSlice to its Service (same namespace).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -74,6 +76,12 @@ pub struct CompileOptions {
     pub pod_routes: Vec<PodCidrRoute>,
     /// Masquerade pod-originated ClusterIP traffic (item 19). Default true.
     pub masquerade_cluster_ip: bool,
+    /// How the model's `nodes` add pod routes to the static `pod_routes` (which pin the
+    /// nodes they name); `None`: the model's nodes are ignored. Under any other scheme the
+    /// known nodes are authoritative: an endpoint on a node that is not known is not used.
+    pub node_scheme: NodeScheme,
+    /// The VNI of pod routes learned from nodes.
+    pub vni: u32,
 }
 
 impl Default for CompileOptions {
@@ -84,6 +92,8 @@ impl Default for CompileOptions {
             service_cidr: None,
             pod_routes: Vec::new(),
             masquerade_cluster_ip: true,
+            node_scheme: NodeScheme::None,
+            vni: 0,
         }
     }
 }
@@ -257,8 +267,8 @@ impl Assembly {
         self.by_id[id] = frontend;
     }
 
-    /// The snapshot of these tables (generation 0).
-    fn snapshot(&self, options: &CompileOptions) -> Snapshot {
+    /// The snapshot of these tables (generation 0), with `pod_routes`.
+    fn snapshot(&self, options: &CompileOptions, pod_routes: Vec<PodCidrRoute>) -> Snapshot {
         Snapshot {
             generation: 0,
             frontends: self.frontends.clone(),
@@ -266,7 +276,7 @@ impl Assembly {
             node_port_addresses: self.node_port_addresses.clone(),
             service_addresses: self.service_addresses.clone(),
             service_cidr: options.service_cidr,
-            pod_routes: options.pod_routes.clone(),
+            pod_routes,
             frontend_count: self.by_id.len() as u32,
             frontends_by_id: self.by_id.clone(),
             backend_counter_base: Snapshot::counter_bases(&self.by_id),
@@ -293,6 +303,10 @@ pub struct Compiler {
     assembly: Option<Assembly>,
     /// Every endpoint of every slice of the last model, kept up to date slice by slice.
     presence: BackendPresence,
+    /// The node names the last compilation knew: when they change, every Service is
+    /// compiled again (internalTrafficPolicy: Local and endpoints on unknown nodes depend on
+    /// them); a change of a node's CIDR, VTEP or MAC alone recompiles nothing.
+    node_names: Option<BTreeSet<Arc<str>>>,
 }
 
 /// An address family the compiler serves.
@@ -439,6 +453,7 @@ impl Compiler {
             slices_of: HashMap::new(),
             assembly: None,
             presence: BackendPresence::default(),
+            node_names: None,
         }
     }
 
@@ -454,7 +469,18 @@ impl Compiler {
     /// added, removed or re-keyed, the previous frontend tables are patched instead of
     /// rebuilt.
     pub fn compile(&mut self, model: &Model) -> Compiled {
+        let nodes = crate::nodes::derive(
+            self.options.node_scheme,
+            self.options.vni,
+            &self.options.pod_routes,
+            &model.nodes,
+        );
+        let nodes_changed = self.node_names.as_ref() != Some(&nodes.names);
+        if nodes_changed {
+            self.node_names = Some(nodes.names.clone());
+        }
         let mut run = Run {
+            nodes: &nodes,
             sets_by_hash: HashMap::new(),
             table_sizes: HashMap::new(),
             warnings: Vec::new(),
@@ -462,6 +488,9 @@ impl Compiler {
             table_size: self.options.maglev_table_size,
             options: &self.options,
         };
+        for note in &nodes.notes {
+            run.warn(note.clone());
+        }
         if !is_prime(run.table_size) || run.table_size < 3 {
             let size = next_prime(run.table_size.max(3));
             let size = if run.table_size < 3 {
@@ -505,13 +534,13 @@ impl Compiler {
                 added.push((key.clone(), entry));
                 continue;
             };
-            if !entry.dirty && Arc::ptr_eq(&entry.service, service) {
+            if !nodes_changed && !entry.dirty && Arc::ptr_eq(&entry.service, service) {
                 run.reuse_entry(entry);
                 continue;
             }
             entry.dirty = false;
             let slices = slices_for(key);
-            if entry.compiled_from(service, &slices) {
+            if !nodes_changed && entry.compiled_from(service, &slices) {
                 // Equal objects parsed anew: keep the new ones for the next comparison.
                 entry.service = service.clone();
                 entry.slices = slices.into_iter().cloned().collect();
@@ -557,7 +586,7 @@ impl Compiler {
         if !structural {
             run.warnings.extend(assembly.warnings.iter().cloned());
         }
-        let mut snapshot = assembly.snapshot(&self.options);
+        let mut snapshot = assembly.snapshot(&self.options, nodes.routes.clone());
         snapshot.backend_presence = self.presence.clone();
         run.stats.services = assembly.services;
         run.stats.frontends = snapshot.frontend_count as usize;
@@ -720,6 +749,8 @@ type MergedEndpoint = (EndpointState, Option<Arc<str>>);
 /// State of one compilation.
 struct Run<'a> {
     options: &'a CompileOptions,
+    /// Pod routes and node names of this compilation (static and from the API).
+    nodes: &'a NodeRoutes,
     /// Sets built or reused in this compilation by a hash of their backends: identical
     /// ports of different Services share one set.
     sets_by_hash: HashMap<u64, Vec<Arc<BackendSet>>>,
@@ -879,6 +910,7 @@ impl Run<'_> {
         family: IpFamily,
     ) -> Vec<Backend> {
         let mut merged: BTreeMap<(Ipv4Addr, u16), MergedEndpoint> = BTreeMap::new();
+        let mut off_node = Vec::new();
         for slice in slices {
             if slice.address_type != family.address_type() {
                 continue; // FQDN and other-family slices are ignored (items 3, 9).
@@ -944,6 +976,17 @@ impl Run<'_> {
                     conditions.and_then(|c| c.terminating),
                 );
                 let node: Option<Arc<str>> = endpoint.node_name.as_deref().map(Arc::from);
+                if self.options.node_scheme != NodeScheme::None {
+                    if let Some(gone) = node.as_ref().filter(|n| !self.nodes.names.contains(*n)) {
+                        // Its node left the cluster (or never joined): its pods cannot be
+                        // reached, and its flows end as a gone backend's do.
+                        off_node.push(Warning::note(format!(
+                            "EndpointSlice {slice_key}: endpoints[{index}] ({addr}) is on node \
+                             {gone}, which is not a known Node: not used"
+                        )));
+                        continue;
+                    }
+                }
                 for &port in &ports {
                     let candidate = (state, node.clone());
                     merged
@@ -959,6 +1002,7 @@ impl Run<'_> {
                 }
             }
         }
+        self.warnings.extend(off_node);
         merged
             .into_iter()
             .map(|((addr, port), (state, node))| Backend {
@@ -1026,12 +1070,8 @@ impl Run<'_> {
             family,
         );
         let lb_ips = self.lb_ingress_for_family(key, service, family);
-        let nodes: BTreeSet<Arc<str>> = self
-            .options
-            .pod_routes
-            .iter()
-            .filter_map(|r| r.node.clone())
-            .collect();
+        let known_nodes = self.nodes;
+        let nodes = &known_nodes.names;
         if internal_local && nodes.is_empty() {
             self.warn(format!(
                 "internalTrafficPolicy: Local on {key} treated as Cluster: no pod_routes name a node"
@@ -1058,7 +1098,7 @@ impl Run<'_> {
             self.stats.backends += backends.len();
             let internal_policy = if internal_local && !nodes.is_empty() {
                 let mut by_node = HashMap::new();
-                for node in &nodes {
+                for node in nodes {
                     let local: Vec<Backend> = backends
                         .iter()
                         .filter(|b| b.node.as_deref() == Some(&**node))

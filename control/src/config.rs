@@ -227,6 +227,23 @@ pub struct VxlanConfig {
     /// Remote pod CIDRs behind node VTEPs.
     #[serde(default)]
     pub pod_cidrs: Vec<PodCidrConfig>,
+    /// How the `kubernetes` source learns the nodes' pod CIDRs, VTEPs and VTEP MACs from
+    /// `v1/Node` objects (default `flannel` under that source, `none` under `files`).
+    #[serde(default)]
+    pub nodes: Option<NodeScheme>,
+}
+
+/// Which annotations of a `v1/Node` say where its pods are (see [`crate::nodes`]).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeScheme {
+    /// flannel's `flannel.alpha.coreos.com/public-ip` (else the InternalIP) and the
+    /// `VtepMAC` of `flannel.alpha.coreos.com/backend-data` (else learned).
+    Flannel,
+    /// The node's InternalIP as its VTEP, the MAC learned from its frames.
+    InternalIp,
+    /// Nodes are not watched: only `vxlan.pod_cidrs`.
+    None,
 }
 
 fn default_vxlan_port() -> u16 {
@@ -752,6 +769,16 @@ impl Config {
                     format!("{} is not an address of a cluster port", vxlan.local_vtep),
                 ));
             }
+            if self.services.source == SourceKind::Files
+                && vxlan.nodes.is_some_and(|n| n != NodeScheme::None)
+            {
+                return Err(err(
+                    "vxlan.nodes".into(),
+                    "nodes are learned from the Kubernetes API: it needs services.source: \
+                     kubernetes (the files source has vxlan.pod_cidrs)"
+                        .into(),
+                ));
+            }
             for (i, pod) in vxlan.pod_cidrs.iter().enumerate() {
                 if let Some(mac) = &pod.vtep_mac {
                     if parse_mac(mac).is_none() {
@@ -898,6 +925,15 @@ impl Config {
                 .filter(|p| p.role == PortRole::Uplink)
                 .filter_map(|p| p.addresses.first().map(|a| a.addr()))
                 .collect(),
+        }
+    }
+
+    /// How nodes are learned: from the API only with the `kubernetes` source and VXLAN
+    /// configured, by default with flannel's annotations.
+    pub fn node_scheme(&self) -> NodeScheme {
+        match (&self.vxlan, self.services.source) {
+            (Some(vxlan), SourceKind::Kubernetes) => vxlan.nodes.unwrap_or(NodeScheme::Flannel),
+            _ => NodeScheme::None,
         }
     }
 

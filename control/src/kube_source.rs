@@ -1,8 +1,9 @@
-//! The `kubernetes` service source: kube-rs watchers + reflector stores on `v1/Service` and
-//! `discovery.k8s.io/v1/EndpointSlice`, publishing a complete [`Model`] on every change.
+//! The `kubernetes` service source: kube-rs watchers + reflector stores on `v1/Service`,
+//! `discovery.k8s.io/v1/EndpointSlice` and (with `vxlan.nodes`) `v1/Node`, publishing a
+//! complete [`Model`] on every change.
 //!
 //! Semantics (kube-semantics.md item 13):
-//! - nothing is published before BOTH initial lists are complete (`Event::InitDone` of each);
+//! - nothing is published before EVERY initial list is complete (`Event::InitDone` of each);
 //! - after that, applied events (`Apply`, `Delete`, `InitDone` of a relist) rebuild the
 //!   whole model from both stores (level-triggered) and publish it with `send_replace`:
 //!   once per batch of events that are ready together (up to [`BATCH_EVENTS`]), so a burst
@@ -11,19 +12,25 @@
 //!   reflector buffers the relist and swaps it in atomically at `InitDone`, so no model sent
 //!   during a relist lacks objects;
 //! - while the API server is unreachable the watchers back off and retry
-//!   (`default_backoff`: 0.8 s doubling to 30 s, with jitter); errors never touch the stores,
-//!   so the last model stays in force and nothing is sent until the API answers again.
+//!   ([`BoundedBackoff`]: 0.5 s doubling to 4 s, plus at most 25 % jitter, so a retry is never
+//!   more than 5 s away); errors never touch the stores, so the last model stays in force and
+//!   nothing is sent until the API answers again. kube's default backoff (0.8 s doubling to
+//!   30 s with up to 100 % jitter) could leave the gateway a minute behind an API that was
+//!   back; with this one a change made during an outage is in force within about 5 s of
+//!   the API's return (plus a relist).
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::stream::{self, BoxStream};
 use futures::{FutureExt as _, StreamExt};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, Store};
+use kube::runtime::utils::Backoff;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -41,6 +48,9 @@ pub struct KubeSourceConfig {
     pub label_selector: Option<String>,
     /// Namespace to watch; `None` = all namespaces.
     pub namespace: Option<String>,
+    /// Watch `v1/Node` too (all of them: the label selector and namespace are the
+    /// Services'), and wait for its initial list as for the others.
+    pub watch_nodes: bool,
 }
 
 /// Most watcher events applied before one model is built and published, so that a
@@ -52,6 +62,7 @@ const BATCH_EVENTS: usize = 1024;
 enum Kind {
     Service,
     EndpointSlice,
+    Node,
 }
 
 impl Kind {
@@ -59,7 +70,73 @@ impl Kind {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
         }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The longest wait between two retries, jitter included, of [`BoundedBackoff`].
+pub const BACKOFF_LONGEST: Duration = Duration::from_secs(5);
+
+/// Exponential backoff with a hard bound: `FIRST` doubling up to `CAP`, each wait plus up to
+/// a quarter of itself of jitter (so that a fleet of gateways does not retry in step), never
+/// more than [`BACKOFF_LONGEST`]. Reset by the watcher after every successful event.
+#[derive(Clone, Debug)]
+pub struct BoundedBackoff {
+    next: Duration,
+    seed: u64,
+}
+
+impl BoundedBackoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const CAP: Duration = Duration::from_secs(4);
+
+    pub fn new() -> BoundedBackoff {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        // A per-process random seed without a new dependency: std's hasher keys are random.
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            | 1;
+        BoundedBackoff {
+            next: Self::FIRST,
+            seed,
+        }
+    }
+
+    /// xorshift64: enough to spread retries, not for secrets.
+    fn random(&mut self) -> u64 {
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        self.seed
+    }
+}
+
+impl Default for BoundedBackoff {
+    fn default() -> Self {
+        BoundedBackoff::new()
+    }
+}
+
+impl Iterator for BoundedBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::CAP);
+        let jitter_ms = self.random() % (base.as_millis() as u64 / 4 + 1);
+        Some((base + Duration::from_millis(jitter_ms)).min(BACKOFF_LONGEST))
+    }
+}
+
+impl Backoff for BoundedBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
     }
 }
 
@@ -126,6 +203,7 @@ fn reflected<K>(
     api: Api<K>,
     wc: watcher::Config,
     kind: Kind,
+    strip: fn(&mut K),
 ) -> (Store<K>, BoxStream<'static, (Kind, Step)>)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
@@ -133,9 +211,10 @@ where
 {
     let (reader, writer) = reflector::store::<K>();
     let stream = watcher(api, wc)
-        .default_backoff()
-        .modify(|obj: &mut K| {
+        .backoff(BoundedBackoff::new())
+        .modify(move |obj: &mut K| {
             obj.managed_fields_mut().clear();
+            strip(obj);
         })
         .reflect(writer)
         .map(move |ev| (kind, classify(ev)))
@@ -143,9 +222,16 @@ where
     (reader, stream)
 }
 
-/// Rebuild the whole model from both stores.
-fn build_model(services: &Store<Service>, slices: &Store<EndpointSlice>) -> Model {
+/// Rebuild the whole model from the stores.
+fn build_model(
+    services: &Store<Service>,
+    slices: &Store<EndpointSlice>,
+    nodes: Option<&Store<Node>>,
+) -> Model {
     let mut model = Model::default();
+    for node in nodes.map(Store::state).unwrap_or_default() {
+        model.nodes.insert(node.name_any(), node);
+    }
     for svc in services.state() {
         let key = ObjectKey::new(svc.namespace().unwrap_or_default(), svc.name_any());
         model.services.insert(key, svc);
@@ -223,16 +309,28 @@ fn apply_step(kind: Kind, step: Step, state: &mut KindState) -> bool {
     }
 }
 
+/// Keeps what a Node's routes need: its image list alone can be tens of kilobytes.
+fn strip_node(node: &mut Node) {
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+        status.conditions = None;
+        status.volumes_attached = None;
+        status.volumes_in_use = None;
+    }
+}
+
 /// Run the `kubernetes` source until the watch streams end (they normally never do).
 ///
-/// Publishes `Some(model)` on `updates` only once both initial lists are complete, then after
-/// every batch of changes that arrived together. Errors from the API server are logged and retried with backoff; they never
-/// cause a model to be sent. Returns an error only if the client cannot be built.
+/// Publishes `Some(model)` on `updates` only once every initial list is complete, then after
+/// every batch of changes that arrived together. Errors from the API server are logged and
+/// retried with backoff; they never cause a model to be sent. Returns an error only if the
+/// client cannot be built.
 pub async fn run(
     config: KubeSourceConfig,
     updates: watch::Sender<Option<Arc<Model>>>,
 ) -> anyhow::Result<()> {
     let client = make_client(&config).await?;
+    let nodes_api: Api<Node> = Api::all(client.clone());
     let (services_api, slices_api): (Api<Service>, Api<EndpointSlice>) = match &config.namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
@@ -247,15 +345,30 @@ pub async fn run(
     tracing::info!(
         namespace = config.namespace.as_deref().unwrap_or("<all>"),
         label_selector = config.label_selector.as_deref().unwrap_or(""),
+        nodes = config.watch_nodes,
         "kubernetes source: watching Services and EndpointSlices"
     );
 
-    let (services, svc_stream) = reflected(services_api, wc.clone(), Kind::Service);
-    let (slices, eps_stream) = reflected(slices_api, wc, Kind::EndpointSlice);
-    let mut merged = stream::select_all([svc_stream, eps_stream]);
+    let (services, svc_stream) = reflected(services_api, wc.clone(), Kind::Service, |_| {});
+    let (slices, eps_stream) = reflected(slices_api, wc, Kind::EndpointSlice, |_| {});
+    let mut streams = vec![svc_stream, eps_stream];
+    let nodes = if config.watch_nodes {
+        let (nodes, node_stream) = reflected(
+            nodes_api,
+            watcher::Config::default(),
+            Kind::Node,
+            strip_node,
+        );
+        streams.push(node_stream);
+        Some(nodes)
+    } else {
+        None
+    };
+    let mut merged = stream::select_all(streams);
 
-    let mut svc_state = KindState::default();
-    let mut eps_state = KindState::default();
+    let mut states: [KindState; 3] = Default::default();
+    // A kind not watched needs no initial list.
+    states[Kind::Node.index()].ready = !config.watch_nodes;
     let mut published = 0u64;
 
     while let Some(first) = merged.next().await {
@@ -266,11 +379,7 @@ pub async fn run(
         let mut next = Some(first);
         let mut taken = 0;
         while let Some((kind, step)) = next {
-            let state = match kind {
-                Kind::Service => &mut svc_state,
-                Kind::EndpointSlice => &mut eps_state,
-            };
-            changed |= apply_step(kind, step, state);
+            changed |= apply_step(kind, step, &mut states[kind.index()]);
             taken += 1;
             next = if taken < BATCH_EVENTS {
                 merged.next().now_or_never().flatten()
@@ -281,25 +390,28 @@ pub async fn run(
         if !changed {
             continue;
         }
-        if !(svc_state.ready && eps_state.ready) {
+        if !states.iter().all(|s| s.ready) {
             tracing::debug!(
-                services_ready = svc_state.ready,
-                endpoint_slices_ready = eps_state.ready,
-                "kubernetes source: waiting for both initial lists before publishing"
+                services_ready = states[Kind::Service.index()].ready,
+                endpoint_slices_ready = states[Kind::EndpointSlice.index()].ready,
+                nodes_ready = states[Kind::Node.index()].ready,
+                "kubernetes source: waiting for every initial list before publishing"
             );
             continue;
         }
-        let model = build_model(&services, &slices);
+        let model = build_model(&services, &slices, nodes.as_ref());
         if published == 0 {
             tracing::info!(
                 services = model.services.len(),
                 endpoint_slices = model.endpoint_slices.len(),
-                "kubernetes source: both initial lists complete, publishing first model"
+                nodes = model.nodes.len(),
+                "kubernetes source: every initial list complete, publishing first model"
             );
         } else {
             tracing::debug!(
                 services = model.services.len(),
                 endpoint_slices = model.endpoint_slices.len(),
+                nodes = model.nodes.len(),
                 "kubernetes source: publishing model"
             );
         }
@@ -307,4 +419,22 @@ pub async fn run(
         updates.send_replace(Some(Arc::new(model)));
     }
     anyhow::bail!("kubernetes source: watch streams ended")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_never_waits_longer_than_the_bound() {
+        let mut backoff = BoundedBackoff::new();
+        let waits: Vec<Duration> = backoff.by_ref().take(1000).collect();
+        assert!(waits[0] >= BoundedBackoff::FIRST && waits[0] <= BoundedBackoff::FIRST * 5 / 4);
+        assert!(waits.iter().all(|w| *w <= BACKOFF_LONGEST), "{waits:?}");
+        assert!(waits[10..].iter().all(|w| *w >= BoundedBackoff::CAP));
+        // Jitter varies the waits.
+        assert!(waits[10..].iter().any(|w| *w != waits[10]));
+        backoff.reset();
+        assert!(backoff.next().unwrap() <= BoundedBackoff::FIRST * 5 / 4);
+    }
 }

@@ -13,5 +13,6 @@ pub mod files_source;
 pub mod kube_source;
 pub mod manifests;
 pub mod model;
+pub mod nodes;
 pub mod packets;
 pub mod telemetry;

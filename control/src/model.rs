@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// `namespace/name` of an object.
@@ -59,6 +59,9 @@ impl std::fmt::Display for ObjectKind {
 pub struct Model {
     pub services: BTreeMap<ObjectKey, Arc<Service>>,
     pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    /// The cluster's `v1/Node`s by name, when the `kubernetes` source watches them
+    /// (`vxlan.nodes`); empty otherwise.
+    pub nodes: BTreeMap<String, Arc<Node>>,
     /// Where each object was read from, as messages name it
     /// (`services.yaml: document 2 (Service lab/web)`), so that a warning about an object
     /// names its file. The `files` source fills it; the `kubernetes` source has no files.

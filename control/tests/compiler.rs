@@ -1876,3 +1876,71 @@ fn slices_moved_between_services_and_services_after_their_slices_compile_as_from
         );
     }
 }
+
+/// A `v1/Node` with a pod CIDR and an InternalIP, as the kubernetes source stores it.
+fn api_node(name: &str, cidr: &str, internal_ip: &str) -> Arc<k8s_openapi::api::core::v1::Node> {
+    let yaml = format!(
+        "metadata: {{name: {name}}}\nspec: {{podCIDR: \"{cidr}\", podCIDRs: [\"{cidr}\"]}}\n\
+         status: {{addresses: [{{type: InternalIP, address: \"{internal_ip}\"}}]}}\n"
+    );
+    Arc::new(serde_yaml::from_str(&yaml).expect("a Node"))
+}
+
+#[test]
+fn nodes_from_the_api_route_pods_and_a_node_that_leaves_takes_its_endpoints_along() {
+    let options = CompileOptions {
+        node_scheme: control::config::NodeScheme::Flannel,
+        vni: 42,
+        ..CompileOptions::default()
+    };
+    let mut compiler = Compiler::new(options);
+    let mut m = model(ITP_LOCAL);
+    m.nodes.insert(
+        "node-1".into(),
+        api_node("node-1", "10.244.1.0/24", "10.0.0.11"),
+    );
+    let c = compiler.compile(&m);
+    assert_eq!(
+        c.snapshot.pod_routes,
+        vec![PodCidrRoute {
+            vni: 42,
+            ..route("10.244.1.0/24", "10.0.0.11", Some("node-1"))
+        }]
+    );
+    let f = fe(&c.snapshot, "10.96.0.10", Tcp, 80);
+    let addrs: Vec<Ipv4Addr> = f.backends.backends.iter().map(|b| b.addr).collect();
+    assert_eq!(
+        addrs,
+        [ip("10.244.1.2"), ip("10.244.1.3")],
+        "10.244.2.2 is on node-2, which is no known Node"
+    );
+    assert!(warning_lines(&c)
+        .iter()
+        .any(|w| w.contains("(10.244.2.2) is on node node-2, which is not a known Node")));
+    let InternalPolicy::Local { by_node } = &f.internal_policy else {
+        panic!("nodes from the API name nodes: Local");
+    };
+    assert_eq!(by_node.len(), 1);
+
+    // node-2 joins: its endpoint is used and its pods routed, with nothing else changed.
+    m.nodes.insert(
+        "node-2".into(),
+        api_node("node-2", "10.244.2.0/24", "10.0.0.12"),
+    );
+    let c = compiler.compile(&m);
+    assert_eq!(c.snapshot.pod_routes.len(), 2);
+    let f = fe(&c.snapshot, "10.96.0.10", Tcp, 80);
+    assert_eq!(f.backends.backends.len(), 3);
+    let InternalPolicy::Local { by_node } = &f.internal_policy else {
+        panic!("Local");
+    };
+    assert_eq!(by_node["node-2"].backends[0].addr, ip("10.244.2.2"));
+
+    // node-1 leaves.
+    m.nodes.remove("node-1");
+    let c = compiler.compile(&m);
+    let f = fe(&c.snapshot, "10.96.0.10", Tcp, 80);
+    let addrs: Vec<Ipv4Addr> = f.backends.backends.iter().map(|b| b.addr).collect();
+    assert_eq!(addrs, [ip("10.244.2.2")]);
+    assert_eq!(c.snapshot.pod_routes.len(), 1);
+}

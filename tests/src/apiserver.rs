@@ -5,6 +5,7 @@
 //! - `/api/v1/services`, `/api/v1/namespaces/{ns}/services`
 //! - `/apis/discovery.k8s.io/v1/endpointslices`,
 //!   `/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices`
+//! - `/api/v1/nodes` (cluster-scoped)
 //! - `/api`, `/apis`, `/version` (minimal discovery)
 //!
 //! Lists honour `limit` + `continue` (consistent snapshot per paginated list, like etcd) and
@@ -27,7 +28,7 @@ use axum::body::Body;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpSocket};
@@ -39,6 +40,7 @@ use tokio::task::{JoinHandle, JoinSet};
 pub enum Kind {
     Service,
     EndpointSlice,
+    Node,
 }
 
 impl Kind {
@@ -46,11 +48,12 @@ impl Kind {
         match self {
             Kind::Service => 0,
             Kind::EndpointSlice => 1,
+            Kind::Node => 2,
         }
     }
     fn api_version(self) -> &'static str {
         match self {
-            Kind::Service => "v1",
+            Kind::Service | Kind::Node => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
@@ -58,13 +61,18 @@ impl Kind {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
         }
     }
     fn list_kind(self) -> &'static str {
         match self {
             Kind::Service => "ServiceList",
             Kind::EndpointSlice => "EndpointSliceList",
+            Kind::Node => "NodeList",
         }
+    }
+    fn namespaced(self) -> bool {
+        self != Kind::Node
     }
 }
 
@@ -95,10 +103,10 @@ struct State {
     rv: u64,
     /// Watches from a resourceVersion below this answer 410.
     compacted: u64,
-    objects: [BTreeMap<Key, Value>; 2],
+    objects: [BTreeMap<Key, Value>; 3],
     log: Vec<Arc<Change>>,
     max_page: Option<usize>,
-    list_delay: [Duration; 2],
+    list_delay: [Duration; 3],
     /// Paginated list snapshots: id -> (resourceVersion, items).
     pages: HashMap<u64, (u64, Arc<Vec<Value>>)>,
     next_page_id: u64,
@@ -189,6 +197,16 @@ impl FakeApiServer {
         self.delete(Kind::EndpointSlice, namespace, name)
     }
 
+    /// Create or replace a Node (cluster-scoped); returns the new resourceVersion.
+    pub fn apply_node(&self, node: Node) -> u64 {
+        self.apply(Kind::Node, serde_json::to_value(node).expect("serialize"))
+    }
+
+    /// Delete a Node; returns the new resourceVersion, `None` if it did not exist.
+    pub fn delete_node(&self, name: &str) -> Option<u64> {
+        self.delete(Kind::Node, "", name)
+    }
+
     fn apply(&self, kind: Kind, mut obj: Value) -> u64 {
         let mut st = self.inner.state();
         st.rv += 1;
@@ -196,7 +214,11 @@ impl FakeApiServer {
         obj["apiVersion"] = json!(kind.api_version());
         obj["kind"] = json!(kind.kind());
         let meta = &mut obj["metadata"];
-        if meta.get("namespace").and_then(Value::as_str).is_none() {
+        if !kind.namespaced() {
+            if let Some(meta) = meta.as_object_mut() {
+                meta.remove("namespace");
+            }
+        } else if meta.get("namespace").and_then(Value::as_str).is_none() {
             meta["namespace"] = json!("default");
         }
         let key: Key = (
@@ -442,6 +464,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             )
         }
         ["api", "v1", "services"] => (Kind::Service, None),
+        ["api", "v1", "nodes"] => (Kind::Node, None),
         ["api", "v1", "namespaces", ns, "services"] => (Kind::Service, Some(ns.to_string())),
         ["apis", "discovery.k8s.io", "v1", "endpointslices"] => (Kind::EndpointSlice, None),
         ["apis", "discovery.k8s.io", "v1", "namespaces", ns, "endpointslices"] => {

@@ -6,7 +6,9 @@ pub mod harness;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{
+    Node, NodeAddress, NodeSpec, NodeStatus, Service, ServicePort, ServiceSpec,
+};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -73,5 +75,52 @@ pub fn endpoint_slice(
             port: Some(port),
             ..Default::default()
         }]),
+    }
+}
+
+/// A flannel VXLAN node `name`: pod CIDR `pod_cidr`, InternalIP `internal_ip`, and when
+/// given flannel's `public-ip` and `backend-data` (`VtepMAC`) annotations.
+pub fn node(
+    name: &str,
+    pod_cidr: &str,
+    internal_ip: &str,
+    public_ip: Option<&str>,
+    vtep_mac: Option<&str>,
+) -> Node {
+    let mut annotations = BTreeMap::new();
+    if let Some(ip) = public_ip {
+        annotations.insert(
+            "flannel.alpha.coreos.com/public-ip".to_owned(),
+            ip.to_owned(),
+        );
+    }
+    if let Some(mac) = vtep_mac {
+        annotations.insert(
+            "flannel.alpha.coreos.com/backend-data".to_owned(),
+            format!(r#"{{"VNI":42,"VtepMAC":"{mac}"}}"#),
+        );
+        annotations.insert(
+            "flannel.alpha.coreos.com/backend-type".to_owned(),
+            "vxlan".to_owned(),
+        );
+    }
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            annotations: Some(annotations),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            pod_cidr: Some(pod_cidr.to_owned()),
+            pod_cidrs: Some(vec![pod_cidr.to_owned()]),
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "InternalIP".to_owned(),
+                address: internal_ip.to_owned(),
+            }]),
+            ..Default::default()
+        }),
     }
 }

@@ -8,12 +8,30 @@ use control::kube_source::{self, KubeSourceConfig};
 use control::model::{Model, ObjectKey};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use tests::apiserver::{FakeApiServer, Kind};
-use tests::{endpoint_slice, service};
+use tests::{endpoint_slice, node, service};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// How long the API server stays away in the down test (the real acceptance uses 30 s).
-const DOWN_PERIOD: Duration = Duration::from_secs(5);
+/// How long the API server stays away in the down test, in seconds, one outage after the
+/// other: `SG_API_OUTAGES` (comma-separated), else 5 and 30 (issue 23 item 7 also asks for
+/// 120, run by hand: `SG_API_OUTAGES=120`).
+fn outages() -> Vec<u64> {
+    std::env::var("SG_API_OUTAGES")
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .map(|s| {
+                    s.trim()
+                        .parse()
+                        .expect("SG_API_OUTAGES: seconds, comma-separated")
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| vec![5, 30])
+}
+/// After the API is back, a change made during the outage is in the model within this
+/// (issue 23 item 7: 15 s); the backoff's longest wait is 5 s.
+const RECOVERY_BOUND: Duration = Duration::from_secs(15);
 /// Generous bound for anything that should "eventually" happen (covers kube's backoff,
 /// which reaches 30 s per retry).
 const EVENTUALLY: Duration = Duration::from_secs(90);
@@ -49,6 +67,7 @@ impl Harness {
             kubeconfig: Some(server.write_kubeconfig(dir.path())),
             label_selector: None,
             namespace: None,
+            watch_nodes: false,
         };
         tweak(&mut config);
         let (tx, mut rx) = watch::channel(None);
@@ -341,58 +360,218 @@ async fn api_down_keeps_last_model_and_catches_up() {
     let h = Harness::start(server);
     h.wait_for("initial model", has_base).await;
     poll_until("both watches open", || h.server.watches_served() >= 2).await;
-    let published_before = h.models().len();
+    let mut recoveries = Vec::new();
+    for (round, outage) in outages().into_iter().enumerate() {
+        let outage = Duration::from_secs(outage);
+        let published_before = h.models().len();
+        let before = h.latest().expect("model");
+        let addresses_before = slice_addresses(&before, "default", "web-abcde");
+        let name = format!("while-down-{round}");
+        let address = format!("10.0.1.{}", 100 + round);
 
-    h.server.set_down(true).await;
-    let down_since = Instant::now();
-    // Changes made while the API is unreachable for the client.
-    h.server
-        .apply_service(service("default", "while-down", "10.96.0.50", 80));
-    h.server.apply_endpoint_slice(endpoint_slice(
-        "default",
-        "web-abcde",
-        "web",
-        &["10.0.1.9"],
-        8080,
-    ));
-    while down_since.elapsed() < DOWN_PERIOD {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!h.source.is_finished(), "kube source exited while API down");
-    }
-    // Nothing sent during the outage dropped anything.
-    let during = h.models();
-    for m in &during[published_before..] {
+        h.server.set_down(true).await;
+        let down_since = Instant::now();
+        let mut changed = false;
+        while down_since.elapsed() < outage {
+            // Made halfway through the outage: the client is deep in its backoff then.
+            if !changed && down_since.elapsed() >= outage / 2 {
+                h.server
+                    .apply_service(service("default", &name, "10.96.0.50", 80));
+                h.server.apply_endpoint_slice(endpoint_slice(
+                    "default",
+                    "web-abcde",
+                    "web",
+                    &[&address],
+                    8080,
+                ));
+                changed = true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!h.source.is_finished(), "kube source exited while API down");
+        }
+        // Nothing can be learned while the API is down, and the last model stays.
+        assert_eq!(
+            h.models().len(),
+            published_before,
+            "a model was published during the outage"
+        );
+        let last = h.latest().expect("model");
+        assert_eq!(
+            slice_addresses(&last, "default", "web-abcde"),
+            addresses_before
+        );
+
+        h.server.set_down(false).await;
+        let back = Instant::now();
+        let m = h
+            .wait_for("changes made while down", |m| {
+                m.services.contains_key(&key("default", &name))
+                    && slice_addresses(m, "default", "web-abcde") == [address.as_str()]
+            })
+            .await;
+        let recovered = back.elapsed();
+        assert!(has_base(&m));
+        eprintln!(
+            "outage of {} s: the change made during it was in the model {:.2} s after the API came back",
+            outage.as_secs(),
+            recovered.as_secs_f64()
+        );
+        recoveries.push((outage.as_secs(), recovered));
         assert!(
-            has_base(m),
-            "model without objects during outage: {:?}",
-            summary(m)
+            recovered <= RECOVERY_BOUND,
+            "after a {} s outage the change took {recovered:?} (bound {RECOVERY_BOUND:?})",
+            outage.as_secs()
         );
     }
-    assert_eq!(
-        during.len(),
-        published_before,
-        "nothing can be learned while the API is down"
-    );
-    let last = h.latest().expect("model");
-    assert_eq!(
-        slice_addresses(&last, "default", "web-abcde"),
-        ["10.0.1.1", "10.0.1.2"]
-    );
+    assert!(h.models().iter().all(|m| has_base(m)));
+    eprintln!("recoveries (outage s, time after return): {recoveries:?}");
+}
 
-    h.server.set_down(false).await;
-    let back = Instant::now();
+fn node_vtep_mac(m: &Model, name: &str) -> Option<String> {
+    m.nodes.get(name).and_then(|n| {
+        n.metadata
+            .annotations
+            .as_ref()?
+            .get("flannel.alpha.coreos.com/backend-data")
+            .cloned()
+    })
+}
+
+/// The pod routes the compiler derives from a model's nodes (flannel scheme, VNI 42).
+fn routes_of(m: &Model) -> Vec<String> {
+    let options = control::compiler::CompileOptions {
+        node_scheme: control::config::NodeScheme::Flannel,
+        vni: 42,
+        ..Default::default()
+    };
+    let compiled = control::compiler::Compiler::new(options).compile(m);
+    compiled
+        .snapshot
+        .pod_routes
+        .iter()
+        .map(|r| {
+            format!(
+                "{} via {} mac {} node {}",
+                r.cidr,
+                r.vtep,
+                r.vtep_mac.map(|m| m.to_string()).unwrap_or("-".into()),
+                r.node.as_deref().unwrap_or("-")
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_gate_the_first_model_and_follow_the_api_live() {
+    let server = FakeApiServer::start().await;
+    populate(&server);
+    server.apply_node(node(
+        "node-1",
+        "10.244.1.0/24",
+        "10.0.0.11",
+        None,
+        Some("02:53:47:00:01:01"),
+    ));
+    // The Node list answers late: nothing may be published without it.
+    server.set_list_delay(Kind::Node, Duration::from_millis(1500));
+    let h = Harness::start_with(server, |c| c.watch_nodes = true);
+    poll_until("three lists requested", || h.server.lists_served() >= 3).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        h.models().is_empty(),
+        "a model was published before the Node list completed"
+    );
+    let first = h.wait_for("first model", |_| true).await;
+    assert!(has_base(&first));
+    assert_eq!(
+        routes_of(&first),
+        ["10.244.1.0/24 via 10.0.0.11 mac 02:53:47:00:01:01 node node-1"]
+    );
+    poll_until("three watches open", || h.server.watches_served() >= 3).await;
+
+    let timed = |what: &'static str, started: Instant| {
+        eprintln!(
+            "{what}: in the model after {:.1} ms",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    };
+    // A node joins.
+    let t = Instant::now();
+    h.server.apply_node(node(
+        "node-2",
+        "10.244.2.0/24",
+        "10.0.0.12",
+        Some("172.16.0.12"),
+        None,
+    ));
     let m = h
-        .wait_for("changes made while down", |m| {
-            m.services.contains_key(&key("default", "while-down"))
-                && slice_addresses(m, "default", "web-abcde") == ["10.0.1.9"]
+        .wait_for("node-2 joined", |m| m.nodes.contains_key("node-2"))
+        .await;
+    timed("node joined", t);
+    assert_eq!(
+        routes_of(&m),
+        [
+            "10.244.1.0/24 via 10.0.0.11 mac 02:53:47:00:01:01 node node-1",
+            "10.244.2.0/24 via 172.16.0.12 mac - node node-2"
+        ]
+    );
+    // Its VTEP MAC changes (flannel restarted with a new VXLAN device).
+    let t = Instant::now();
+    h.server.apply_node(node(
+        "node-1",
+        "10.244.1.0/24",
+        "10.0.0.11",
+        None,
+        Some("02:53:47:00:09:09"),
+    ));
+    let m = h
+        .wait_for("node-1's new VtepMAC", |m| {
+            node_vtep_mac(m, "node-1").is_some_and(|d| d.contains("02:53:47:00:09:09"))
         })
         .await;
-    assert!(has_base(&m));
-    eprintln!(
-        "caught up {:.1}s after the API came back",
-        back.elapsed().as_secs_f64()
+    timed("VTEP MAC changed", t);
+    assert_eq!(
+        routes_of(&m)[0],
+        "10.244.1.0/24 via 10.0.0.11 mac 02:53:47:00:09:09 node node-1"
     );
-    assert!(h.models().iter().all(|m| has_base(m)));
+    // A node is replaced by one with another pod CIDR and address (the same name).
+    let t = Instant::now();
+    h.server
+        .apply_node(node("node-2", "10.244.7.0/24", "10.0.0.17", None, None));
+    let m = h
+        .wait_for("node-2's new pod CIDR", |m| {
+            routes_of(m).iter().any(|r| r.starts_with("10.244.7.0/24"))
+        })
+        .await;
+    timed("pod CIDR and VTEP changed", t);
+    assert_eq!(
+        routes_of(&m)[1],
+        "10.244.7.0/24 via 10.0.0.17 mac - node node-2"
+    );
+    // A 410 relist keeps the nodes.
+    h.server.expire_watches_with_410();
+    // A node leaves.
+    let t = Instant::now();
+    h.server.delete_node("node-1").expect("exists");
+    let m = h
+        .wait_for("node-1 left", |m| !m.nodes.contains_key("node-1"))
+        .await;
+    timed("node left (through a 410 relist)", t);
+    assert_eq!(
+        routes_of(&m),
+        ["10.244.7.0/24 via 10.0.0.17 mac - node node-2"]
+    );
+    assert!(
+        h.models()
+            .iter()
+            .all(|m| has_base(m) && !m.nodes.is_empty()),
+        "a model lost objects"
+    );
+    // Heavy fields are stripped before the store.
+    assert!(m.nodes["node-2"]
+        .status
+        .as_ref()
+        .is_some_and(|s| s.images.is_none()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
