@@ -1883,7 +1883,7 @@ fn api_node(name: &str, cidr: &str, internal_ip: &str) -> Arc<k8s_openapi::api::
         "metadata: {{name: {name}}}\nspec: {{podCIDR: \"{cidr}\", podCIDRs: [\"{cidr}\"]}}\n\
          status: {{addresses: [{{type: InternalIP, address: \"{internal_ip}\"}}]}}\n"
     );
-    Arc::new(serde_yaml::from_str(&yaml).expect("a Node"))
+    Arc::new(serde_saphyr::from_str(&yaml).expect("a Node"))
 }
 
 #[test]
