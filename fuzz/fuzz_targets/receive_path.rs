@@ -204,7 +204,7 @@ fuzz_target!(|data: &[u8]| {
     // the key's whenever the fast path uses it.
     let hash = st
         .pipeline
-        .prefetch_burst(std::iter::once(frame.data()))
+        .prefetch_burst(in_port, std::iter::once(frame.data()))
         .get(0);
     let verdict = st.pipeline.process_hashed(
         &mut frame,
