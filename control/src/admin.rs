@@ -173,6 +173,11 @@ pub struct SyncInfo {
     pub services: usize,
     /// What the source could not use in the last sync (files source: bad documents).
     pub source_problems: Vec<crate::model::SourceProblem>,
+    /// Config reloads (SIGHUP) applied and refused.
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// What the last reload did, one line (`refused: gateway.yaml: routes[0].via: …`).
+    pub last_reload: Option<String>,
 }
 
 /// Driver counters of every port, by port name.
@@ -893,6 +898,18 @@ fn render_metrics(state: &AdminState, worker_idle: &[Duration]) -> String {
             "Services in the last snapshot",
             services,
         );
+        let reloads = counter_family();
+        reloads
+            .get_or_create(&labels(&[("result", "ok")]))
+            .inc_by(sync.reloads_ok);
+        reloads
+            .get_or_create(&labels(&[("result", "error")]))
+            .inc_by(sync.reloads_failed);
+        registry.register(
+            "servicegate_config_reload",
+            "Config reloads (SIGHUP) applied (ok) and refused (error)",
+            reloads,
+        );
         let warnings: Gauge = Gauge::default();
         warnings.set(sync.warnings.len() as i64);
         registry.register(
@@ -1113,6 +1130,7 @@ async fn services(State(app): State<Arc<App>>) -> Response {
         "services": sync.services,
         "last_sync_seconds": sync.last_sync_seconds,
         "warnings": sync.warnings,
+        "last_reload": sync.last_reload,
         "service_cidr": snapshot.service_cidr.map(|c| c.to_string()),
         "frontends": frontends,
     }))

@@ -12,7 +12,7 @@ use dataplane::conntrack::{ConntrackConfig, Timeouts, SECOND};
 use dataplane::dpdk::PortSetup;
 use dataplane::pipeline::{self, Pipeline, PipelineConfig};
 use dataplane::runtime::{PortSpec, Runtime, RuntimeSpec, WorkerSpec};
-use dataplane::snapshot::{PodCidrRoute, Snapshot};
+use dataplane::snapshot::{LiveSettings, PodCidrRoute, Snapshot};
 use dataplane::wire::MacAddr;
 use dataplane::worker::Mode;
 use tokio::sync::watch;
@@ -430,10 +430,48 @@ fn pipeline_config(
             exception_port: exception_ids[i],
         })
         .collect();
+    let LiveSettings {
+        routes,
+        static_neighbors,
+        snat_addresses,
+        timeouts,
+        icmp_errors_per_second,
+        routable_prefixes,
+        ..
+    } = live_settings(config, &ids, 0)?;
+    Ok(PipelineConfig {
+        ports,
+        routes,
+        static_neighbors,
+        vxlan: config.vxlan.as_ref().map(|v| pipeline::VxlanConfig {
+            udp_port: v.udp_port,
+            vni: v.vni,
+            local_vtep: v.local_vtep,
+        }),
+        snat_addresses,
+        snat_port_range: config.snat.port_min..=config.snat.port_max,
+        conntrack: ConntrackConfig {
+            capacity: config.conntrack.capacity,
+            timeouts,
+            half_open_per_source: config.conntrack.half_open_per_source,
+            tcp_loose: config.conntrack.tcp_loose,
+        },
+        affinity_capacity: config.conntrack.affinity_capacity,
+        icmp_errors_per_second,
+        worker_index: index,
+        workers: config.cores.workers.len(),
+        neighbor_timeout_ms: 300_000,
+        routable_prefixes,
+    })
+}
+
+/// The settings of `config` a reload applies to running workers (`ids`: the DPDK port id
+/// of each configured port, in config order), numbered `id`.
+fn live_settings(config: &Config, ids: &[u16], id: u64) -> anyhow::Result<LiveSettings> {
     let port_id = |name: &str| -> anyhow::Result<u16> {
         config
             .port_index(name)
-            .map(|i| ids[i])
+            .and_then(|i| ids.get(i).copied())
             .ok_or_else(|| anyhow!("unknown port {name}"))
     };
     let routes = config
@@ -458,29 +496,13 @@ fn pipeline_config(
             ))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let timeouts = conntrack_timeouts(&config.conntrack.timeouts);
-    Ok(PipelineConfig {
-        ports,
+    Ok(LiveSettings {
+        id,
         routes,
         static_neighbors,
-        vxlan: config.vxlan.as_ref().map(|v| pipeline::VxlanConfig {
-            udp_port: v.udp_port,
-            vni: v.vni,
-            local_vtep: v.local_vtep,
-        }),
         snat_addresses: config.snat_addresses(),
-        snat_port_range: config.snat.port_min..=config.snat.port_max,
-        conntrack: ConntrackConfig {
-            capacity: config.conntrack.capacity,
-            timeouts,
-            half_open_per_source: config.conntrack.half_open_per_source,
-            tcp_loose: config.conntrack.tcp_loose,
-        },
-        affinity_capacity: config.conntrack.affinity_capacity,
+        timeouts: conntrack_timeouts(&config.conntrack.timeouts),
         icmp_errors_per_second: config.icmp_errors_per_second,
-        worker_index: index,
-        workers: config.cores.workers.len(),
-        neighbor_timeout_ms: 300_000,
         routable_prefixes: config.edge.routable_prefixes.clone(),
     })
 }
@@ -587,6 +609,9 @@ pub struct Publisher {
     /// Per-service/backend packet totals: every installed snapshot is registered here, so
     /// counts workers took under it can be named.
     pub packets: Arc<parking_lot::Mutex<crate::packets::PacketTotals>>,
+    /// The worker settings of the last config reload, carried by every snapshot from then
+    /// on (`None`: the ones the workers started with).
+    settings: Option<Arc<LiveSettings>>,
 }
 
 impl Publisher {
@@ -613,7 +638,17 @@ impl Publisher {
                 ..Default::default()
             })),
             packets: Arc::default(),
+            settings: None,
         }
+    }
+
+    /// A config reload: new compile options (the tables are compiled anew when they
+    /// changed) and new worker settings, both in force from the next publish.
+    pub fn reconfigure(&mut self, options: CompileOptions, settings: Arc<LiveSettings>) {
+        if *self.compiler.options() != options {
+            self.compiler = Compiler::new(options);
+        }
+        self.settings = Some(settings);
     }
 
     /// The generation of the last snapshot installed (0: none yet).
@@ -629,6 +664,7 @@ impl Publisher {
         let mut compiled = self.compiler.compile(model);
         self.generation += 1;
         compiled.snapshot.generation = self.generation;
+        compiled.snapshot.settings = self.settings.clone();
         let services = compiled.stats.services;
         let frontends = compiled.stats.frontends;
         let snapshot = Arc::new(compiled.snapshot);
@@ -673,27 +709,89 @@ impl Publisher {
 /// Debounce: a burst of updates within this window is compiled once.
 const COALESCE: Duration = Duration::from_millis(20);
 
-/// Feeds every model the source sends to the publisher, coalescing bursts.
-async fn publish_loop(mut publisher: Publisher, mut updates: watch::Receiver<Option<Arc<Model>>>) {
+/// What a config reload hands the publisher.
+struct Reconfigure {
+    options: CompileOptions,
+    settings: Arc<LiveSettings>,
+}
+
+/// Feeds every model the source sends to the publisher, coalescing bursts; a reload
+/// recompiles the last model with the new options and settings.
+async fn publish_loop(
+    mut publisher: Publisher,
+    mut updates: watch::Receiver<Option<Arc<Model>>>,
+    mut reloads: tokio::sync::mpsc::UnboundedReceiver<Reconfigure>,
+) {
+    let mut last: Option<Arc<Model>> = None;
     loop {
-        if updates.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // A lone change is compiled at once; a burst is coalesced into its last state.
+                let model = updates.borrow_and_update().clone();
+                if let Some(model) = model {
+                    publisher.publish(&model);
+                    last = Some(model);
+                }
+                tokio::time::sleep(COALESCE).await;
+            }
+            Some(reload) = reloads.recv() => {
+                publisher.reconfigure(reload.options, reload.settings);
+                // Before the first model, the first publish carries them.
+                if let Some(model) = &last {
+                    publisher.publish(model);
+                }
+            }
         }
-        // A lone change is compiled at once; a burst is coalesced into its last state.
-        let model = updates.borrow_and_update().clone();
-        if let Some(model) = model {
-            publisher.publish(&model);
-        }
-        tokio::time::sleep(COALESCE).await;
     }
 }
 
-fn spawn_source(config: &Config, tx: watch::Sender<Option<Arc<Model>>>) {
+/// Re-reads the config at `path` (SIGHUP) and applies what needs no restart over
+/// `running`. Returns the line the admin API shows, and whether the service source must be
+/// restarted; an error (the same one-line reason as `check`) leaves everything as it was.
+fn reload_config(
+    path: &Path,
+    running: &mut Config,
+    port_ids: &[u16],
+    settings_id: u64,
+    publisher: &tokio::sync::mpsc::UnboundedSender<Reconfigure>,
+) -> anyhow::Result<(String, bool)> {
+    let new = Config::load(path)?;
+    new.check_service_source(path)?;
+    let restart = crate::reload::needs_restart(running, &new);
+    let applied = crate::reload::effective(running, &new)
+        .map_err(|reason| anyhow!("{}: {reason}", path.display()))?;
+    let settings = live_settings(&applied, port_ids, settings_id)?;
+    let source_changed = crate::reload::source_changed(running, &applied);
+    publisher
+        .send(Reconfigure {
+            options: compile_options(&applied),
+            settings: Arc::new(settings),
+        })
+        .map_err(|_| anyhow!("the publisher is gone"))?;
+    *running = applied;
+    let line = if restart.is_empty() {
+        "applied".to_string()
+    } else {
+        format!(
+            "applied; needs a restart (not applied): {}",
+            restart.join(", ")
+        )
+    };
+    Ok((line, source_changed))
+}
+
+fn spawn_source(
+    config: &Config,
+    tx: watch::Sender<Option<Arc<Model>>>,
+) -> tokio::task::JoinHandle<()> {
     match config.services.source {
         SourceKind::Files => {
             let path = config.services.path.clone().expect("validated");
             let poll = Duration::from_millis(config.services.poll_ms);
-            tokio::spawn(crate::manifests::watch_files(path, poll, tx));
+            tokio::spawn(crate::manifests::watch_files(path, poll, tx))
         }
         SourceKind::Kubernetes => {
             let source = crate::kube_source::KubeSourceConfig {
@@ -706,7 +804,7 @@ fn spawn_source(config: &Config, tx: watch::Sender<Option<Arc<Model>>>) {
                 if let Err(err) = crate::kube_source::run(source, tx).await {
                     tracing::error!("kubernetes source stopped: {err:#}");
                 }
-            });
+            })
         }
     }
 }
@@ -728,8 +826,8 @@ fn worker_modes(
         .collect()
 }
 
-/// `servicegate run`.
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// `servicegate run`; `path` is the config file, read again on SIGHUP.
+pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let spec = runtime_spec(&config, Devices::Configured, &config.eal.file_prefix)?;
     let mut runtime = Runtime::init(&spec).map_err(|e| anyhow!(e))?;
     let result = (|| -> anyhow::Result<()> {
@@ -745,7 +843,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        control.block_on(serve_control(&config, &spec, &runtime))
+        control.block_on(serve_control(&config, path, &spec, &runtime))
     })();
     tracing::info!("stopping workers and ports");
     let report = runtime.stop();
@@ -760,6 +858,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// The control thread: service source, publisher, admin API; returns on SIGINT/SIGTERM.
 async fn serve_control(
     config: &Config,
+    config_path: &Path,
     spec: &RuntimeSpec,
     runtime: &Runtime,
 ) -> anyhow::Result<()> {
@@ -835,8 +934,10 @@ async fn serve_control(
         .await
         .with_context(|| format!("admin.listen {}: cannot bind", config.admin.listen))?;
     tracing::info!("admin API on http://{}", config.admin.listen);
-    spawn_source(config, tx);
-    tokio::spawn(publish_loop(publisher, rx));
+    let sync = publisher.sync.clone();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut source = spawn_source(config, tx.clone());
+    tokio::spawn(publish_loop(publisher, rx, reload_rx));
     tokio::spawn(crate::announce::run(
         announcer.clone(),
         health,
@@ -850,9 +951,46 @@ async fn serve_control(
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    tokio::select! {
-        _ = int.recv() => tracing::info!("SIGINT"),
-        _ = term.recv() => tracing::info!("SIGTERM"),
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut running = config.clone();
+    let port_ids = runtime.port_ids();
+    let mut settings_id = 0;
+    loop {
+        tokio::select! {
+            _ = int.recv() => {
+                tracing::info!("SIGINT");
+                break;
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM");
+                break;
+            }
+            _ = hangup.recv() => {
+                settings_id += 1;
+                let outcome =
+                    reload_config(config_path, &mut running, &port_ids, settings_id, &reload_tx);
+                let mut info = sync.lock();
+                match outcome {
+                    Ok((line, source_changed)) => {
+                        tracing::info!("SIGHUP: config {}: {line}", config_path.display());
+                        info.reloads_ok += 1;
+                        info.last_reload = Some(line);
+                        if source_changed {
+                            // The old source's last model stays in force until the new
+                            // one has published a complete one.
+                            source.abort();
+                            source = spawn_source(&running, tx.clone());
+                        }
+                    }
+                    Err(err) => {
+                        let line = format!("refused, the running config stays: {err:#}");
+                        tracing::error!("SIGHUP: {line}");
+                        info.reloads_failed += 1;
+                        info.last_reload = Some(line);
+                    }
+                }
+            }
+        }
     }
     // Withdraw first, so the routers move new traffic to other gateways, while this one
     // keeps forwarding what still arrives for `drain_seconds`.
@@ -869,9 +1007,9 @@ async fn serve_control(
              (they go with the exception tap when the process exits)"
         );
     }
-    if config.drain_seconds > 0 {
-        let drain = Duration::from_secs(config.drain_seconds);
-        tracing::info!("draining: forwarding for {} s more", config.drain_seconds);
+    if running.drain_seconds > 0 {
+        let drain = Duration::from_secs(running.drain_seconds);
+        tracing::info!("draining: forwarding for {} s more", running.drain_seconds);
         // A second signal cuts the drain short.
         tokio::select! {
             _ = tokio::time::sleep(drain.saturating_sub(signalled.elapsed())) => {}

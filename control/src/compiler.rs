@@ -277,6 +277,7 @@ impl Assembly {
             service_addresses: self.service_addresses.clone(),
             service_cidr: options.service_cidr,
             pod_routes,
+            settings: None,
             frontend_count: self.by_id.len() as u32,
             frontends_by_id: self.by_id.clone(),
             backend_counter_base: Snapshot::counter_bases(&self.by_id),

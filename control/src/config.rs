@@ -467,7 +467,7 @@ pub enum AnnounceWhen {
     Always,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AnnounceConfig {
     #[serde(default)]
@@ -713,9 +713,7 @@ impl Config {
                 ));
             }
         }
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cpus = machine_cores();
         if self.cores.workers.is_empty() {
             return Err(err(
                 "cores.workers".into(),
@@ -974,4 +972,22 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
         *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
     }
     parts.next().is_none().then_some(mac)
+}
+
+/// The machine's cores (one past the highest online CPU), whatever this thread's affinity:
+/// a reload validates the config on the control thread, which is pinned to one core.
+fn machine_cores() -> usize {
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").ok();
+    // "0-1", "0,2-3": the last number is the highest online CPU.
+    let highest = online.as_deref().and_then(|list| {
+        list.trim()
+            .rsplit([',', '-'])
+            .next()
+            .and_then(|n| n.parse::<usize>().ok())
+    });
+    highest.map(|h| h + 1).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
 }

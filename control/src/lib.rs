@@ -15,4 +15,5 @@ pub mod manifests;
 pub mod model;
 pub mod nodes;
 pub mod packets;
+pub mod reload;
 pub mod telemetry;

@@ -92,7 +92,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => load_to_serve(&config).and_then(control::app::run),
+        Command::Run { config } => {
+            load_to_serve(&config).and_then(|c| control::app::run(c, &config))
+        }
         Command::Check { config } => load_to_serve(&config).and_then(|c| control::app::check(&c)),
         Command::Replay {
             config,

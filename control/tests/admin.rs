@@ -417,6 +417,7 @@ async fn start() -> Harness {
                     message: "m/b.yaml: document 1 (Service default/web): ...".into(),
                 },
             ],
+            ..SyncInfo::default()
         })),
         flow_hash,
         routing: routing(true),

@@ -801,6 +801,12 @@ impl Conntrack {
         self.tcp_loose
     }
 
+    /// New timeouts (a config reload): each entry takes them at its next packet; until
+    /// then it keeps the expiry it was given.
+    pub fn set_timeouts(&mut self, timeouts: Timeouts) {
+        self.timeouts = timeouts;
+    }
+
     /// A copy of the counters, with `entries` filled in.
     pub fn stats(&self) -> ConntrackStats {
         ConntrackStats {

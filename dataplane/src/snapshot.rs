@@ -303,6 +303,24 @@ pub struct PodCidrRoute {
     pub vtep_mac: Option<crate::wire::MacAddr>,
 }
 
+/// What a config reload changes in the workers without a restart. Each worker applies a
+/// new one (by `id`) once, when it first loads a snapshot carrying it: one comparison per
+/// snapshot change, nothing per packet.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LiveSettings {
+    /// Distinct per published settings (the publisher counts them); 0 is never used.
+    pub id: u64,
+    /// Static routes (connected ones follow the ports, which do not change).
+    pub routes: Vec<crate::pipeline::RouteConfig>,
+    pub static_neighbors: Vec<(u16, Ipv4Addr, crate::wire::MacAddr)>,
+    /// Empty: the primary address of each cluster port.
+    pub snat_addresses: Vec<Ipv4Addr>,
+    pub timeouts: crate::conntrack::Timeouts,
+    pub icmp_errors_per_second: u32,
+    /// `edge.routable_prefixes`.
+    pub routable_prefixes: Vec<Ipv4Net>,
+}
+
 /// The immutable tables every worker reads.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -322,6 +340,9 @@ pub struct Snapshot {
     pub service_cidr: Option<Ipv4Net>,
     /// Remote pod CIDRs behind node VTEPs.
     pub pod_routes: Vec<PodCidrRoute>,
+    /// The settings of the config that apply without a restart (a reload changes them);
+    /// `None`: the ones each worker was started with.
+    pub settings: Option<Arc<LiveSettings>>,
     /// Number of frontends (ids are `0..frontend_count`).
     pub frontend_count: u32,
     /// Every frontend by id (the compiler fills it, or [`Snapshot::index_counters`]).

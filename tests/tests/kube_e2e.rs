@@ -549,3 +549,94 @@ fn api_outage_changes_nothing_and_a_change_made_meanwhile_lands_after() {
     );
     stop(setup);
 }
+
+/// The value of the metric line that starts with `prefix` (name and labels).
+fn metric_line(admin: &str, prefix: &str) -> Option<f64> {
+    let (_, body) = get(admin, "/metrics")?;
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn last_reload(admin: &str) -> Option<String> {
+    services(admin)["last_reload"].as_str().map(str::to_owned)
+}
+
+#[test]
+fn sighup_applies_a_good_config_names_restart_keys_and_refuses_a_broken_one() {
+    let rt = runtime();
+    let mut setup = start(&rt, |server| {
+        server.apply_service(web_service());
+        server.apply_endpoint_slice(web_slice(&["10.244.1.2", "10.244.1.3"]));
+    });
+    let admin = setup.gateway.admin.clone();
+    setup.gateway.wait_ready(STARTUP);
+    let fe = format!("{CLUSTER_IP}:80");
+    wait_frontend(
+        &admin,
+        &fe,
+        Some(&["10.244.1.2:9376", "10.244.1.3:9376"]),
+        PROMPT,
+    );
+    let config = setup._dir.path().join("gateway.yaml");
+    let original = std::fs::read_to_string(&config).expect("config");
+    let gen_before = generation(&services(&admin));
+
+    // A good config: a route and a timeout (live), more queues (needs a restart).
+    let good = original
+        .replace(
+            "admin:\n",
+            "routes:\n  - {prefix: 203.0.113.0/24, via: 192.168.100.2, port: uplink}\n\
+             conntrack:\n  timeouts: {udp: 10}\nadmin:\n",
+        )
+        .replacen("role: uplink\n", "role: uplink\n    queues: 2\n", 1);
+    std::fs::write(&config, &good).expect("write config");
+    let signalled = Instant::now();
+    setup.gateway.signal("HUP");
+    let line = wait_for("the reload", PROMPT, || last_reload(&admin));
+    let applied_after = signalled.elapsed();
+    assert_eq!(
+        line, "applied; needs a restart (not applied): ports[0].queues",
+        "{line}"
+    );
+    // The tables are published again with the new settings, which the workers take.
+    let g = wait_for("a new snapshot", PROMPT, || {
+        let g = generation(&services(&admin));
+        (g > gen_before).then_some(g)
+    });
+    wait_workers_at(&admin, g);
+    assert_eq!(
+        metric_line(&admin, "servicegate_config_reload_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    eprintln!("SIGHUP applied in {applied_after:?}, snapshot {g} seen by every worker");
+
+    // A broken config: refused with check's one-line error, the gateway still serving.
+    std::fs::write(&config, good.replace("admin:\n", "colour: blue\nadmin:\n")).expect("write");
+    setup.gateway.signal("HUP");
+    let line = wait_for("the refusal", PROMPT, || {
+        last_reload(&admin).filter(|l| l.starts_with("refused"))
+    });
+    assert!(
+        line.contains("gateway.yaml: ") && line.contains("unknown field `colour`"),
+        "{line}"
+    );
+    assert_eq!(
+        metric_line(&admin, "servicegate_config_reload_total{result=\"error\"}"),
+        Some(1.0)
+    );
+    assert_eq!(ready_code(&admin), Some(200));
+    wait_frontend(
+        &admin,
+        &fe,
+        Some(&["10.244.1.2:9376", "10.244.1.3:9376"]),
+        PROMPT,
+    );
+    // And changes still flow.
+    setup
+        .server
+        .apply_endpoint_slice(web_slice(&["10.244.1.3"]));
+    wait_frontend(&admin, &fe, Some(&["10.244.1.3:9376"]), PROMPT);
+    stop(setup);
+}

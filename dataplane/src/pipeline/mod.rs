@@ -108,7 +108,9 @@ use crate::conntrack::{
 };
 use crate::frame::Frame;
 use crate::maglev::fmix64;
-use crate::snapshot::{Backend, BackendSet, Frontend, FrontendKind, Protocol, Snapshot};
+use crate::snapshot::{
+    Backend, BackendSet, Frontend, FrontendKind, LiveSettings, Protocol, Snapshot,
+};
 use crate::stats::{DropReason, WorkerStats};
 use crate::wire::arp::{self, ArpPacket};
 use crate::wire::ethernet::{self, EthernetFrame, MacAddr};
@@ -161,7 +163,7 @@ pub struct PortConfig {
     pub exception_port: Option<u16>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteConfig {
     pub prefix: Ipv4Net,
     /// Next hop; `None` = directly connected.
@@ -435,6 +437,10 @@ pub struct Pipeline {
     /// Whether established packets take [`Pipeline::fast_established`] (off only to
     /// compare it with the general path).
     fast_path: bool,
+    /// The SNAT port range (a reload may add SNAT addresses, each gets this range).
+    snat_port_range: RangeInclusive<u16>,
+    /// The [`LiveSettings::id`] applied last (0: the ones of [`PipelineConfig`]).
+    settings_id: u64,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -446,6 +452,78 @@ impl std::fmt::Debug for Pipeline {
             .field("conntrack", &self.ct)
             .finish_non_exhaustive()
     }
+}
+
+/// The SNAT addresses: `configured`, or when there are none the primary address of each
+/// cluster port.
+fn snat_addresses(ports: &[Port], configured: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+    let mut addresses: Vec<Ipv4Addr> = if configured.is_empty() {
+        ports
+            .iter()
+            .filter(|p| p.role == PortRole::Cluster)
+            .filter_map(Port::primary)
+            .collect()
+    } else {
+        configured.to_vec()
+    };
+    let mut seen = Vec::with_capacity(addresses.len());
+    addresses.retain(|a| {
+        let first = !seen.contains(a);
+        seen.push(*a);
+        first
+    });
+    addresses
+}
+
+/// One SNAT allocator per address; an address of `previous` keeps its allocator. On an
+/// error `previous` is handed back untouched.
+#[allow(clippy::result_large_err)]
+fn snat_allocators(
+    addresses: &[Ipv4Addr],
+    mut previous: Vec<(Ipv4Addr, SnatPorts)>,
+    range: &RangeInclusive<u16>,
+    worker_index: usize,
+    workers: usize,
+) -> Result<Vec<(Ipv4Addr, SnatPorts)>, (String, Vec<(Ipv4Addr, SnatPorts)>)> {
+    // The fallible part first, so that a failure loses none of `previous`.
+    let mut fresh = Vec::new();
+    for &a in addresses {
+        if previous.iter().any(|(p, _)| *p == a) {
+            continue;
+        }
+        match SnatPorts::new(&[a], range.clone(), worker_index, workers) {
+            Ok(s) => fresh.push((a, s)),
+            Err(e) => return Err((format!("SNAT address {a}: {e}"), previous)),
+        }
+    }
+    // `addresses` has no duplicates (see `snat_addresses`): each is in one of the two.
+    let mut snat = Vec::with_capacity(addresses.len());
+    for &a in addresses {
+        if let Some(at) = previous.iter().position(|(p, _)| *p == a) {
+            snat.push(previous.swap_remove(at));
+        } else if let Some(at) = fresh.iter().position(|(p, _)| *p == a) {
+            snat.push(fresh.swap_remove(at));
+        }
+    }
+    Ok(snat)
+}
+
+/// The edge policy of these ports, static routes (prefix, port index), SNAT addresses and
+/// routable prefixes.
+fn edge_policy(
+    ports: &[Port],
+    static_routes: &[(Ipv4Net, usize)],
+    snat: &[Ipv4Addr],
+    routable: &[Ipv4Net],
+) -> EdgePolicy {
+    let edge_ports: Vec<EdgePort<'_>> = ports
+        .iter()
+        .map(|p| EdgePort {
+            role: p.role,
+            addresses: &p.addresses,
+        })
+        .collect();
+    EdgePolicy::new(&edge_ports, static_routes, snat, routable)
 }
 
 fn is_unicast(a: Ipv4Addr) -> bool {
@@ -557,45 +635,26 @@ impl Pipeline {
                 ));
             }
         }
-        let mut snat_addrs = config.snat_addresses.clone();
-        if snat_addrs.is_empty() {
-            snat_addrs = ports
-                .iter()
-                .filter(|p| p.role == PortRole::Cluster)
-                .filter_map(Port::primary)
-                .collect();
-        }
-        let edge = {
-            let edge_ports: Vec<EdgePort<'_>> = ports
-                .iter()
-                .map(|p| EdgePort {
-                    role: p.role,
-                    addresses: &p.addresses,
-                })
-                .collect();
-            let edge_routes: Vec<(Ipv4Net, usize)> = config
-                .routes
-                .iter()
-                .filter_map(|r| Some((r.prefix, index_of(r.port)?)))
-                .collect();
-            EdgePolicy::new(
-                &edge_ports,
-                &edge_routes,
-                &snat_addrs,
-                &config.routable_prefixes,
-            )
-        };
-        let mut snat = Vec::with_capacity(snat_addrs.len());
-        for a in snat_addrs {
-            let s = SnatPorts::new(
-                &[a],
-                config.snat_port_range.clone(),
-                config.worker_index,
-                config.workers,
-            )
-            .map_err(|e| format!("SNAT address {a}: {e}"))?;
-            snat.push((a, s));
-        }
+        let snat_addrs = snat_addresses(&ports, &config.snat_addresses);
+        let static_routes: Vec<(Ipv4Net, usize)> = config
+            .routes
+            .iter()
+            .filter_map(|r| Some((r.prefix, index_of(r.port)?)))
+            .collect();
+        let edge = edge_policy(
+            &ports,
+            &static_routes,
+            &snat_addrs,
+            &config.routable_prefixes,
+        );
+        let snat = snat_allocators(
+            &snat_addrs,
+            Vec::new(),
+            &config.snat_port_range,
+            config.worker_index,
+            config.workers,
+        )
+        .map_err(|(reason, _)| reason)?;
         let mut neighbors = NeighborTable::new(NEIGHBOR_CAPACITY);
         for &(port, addr, mac) in &config.static_neighbors {
             if index_of(port).is_none() {
@@ -633,7 +692,74 @@ impl Pipeline {
             snap: SnapCache::default(),
             edge,
             fast_path: true,
+            snat_port_range: config.snat_port_range,
+            settings_id: 0,
         })
+    }
+
+    /// Applies reloaded settings: routes, static neighbors, SNAT addresses, conntrack
+    /// timeouts and the ICMP error rate. Tracked flows stay: their translations are stored
+    /// by value, and a SNAT address that stays keeps its allocator (whose ports in use are
+    /// the conntrack's). Called on the worker at a snapshot change, so it never fails: a
+    /// route or neighbor naming a port this pipeline lacks (the control side checks
+    /// them) is skipped.
+    #[cold]
+    #[inline(never)]
+    fn apply_settings(&mut self, settings: &LiveSettings) {
+        self.settings_id = settings.id;
+        let index_of = |id: u16| self.ports.iter().position(|p| p.id == id);
+        let statics: Vec<_> = settings
+            .routes
+            .iter()
+            .filter_map(|r| Some((r.prefix, r.via, index_of(r.port)?)))
+            .collect();
+        let connected = self
+            .ports
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.addresses.iter().map(move |&net| (net, i)));
+        self.routes = RouteTable::new(statics, connected);
+        let neighbors: Vec<_> = settings
+            .static_neighbors
+            .iter()
+            .copied()
+            .filter(|&(port, _, _)| index_of(port).is_some())
+            .collect();
+        self.neighbors.replace_statics(&neighbors);
+        let snat_addrs = snat_addresses(&self.ports, &settings.snat_addresses);
+        let previous = std::mem::take(&mut self.snat);
+        self.snat = match snat_allocators(
+            &snat_addrs,
+            previous,
+            &self.snat_port_range,
+            self.worker_index,
+            self.workers,
+        ) {
+            Ok(snat) => snat,
+            // The control side checked the addresses; keep the running ones.
+            Err((_, previous)) => previous,
+        };
+        let static_routes: Vec<(Ipv4Net, usize)> = settings
+            .routes
+            .iter()
+            .filter_map(|r| Some((r.prefix, index_of(r.port)?)))
+            .collect();
+        let active_snat: Vec<Ipv4Addr> = self.snat.iter().map(|(a, _)| *a).collect();
+        // The snapshot's part of the policy is added again by `take_snapshot`, which
+        // called this.
+        self.edge = edge_policy(
+            &self.ports,
+            &static_routes,
+            &active_snat,
+            &settings.routable_prefixes,
+        );
+        self.ct.set_timeouts(settings.timeouts);
+        if self.icmp_bucket.rate != u64::from(settings.icmp_errors_per_second) {
+            self.icmp_bucket = TokenBucket::new(settings.icmp_errors_per_second);
+        }
+        // Every cached hop and L2 copy is recomputed.
+        self.l2_changes += 1;
+        self.route_cache.fill(EMPTY_ROUTE);
     }
 
     /// Turns the established-flow fast path off (or on again): for tests and benchmarks
@@ -732,6 +858,11 @@ impl Pipeline {
     #[cold]
     #[inline(never)]
     fn take_snapshot(&mut self, snap: &Snapshot) {
+        if let Some(settings) = snap.settings.as_deref() {
+            if settings.id != self.settings_id {
+                self.apply_settings(settings);
+            }
+        }
         self.l2_changes += 1;
         let mut vtep_nodes = HashMap::new();
         for r in &snap.pod_routes {

@@ -215,6 +215,24 @@ impl NeighborTable {
         changed
     }
 
+    /// Makes `statics` the configured neighbors (a config reload): a static entry not in
+    /// the list is forgotten (ARP resolves it again when it is needed), the others are set.
+    /// False when one of them found no room.
+    pub fn replace_statics(&mut self, statics: &[(u16, Ipv4Addr, MacAddr)]) -> bool {
+        for slot in self.slots.iter_mut() {
+            let kept = statics
+                .iter()
+                .any(|&(port, addr, _)| slot.port == port && slot.addr == addr);
+            if slot.state == State::Static && !kept {
+                *slot = EMPTY;
+                self.epoch += 1;
+            }
+        }
+        statics.iter().fold(true, |ok, &(port, addr, mac)| {
+            self.add_static(port, addr, mac) && ok
+        })
+    }
+
     /// A configured neighbor: never aged nor replaced.
     pub fn add_static(&mut self, port: u16, addr: Ipv4Addr, mac: MacAddr) -> bool {
         let Some(i) = self.find(port, addr).or_else(|| self.victim(port, addr)) else {

@@ -1100,6 +1100,63 @@ fn no_route() {
     assert_drop(&stats, DropReason::NoRoute, 1);
 }
 
+#[test]
+fn reloaded_settings_apply_at_the_next_snapshot() {
+    let mut cfg = config(0, 1);
+    cfg.routes.remove(0);
+    let mut p = Pipeline::new(cfg.clone()).unwrap();
+    let mut stats = WorkerStats::default();
+    let input = from_cluster().udp_v4(sa("10.244.1.5:53"), sa("8.8.8.8:53"), b"r");
+    let snap = empty_snapshot();
+    assert_eq!(
+        run(&mut p, &snap, CLUSTER, &input, 0, &mut stats).verdict,
+        Verdict::Drop(DropReason::NoRoute)
+    );
+    // A reload adds the default route back and changes the timeouts and the ICMP rate.
+    let mut reloaded = empty_snapshot();
+    reloaded.generation = snap.generation + 1;
+    let mut routes = cfg.routes.clone();
+    routes.push(RouteConfig {
+        prefix: net("0.0.0.0/0"),
+        via: Some(ip("192.0.2.254")),
+        port: UPLINK,
+    });
+    let timeouts = crate::conntrack::Timeouts {
+        udp: 5 * crate::conntrack::SECOND,
+        ..Default::default()
+    };
+    reloaded.settings = Some(Arc::new(LiveSettings {
+        id: 1,
+        routes,
+        static_neighbors: cfg.static_neighbors.clone(),
+        snat_addresses: vec![],
+        timeouts,
+        icmp_errors_per_second: 7,
+        routable_prefixes: vec![],
+    }));
+    let r = run(&mut p, &reloaded, CLUSTER, &input, 1, &mut stats);
+    assert!(
+        matches!(r.verdict, Verdict::Transmit { .. }),
+        "{:?}",
+        r.verdict
+    );
+    assert_eq!(parse(&r.out).eth_dst, ROUTER_MAC);
+    assert_eq!(p.conntrack().timeouts().udp, 5 * crate::conntrack::SECOND);
+    assert_eq!(p.icmp_bucket.rate, 7);
+    // A static neighbor that left the config is forgotten; one that stays is kept.
+    let mut fewer = empty_snapshot();
+    fewer.generation = reloaded.generation + 1;
+    let mut settings = (**reloaded.settings.as_ref().unwrap()).clone();
+    settings.id = 2;
+    settings
+        .static_neighbors
+        .retain(|(_, a, _)| *a != ip("10.0.0.2"));
+    fewer.settings = Some(Arc::new(settings));
+    run(&mut p, &fewer, CLUSTER, &input, 2, &mut stats);
+    assert_eq!(p.neighbor(CLUSTER, ip("10.0.0.2")), None);
+    assert_eq!(p.neighbor(UPLINK, ip("192.0.2.254")), Some(ROUTER_MAC));
+}
+
 // ----- VXLAN -------------------------------------------------------------------------------
 
 /// A frame from a pod behind node-2 (VTEP 10.0.0.2), encapsulated toward our VTEP.
