@@ -22,6 +22,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use dataplane::conntrack::{Direction, FlowKey, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use dataplane::dpdk::{PortStats, QUEUE_STAT_COUNTERS};
+use dataplane::pipeline::decide::{self, Masquerade, NewConnection, TrackedFlow, Unframed};
 use dataplane::pipeline::edge::{BadSource, EdgePolicy, EdgePort};
 use dataplane::pipeline::route::{PodRoutes, RouteTable};
 use dataplane::pipeline::PortRole;
@@ -30,6 +31,7 @@ use dataplane::snapshot::{
 };
 use dataplane::stats::{DropReason, WorkerStats, MAX_PORTS};
 use dataplane::worker::{ConntrackRow, Request, WorkerShared};
+use ipnet::Ipv4Net;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -87,10 +89,13 @@ pub struct Routing {
     pub vxlan: bool,
     /// The ports' roles, indexed like the table's ports.
     pub port_roles: Vec<PortRole>,
-    /// The gateway's own addresses (every port's).
-    pub owned: Vec<Ipv4Addr>,
     /// The edge policy the pipeline applies to uplinks, from the same config.
     pub edge: EdgePolicy,
+    /// Each port's addresses (indexed like the table's ports): traffic for them is the
+    /// gateway's own.
+    pub addresses: Vec<Vec<Ipv4Net>>,
+    /// Whether each port has an exception port toward the kernel.
+    pub exception: Vec<bool>,
 }
 
 impl Routing {
@@ -139,13 +144,10 @@ impl Routing {
             table: RouteTable::new(statics, connected),
             port_names: config.ports.iter().map(|p| p.name.clone()).collect(),
             vxlan: config.vxlan.is_some(),
-            owned: config
-                .ports
-                .iter()
-                .flat_map(|p| p.addresses.iter().map(|a| a.addr()))
-                .collect(),
             port_roles,
             edge,
+            addresses: config.ports.iter().map(|p| p.addresses.clone()).collect(),
+            exception: config.ports.iter().map(|p| p.exception.is_some()).collect(),
         }
     }
 
@@ -157,6 +159,22 @@ impl Routing {
         let role = *self.port_roles.get(hop.port)?;
         let name = self.port_names.get(hop.port).cloned().unwrap_or_default();
         Some((role, name))
+    }
+
+    /// Whether the pipeline takes `dst` for the gateway itself: an owned address, a
+    /// broadcast or multicast address, or a port subnet's broadcast address.
+    fn is_local(&self, dst: Ipv4Addr) -> bool {
+        dst.is_broadcast()
+            || dst.is_multicast()
+            || self
+                .addresses
+                .iter()
+                .flatten()
+                .any(|n| n.addr() == dst || (n.prefix_len() < 31 && n.broadcast() == dst))
+    }
+
+    fn owns(&self, dst: Ipv4Addr) -> bool {
+        self.addresses.iter().flatten().any(|n| n.addr() == dst)
     }
 }
 
@@ -1321,6 +1339,9 @@ pub fn parse_flow(s: &str) -> Result<FlowKey, String> {
             ))
         }
     };
+    if protocol == PROTO_ICMP {
+        return parse_icmp_flow(rest);
+    }
     let (src, dst) = rest
         .split_once("->")
         .ok_or_else(|| format!("flow needs `src:port -> dst:port`, got {rest:?}"))?;
@@ -1340,6 +1361,193 @@ pub fn parse_flow(s: &str) -> Result<FlowKey, String> {
     let (src, src_port) = endpoint("source", src)?;
     let (dst, dst_port) = endpoint("destination", dst)?;
     Ok(FlowKey::new(protocol, src, src_port, dst, dst_port))
+}
+
+/// `10.0.0.5 -> 10.96.0.10 [id 7]`: an ICMP echo request (the identifier, default 0,
+/// becomes the key's source port, as echo flows are owned by their identifier).
+fn parse_icmp_flow(rest: &str) -> Result<FlowKey, String> {
+    let usage = "an ICMP flow looks like `icmp 10.0.0.5 -> 10.96.0.10` or `icmp 10.0.0.5 -> 10.96.0.10 id 7`";
+    let (src, rest) = rest
+        .split_once("->")
+        .ok_or_else(|| format!("{usage}, got {rest:?}"))?;
+    let mut words = rest.split_whitespace();
+    let dst = words
+        .next()
+        .ok_or_else(|| format!("{usage}: no destination"))?;
+    let id = match (words.next(), words.next(), words.next()) {
+        (None, _, _) => 0,
+        (Some("id"), Some(id), None) => id
+            .parse::<u16>()
+            .map_err(|_| format!("echo id {id:?} is not a number from 0 to 65535"))?,
+        _ => return Err(format!("{usage}, got {rest:?}")),
+    };
+    let address = |what: &str, a: &str| {
+        a.trim()
+            .parse::<Ipv4Addr>()
+            .map_err(|_| format!("{what} {a:?} is not an IPv4 address ({usage})"))
+    };
+    Ok(FlowKey::new(
+        PROTO_ICMP,
+        address("source", src)?,
+        id,
+        address("destination", dst)?,
+        0,
+    ))
+}
+
+/// The trace of a packet that matched no frontend, with the pipeline's decisions
+/// ([`decide::unmatched`], [`decide::local`]). The port it arrives on is taken to be the
+/// one the gateway routes its source through, and a source in a pod CIDR to arrive over
+/// VXLAN.
+fn explain_unmatched(
+    out: &mut Value,
+    steps: &mut Vec<Value>,
+    snapshot: &Snapshot,
+    routing: &Routing,
+    flow: &FlowKey,
+    packet: Unframed,
+    uplink: Option<&str>,
+) {
+    let what = match packet {
+        Unframed::Ports => format!(
+            "{}/{}",
+            Protocol::from_ip_proto(flow.protocol).map_or("?", |p| p.as_str()),
+            flow.dst_port
+        ),
+        Unframed::EchoRequest => "an ICMP echo request".to_string(),
+        Unframed::Other => format!("IP protocol {}", flow.protocol),
+    };
+    match decide::unmatched(snapshot, flow.dst, packet) {
+        decide::Unmatched::Reject(reason) => {
+            let kind = snapshot
+                .service_addresses
+                .get(&flow.dst)
+                .map_or("", |k| k.as_str());
+            steps.push(step(
+                "service",
+                "reject",
+                format!(
+                    "{} is a {kind} service address but no service serves {what} on it: reject: ICMP port-unreachable (drop reason {})",
+                    flow.dst,
+                    reason.as_str()
+                ),
+            ));
+            out["verdict"] = json!("reject");
+            out["drop_reason"] = json!(reason.as_str());
+        }
+        decide::Unmatched::AnswerEcho => {
+            steps.push(step(
+                "service",
+                "answer",
+                format!(
+                    "{} is a service address: the gateway answers the echo request itself (as IPVS does)",
+                    flow.dst
+                ),
+            ));
+            out["verdict"] = json!("answer");
+        }
+        decide::Unmatched::Drop(reason) => {
+            let detail = if snapshot.service_addresses.contains_key(&flow.dst) {
+                format!(
+                    "{} is a service address, which serves only its ports and echo requests, not {what}: dropped (drop reason {})",
+                    flow.dst,
+                    reason.as_str()
+                )
+            } else {
+                format!(
+                    "{} is inside the service CIDR {} but no service has it: dropped (drop reason {})",
+                    flow.dst,
+                    snapshot.service_cidr.map(|c| c.to_string()).unwrap_or_default(),
+                    reason.as_str()
+                )
+            };
+            steps.push(step("service", "drop", detail));
+            out["verdict"] = json!("drop");
+            out["drop_reason"] = json!(reason.as_str());
+        }
+        decide::Unmatched::NotService if routing.is_local(flow.dst) => {
+            let in_port = routing.table.hop(flow.src, None).map(|h| h.port);
+            let in_name = in_port
+                .and_then(|i| routing.port_names.get(i))
+                .map_or("?", String::as_str);
+            let over_vxlan = routing.vxlan
+                && snapshot
+                    .pod_routes
+                    .iter()
+                    .any(|r| r.cidr.contains(&flow.src));
+            let has_exception = in_port.is_some_and(|i| routing.exception.get(i) == Some(&true));
+            let node_port = if snapshot.node_port_addresses.contains(&flow.dst) {
+                format!(" (a node-port address, and {what} is no NodePort)")
+            } else {
+                String::new()
+            };
+            match decide::local(
+                has_exception,
+                over_vxlan,
+                packet == Unframed::EchoRequest && routing.owns(flow.dst),
+            ) {
+                decide::Local::Exception => {
+                    steps.push(step(
+                        "local",
+                        "exception",
+                        format!(
+                            "{} is the gateway's own{node_port}: handed to the kernel through the exception port of port {in_name} (the port toward the source)",
+                            flow.dst
+                        ),
+                    ));
+                    out["verdict"] = json!("local");
+                }
+                decide::Local::AnswerEcho => {
+                    steps.push(step(
+                        "local",
+                        "answer",
+                        format!(
+                            "{} is the gateway's own and {}: the gateway answers the echo request",
+                            flow.dst,
+                            if over_vxlan {
+                                "the request comes over VXLAN"
+                            } else {
+                                "no exception port takes it"
+                            }
+                        ),
+                    ));
+                    out["verdict"] = json!("answer");
+                }
+                decide::Local::Drop(reason) => {
+                    steps.push(step(
+                        "local",
+                        "drop",
+                        format!(
+                            "{} is the gateway's own{node_port}, but {}: dropped (drop reason {})",
+                            flow.dst,
+                            if over_vxlan {
+                                "traffic decapsulated from VXLAN is not handed to the kernel".to_string()
+                            } else {
+                                format!("port {in_name} (the port toward the source) has no exception port")
+                            },
+                            reason.as_str()
+                        ),
+                    ));
+                    out["verdict"] = json!("drop");
+                    out["drop_reason"] = json!(reason.as_str());
+                }
+            }
+        }
+        decide::Unmatched::NotService => {
+            steps.push(step(
+                "service",
+                "routed",
+                format!(
+                    "{} is not a service address: no translation, routed",
+                    flow.dst
+                ),
+            ));
+            if !refused_from_uplink(out, steps, routing, uplink, flow.dst) {
+                out["verdict"] = json!("routed");
+                add_egress(out, steps, snapshot, routing, flow.dst);
+            }
+        }
+    }
 }
 
 fn step(rule: &str, decision: &str, detail: impl Into<String>) -> Value {
@@ -1519,7 +1727,7 @@ fn refused_from_uplink(
     let Some(port) = uplink else {
         return false;
     };
-    if routing.owned.contains(&dst) {
+    if routing.owns(dst) {
         return false;
     }
     if let Some(prefix) = routing.edge.routable_prefix(dst) {
@@ -1607,6 +1815,28 @@ pub fn explain(
             format!("{flow}  =>  {translated}"),
         ));
         out["verdict"] = json!("forward");
+        if row.generation != snapshot.generation {
+            match decide::tracked_flow(snapshot, flow.protocol, &nat) {
+                TrackedFlow::Keep(_) => {}
+                TrackedFlow::Flush => {
+                    steps.push(step(
+                        "endpoints",
+                        "flush",
+                        "the backend no longer takes this UDP flow (not usable, or its frontend is gone): the entry is removed and the packet is handled as a new flow",
+                    ));
+                    out["verdict"] = json!("new-flow");
+                }
+                TrackedFlow::Gone => {
+                    steps.push(step(
+                        "endpoints",
+                        "drop",
+                        "the backend left every EndpointSlice: dropped (drop reason backend_gone) while the entry lingers in case it returns",
+                    ));
+                    out["verdict"] = json!("drop");
+                    out["drop_reason"] = json!(DropReason::BackendGone.as_str());
+                }
+            }
+        }
         out["service"] = json!(service);
         out["conntrack"] = json!({
             "worker": row.worker,
@@ -1619,7 +1849,9 @@ pub fn explain(
             "snat": nat.snat.map(|(a, p)| format!("{a}:{p}")),
         });
         out["translation"] = json!({ "from": flow.to_string(), "to": translated.to_string() });
-        add_egress(&mut out, &mut steps, snapshot, routing, translated.dst);
+        if out["verdict"] == "forward" {
+            add_egress(&mut out, &mut steps, snapshot, routing, translated.dst);
+        }
         out["steps"] = json!(steps);
         return out;
     }
@@ -1627,7 +1859,11 @@ pub fn explain(
         "conntrack",
         "miss",
         if incomplete.is_empty() {
-            "no worker holds an entry for this flow in either direction: treated as a new connection".to_string()
+            if flow.protocol == PROTO_TCP {
+                "no worker holds an entry for this flow in either direction: a SYN opens a new connection (any other segment is dropped, drop reason tcp_no_flow)".to_string()
+            } else {
+                "no worker holds an entry for this flow in either direction: treated as a new connection".to_string()
+            }
         } else {
             format!(
                 "no entry found, but not every worker answered ({}): treated as a new connection",
@@ -1637,70 +1873,34 @@ pub fn explain(
     ));
 
     let Some(protocol) = Protocol::from_ip_proto(flow.protocol) else {
-        steps.push(step(
-            "service",
-            "routed",
-            "not TCP, UDP or SCTP: no service matches; routed like any other packet",
-        ));
-        if !refused_from_uplink(&mut out, &mut steps, routing, uplink.as_deref(), flow.dst) {
-            out["verdict"] = json!("routed");
-            add_egress(&mut out, &mut steps, snapshot, routing, flow.dst);
-        }
+        let packet = if flow.protocol == PROTO_ICMP {
+            Unframed::EchoRequest
+        } else {
+            Unframed::Other
+        };
+        explain_unmatched(
+            &mut out,
+            &mut steps,
+            snapshot,
+            routing,
+            flow,
+            packet,
+            uplink.as_deref(),
+        );
         out["steps"] = json!(steps);
         return out;
     };
 
     let Some(f) = snapshot.match_frontend(flow.dst, protocol, flow.dst_port) else {
-        if let Some(kind) = snapshot.service_addresses.get(&flow.dst) {
-            steps.push(step(
-                "service",
-                "reject",
-                format!(
-                    "{} is a {} service address but no service serves {}/{} on it: reject: ICMP port-unreachable (drop reason no_service)",
-                    flow.dst,
-                    kind.as_str(),
-                    protocol,
-                    flow.dst_port
-                ),
-            ));
-            out["verdict"] = json!("reject");
-            out["drop_reason"] = json!(DropReason::NoService.as_str());
-        } else if snapshot.node_port_addresses.contains(&flow.dst) {
-            steps.push(step(
-                "service",
-                "local",
-                format!(
-                    "{} is a node-port address but {}/{} is not a NodePort: traffic for the gateway itself (exception path)",
-                    flow.dst, protocol, flow.dst_port
-                ),
-            ));
-            out["verdict"] = json!("local");
-        } else if snapshot.service_cidr.is_some_and(|c| c.contains(&flow.dst)) {
-            steps.push(step(
-                "service",
-                "drop",
-                format!(
-                    "{} is inside the service CIDR {} but no service has it: dropped (drop reason no_service)",
-                    flow.dst,
-                    snapshot.service_cidr.map(|c| c.to_string()).unwrap_or_default()
-                ),
-            ));
-            out["verdict"] = json!("drop");
-            out["drop_reason"] = json!(DropReason::NoService.as_str());
-        } else {
-            steps.push(step(
-                "service",
-                "routed",
-                format!(
-                    "{} is not a service address: no translation, routed",
-                    flow.dst
-                ),
-            ));
-            if !refused_from_uplink(&mut out, &mut steps, routing, uplink.as_deref(), flow.dst) {
-                out["verdict"] = json!("routed");
-                add_egress(&mut out, &mut steps, snapshot, routing, flow.dst);
-            }
-        }
+        explain_unmatched(
+            &mut out,
+            &mut steps,
+            snapshot,
+            routing,
+            flow,
+            Unframed::Ports,
+            uplink.as_deref(),
+        );
         out["steps"] = json!(steps);
         return out;
     };
@@ -1718,20 +1918,28 @@ pub fn explain(
         ),
     ));
 
-    if !f.source_ranges.is_empty() {
-        let allowed = f.source_ranges.iter().any(|r| r.contains(&flow.src));
+    // The pipeline's decision: a source in a pod CIDR is taken to arrive over VXLAN from
+    // its node's VTEP.
+    let sender_route = snapshot
+        .pod_routes
+        .iter()
+        .filter(|r| r.cidr.contains(&flow.src))
+        .max_by_key(|r| r.cidr.prefix_len());
+    let sender_node = sender_route
+        .filter(|_| routing.vxlan)
+        .and_then(|r| r.node.as_ref());
+    let decision = decide::new_connection(
+        f,
+        decide::Sender {
+            src: flow.src,
+            node: sender_node,
+            from_pod: sender_route.is_some(),
+        },
+    );
+
+    if f.kind == FrontendKind::LoadBalancer && !f.source_ranges.is_empty() {
         let ranges: Vec<String> = f.source_ranges.iter().map(|r| r.to_string()).collect();
-        if allowed {
-            steps.push(step(
-                "source_ranges",
-                "allow",
-                format!(
-                    "{} is inside loadBalancerSourceRanges [{}]",
-                    flow.src,
-                    ranges.join(", ")
-                ),
-            ));
-        } else {
+        if let NewConnection::Drop(DropReason::SourceRange) = decision {
             steps.push(step(
                 "source_ranges",
                 "drop",
@@ -1746,46 +1954,56 @@ pub fn explain(
             out["steps"] = json!(steps);
             return out;
         }
+        steps.push(step(
+            "source_ranges",
+            "allow",
+            format!(
+                "{} is inside loadBalancerSourceRanges [{}]",
+                flow.src,
+                ranges.join(", ")
+            ),
+        ));
     }
 
-    // internalTrafficPolicy: Local applies to pod-originated traffic (a source inside a
-    // pod CIDR behind a node's VTEP).
-    let mut set: &BackendSet = &f.backends;
     if let InternalPolicy::Local { by_node } = &f.internal_policy {
-        let sender_node = snapshot
-            .pod_routes
-            .iter()
-            .find(|r| r.cidr.contains(&flow.src))
-            .and_then(|r| r.node.clone());
-        match sender_node {
-            Some(node) => match by_node.get(&node) {
-                Some(local) => {
-                    set = &**local;
-                    steps.push(step(
-                        "internal_traffic_policy",
-                        "local",
-                        format!("internalTrafficPolicy Local: the sender is a pod on node {node}: only endpoints on {node} are considered"),
-                    ));
-                }
-                None => {
-                    steps.push(step(
-                        "internal_traffic_policy",
-                        "drop",
-                        format!("internalTrafficPolicy Local: the sender is a pod on node {node} and no endpoint runs there: dropped (drop reason no_local_endpoint)"),
-                    ));
-                    out["verdict"] = json!("drop");
-                    out["drop_reason"] = json!(DropReason::NoLocalEndpoint.as_str());
-                    out["steps"] = json!(steps);
-                    return out;
-                }
-            },
-            None => steps.push(step(
+        match (&decision, sender_node) {
+            (NewConnection::Drop(DropReason::NoLocalEndpoint), Some(node)) => {
+                steps.push(step(
+                    "internal_traffic_policy",
+                    "drop",
+                    format!("internalTrafficPolicy Local: the sender is a pod on node {node} and no usable endpoint runs there (others do): dropped silently (drop reason no_local_endpoint)"),
+                ));
+                out["verdict"] = json!("drop");
+                out["drop_reason"] = json!(DropReason::NoLocalEndpoint.as_str());
+                out["steps"] = json!(steps);
+                return out;
+            }
+            (NewConnection::Balance { local: true, .. }, Some(node)) => steps.push(step(
+                "internal_traffic_policy",
+                "local",
+                format!("internalTrafficPolicy Local: the sender is a pod on node {node}: only endpoints on {node} are considered"),
+            )),
+            (_, Some(node)) => steps.push(step(
+                "internal_traffic_policy",
+                "cluster",
+                format!(
+                    "internalTrafficPolicy Local: the sender is a pod on node {node}, but the Service has no usable endpoint anywhere{}: handled as under Cluster",
+                    if by_node.contains_key(node) { "" } else { " (nor on that node)" }
+                ),
+            )),
+            (_, None) => steps.push(step(
                 "internal_traffic_policy",
                 "cluster",
                 "internalTrafficPolicy Local, but the source is not a pod behind a known node: all endpoints are considered",
             )),
         }
     }
+    let (set, policy_masquerade): (&BackendSet, Option<Masquerade>) = match decision {
+        NewConnection::Balance {
+            set, masquerade, ..
+        } => (set, masquerade),
+        _ => (&f.backends, None),
+    };
 
     let endpoints: Vec<Value> = set
         .backends
@@ -1917,7 +2135,7 @@ pub fn explain(
     // Hairpin: a backend answering itself from the VIP's own address would reply to
     // itself, so the pipeline masquerades whatever the policy.
     let hairpin = backend.addr == flow.src;
-    let masquerade = f.masquerade || hairpin;
+    let masquerade = policy_masquerade.is_some() || hairpin;
     let (snat_detail, src_text) = if hairpin {
         (
             format!(
@@ -1926,7 +2144,16 @@ pub fn explain(
             ),
             "<snat-address>:<snat-port>".to_string(),
         )
-    } else if f.masquerade {
+    } else if policy_masquerade == Some(Masquerade::PodToLocalPolicy) {
+        (
+            format!(
+                "{}; the source {} is in a pod CIDR (or arrives over VXLAN) and becomes a gateway SNAT address and port",
+                Masquerade::PodToLocalPolicy.describe(),
+                flow.src
+            ),
+            "<snat-address>:<snat-port>".to_string(),
+        )
+    } else if policy_masquerade.is_some() {
         (
             match f.kind {
                 FrontendKind::ClusterIp => "masquerade: the source becomes a gateway SNAT address and a port allocated by the owning worker, so replies return through the gateway".to_string(),
@@ -1953,6 +2180,8 @@ pub fn explain(
         "snat",
         if hairpin {
             "hairpin"
+        } else if policy_masquerade == Some(Masquerade::PodToLocalPolicy) {
+            "masquerade-pod"
         } else if masquerade {
             "masquerade"
         } else {

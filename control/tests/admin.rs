@@ -227,7 +227,8 @@ fn routing(vxlan: bool) -> Routing {
         ),
         port_names: vec!["uplink".into(), "cluster".into()],
         vxlan,
-        // No port roles: these traces are about services and routes, not the edge policy.
+        addresses: vec![vec![net("10.0.0.1/24")], vec![net("192.168.1.10/24")]],
+        exception: vec![false, false],
         ..Routing::default()
     }
 }
