@@ -135,7 +135,7 @@ fn model() -> Model {
             .services
             .insert(ObjectKey::new("t", name), Arc::new(svc));
         model.endpoint_slices.insert(
-            ObjectKey::new("t", &format!("{name}-1")),
+            ObjectKey::new("t", format!("{name}-1")),
             Arc::new(endpoints),
         );
     }

@@ -414,7 +414,7 @@ pub struct Pipeline {
     routes: RouteTable,
     vxlan: Option<VxlanConfig>,
     /// One allocator per SNAT address, so the address can be chosen by egress port.
-    snat: Vec<(Ipv4Addr, SnatPorts)>,
+    snat: SnatAllocators,
     ct: Conntrack,
     affinity: Affinity,
     icmp_bucket: TokenBucket,
@@ -475,16 +475,18 @@ fn snat_addresses(ports: &[Port], configured: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
     addresses
 }
 
+/// A worker's SNAT port allocators, one per SNAT address.
+type SnatAllocators = Vec<(Ipv4Addr, SnatPorts)>;
+
 /// One SNAT allocator per address; an address of `previous` keeps its allocator. On an
 /// error `previous` is handed back untouched.
-#[allow(clippy::result_large_err)]
 fn snat_allocators(
     addresses: &[Ipv4Addr],
-    mut previous: Vec<(Ipv4Addr, SnatPorts)>,
+    mut previous: SnatAllocators,
     range: &RangeInclusive<u16>,
     worker_index: usize,
     workers: usize,
-) -> Result<Vec<(Ipv4Addr, SnatPorts)>, (String, Vec<(Ipv4Addr, SnatPorts)>)> {
+) -> Result<SnatAllocators, (String, SnatAllocators)> {
     // The fallible part first, so that a failure loses none of `previous`.
     let mut fresh = Vec::new();
     for &a in addresses {
