@@ -213,8 +213,8 @@ pub struct AdminState {
     pub sync: Arc<parking_lot::Mutex<SyncInfo>>,
     /// The pipeline's flow hash (what Maglev is indexed with), for `trace`.
     pub flow_hash: fn(&FlowKey) -> u64,
-    /// The route table, for `trace`'s egress port and next hop.
-    pub routing: Routing,
+    /// The route table, for `trace`'s egress port and next hop (a config reload swaps it).
+    pub routing: arc_swap::ArcSwap<Routing>,
     pub tsc_hz: u64,
     /// Conntrack entries each worker's table holds (`conntrack.capacity`).
     pub conntrack_capacity: u64,
@@ -2236,7 +2236,7 @@ async fn trace(
     let hit = answers.into_iter().find_map(|(_, a)| a);
     let body = explain(
         &snapshot,
-        &app.state.routing,
+        &app.state.routing.load(),
         &flow,
         app.state.flow_hash,
         hit.as_ref().map(|(row, dir)| (row, *dir)),

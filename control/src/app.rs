@@ -920,7 +920,7 @@ async fn serve_control(
                 k.protocol, k.src, k.src_port, k.dst, k.dst_port,
             )
         },
-        routing: crate::admin::Routing::from_config(config),
+        routing: arc_swap::ArcSwap::from_pointee(crate::admin::Routing::from_config(config)),
         tsc_hz: dataplane::dpdk::tsc_hz(),
         conntrack_capacity: config.conntrack.capacity as u64,
         packets: publisher.packets.clone(),
@@ -944,8 +944,9 @@ async fn serve_control(
         crate::announce::AnnounceSettings::from_config(config),
         crate::announce::kernel_table(config),
     ));
+    let served = Arc::clone(&state);
     tokio::spawn(async move {
-        if let Err(err) = crate::admin::serve(listener, state).await {
+        if let Err(err) = crate::admin::serve(listener, served).await {
             tracing::error!("admin API stopped: {err:#}");
         }
     });
@@ -973,6 +974,9 @@ async fn serve_control(
                 match outcome {
                     Ok((line, source_changed)) => {
                         tracing::info!("SIGHUP: config {}: {line}", config_path.display());
+                        state
+                            .routing
+                            .store(Arc::new(crate::admin::Routing::from_config(&running)));
                         info.reloads_ok += 1;
                         info.last_reload = Some(line);
                         if source_changed {

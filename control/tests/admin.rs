@@ -421,7 +421,7 @@ async fn start() -> Harness {
             ..SyncInfo::default()
         })),
         flow_hash,
-        routing: routing(true),
+        routing: arc_swap::ArcSwap::from_pointee(routing(true)),
         tsc_hz: 2_000_000_000,
         conntrack_capacity: 4096,
         announce: None,
