@@ -5,10 +5,11 @@
 #   10.0.0.0/24 underlay:  gateway 10.0.0.1 (VTEP) · node1 10.0.0.11 · node2 10.0.0.12
 #   node1: VXLAN vni 42 port 4789, pods pod1 10.244.1.2, pod2 10.244.1.3, client pod 10.244.1.10
 #   node2: pod3 10.244.2.2
+#   node3 (10.0.0.13, action node3 after up: a node joining): pod4 10.244.3.2
 #   exception port (EXC_TAP) lives in the "gw" ns, the gateway's own kernel (192.168.100.1).
 #
 # Every pod runs tests/lab/pod.py: HTTP on 9376 and UDP echo on 5353, answering its name.
-# Usage: topology.sh up|down PREFIX UP_TAP CL_TAP EXC_TAP
+# Usage: topology.sh up|node3|down PREFIX UP_TAP CL_TAP EXC_TAP
 set -euo pipefail
 action=$1 prefix=$2 up_tap=$3 cl_tap=$4 exc_tap=$5
 here=$(cd "$(dirname "$0")" && pwd)
@@ -17,12 +18,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 UPLINK_MAC=02:53:47:00:00:01
 NODE1_VTEP_MAC=02:53:47:00:01:01
 NODE2_VTEP_MAC=02:53:47:00:01:02
+NODE3_VTEP_MAC=02:53:47:00:01:03
 CLUSTER_MAC=02:53:47:00:00:02
 
 ns() { ip netns exec "$prefix-$1" "${@:2}"; }
 
 down() {
-  for n in client underlay node1 node2 pod1 pod2 pod3 cpod gw; do
+  for n in client underlay node1 node2 node3 pod1 pod2 pod3 pod4 cpod gw; do
     if ip netns list | grep -qw "$prefix-$n"; then
       for pid in $(ip netns pids "$prefix-$n" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
       ip netns del "$prefix-$n" 2>/dev/null || true
@@ -49,6 +51,15 @@ pod() {
   ip netns exec "$prefix-$name" python3 "$here/pod.py" "$name" >/dev/null 2>&1 &
 }
 
+# wait_pod NAME ADDR: waits (up to 10 s) for the pod's HTTP server to listen.
+wait_pod() {
+  for _ in $(seq 1 100); do
+    ns "$1" python3 -c "import socket; socket.create_connection(('$2', 9376), 0.2)" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "pod $1 ($2) does not listen on 9376" >&2; return 1
+}
+
 # node N ADDR PODCIDR_GW VTEPMAC
 node() {
   local n=$1 addr=$2 cni=$3 mac=$4 short=${prefix: -4}
@@ -71,6 +82,15 @@ node() {
   ns "$n" ip neigh replace 10.244.0.1 lladdr "$CLUSTER_MAC" dev vxlan0 nud permanent
   ns "$n" bridge fdb append "$CLUSTER_MAC" dev vxlan0 dst 10.0.0.1
   ns "$n" ip route add 10.96.0.0/12 via 10.244.0.1 dev vxlan0 onlink
+}
+
+# peer N ADDR NET VTEPMAC: node N reaches the pods of NET.0/24, behind the node at ADDR whose
+# vxlan0 has VTEPMAC, flannel style (the fdb, a permanent neighbor NET.0, an onlink route).
+peer() {
+  local n=$1 addr=$2 net=$3 mac=$4
+  ns "$n" bridge fdb append "$mac" dev vxlan0 dst "$addr"
+  ns "$n" ip neigh replace "$net.0" lladdr "$mac" dev vxlan0 nud permanent
+  ns "$n" ip route add "$net.0/24" via "$net.0" dev vxlan0 onlink
 }
 
 up() {
@@ -107,28 +127,33 @@ up() {
 
   node node1 10.0.0.11 10.244.1.1 "$NODE1_VTEP_MAC"
   node node2 10.0.0.12 10.244.2.1 "$NODE2_VTEP_MAC"
-  ns node1 bridge fdb append "$NODE2_VTEP_MAC" dev vxlan0 dst 10.0.0.12
-  ns node1 ip neigh replace 10.244.2.0 lladdr "$NODE2_VTEP_MAC" dev vxlan0 nud permanent
-  ns node1 ip route add 10.244.2.0/24 via 10.244.2.0 dev vxlan0 onlink
-  ns node2 bridge fdb append "$NODE1_VTEP_MAC" dev vxlan0 dst 10.0.0.11
-  ns node2 ip neigh replace 10.244.1.0 lladdr "$NODE1_VTEP_MAC" dev vxlan0 nud permanent
-  ns node2 ip route add 10.244.1.0/24 via 10.244.1.0 dev vxlan0 onlink
+  peer node1 10.0.0.12 10.244.2 "$NODE2_VTEP_MAC"
+  peer node2 10.0.0.11 10.244.1 "$NODE1_VTEP_MAC"
 
   pod pod1 node1 10.244.1.2 10.244.1.1
   pod pod2 node1 10.244.1.3 10.244.1.1
   pod pod3 node2 10.244.2.2 10.244.2.1
   pod cpod node1 10.244.1.10 10.244.1.1
   # Wait for every server to listen.
-  for p in pod1:10.244.1.2 pod2:10.244.1.3 pod3:10.244.2.2; do
-    for _ in $(seq 1 100); do
-      ns "${p%%:*}" python3 -c "import socket,sys; socket.create_connection(('${p#*:}', 9376), 0.2)" 2>/dev/null && break
-      sleep 0.1
-    done
-  done
+  wait_pod pod1 10.244.1.2
+  wait_pod pod2 10.244.1.3
+  wait_pod pod3 10.244.2.2
+}
+
+# A third node joins the running lab (after up), meshed with the other two, with pod4.
+node3() {
+  node node3 10.0.0.13 10.244.3.1 "$NODE3_VTEP_MAC"
+  peer node3 10.0.0.11 10.244.1 "$NODE1_VTEP_MAC"
+  peer node3 10.0.0.12 10.244.2 "$NODE2_VTEP_MAC"
+  peer node1 10.0.0.13 10.244.3 "$NODE3_VTEP_MAC"
+  peer node2 10.0.0.13 10.244.3 "$NODE3_VTEP_MAC"
+  pod pod4 node3 10.244.3.2 10.244.3.1
+  wait_pod pod4 10.244.3.2
 }
 
 case "$action" in
   up) up ;;
+  node3) node3 ;;
   down) down ;;
-  *) echo "usage: $0 up|down PREFIX UP_TAP CL_TAP EXC_TAP" >&2; exit 2 ;;
+  *) echo "usage: $0 up|node3|down PREFIX UP_TAP CL_TAP EXC_TAP" >&2; exit 2 ;;
 esac
