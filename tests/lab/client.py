@@ -18,8 +18,9 @@ Fleet modes (tests/lab/fleet.sh: the client namespace owns every address of SOUR
                               {"backends": [pod or "failed: reason", ...]}
   load URL RATE SOURCES OUT   new connections at RATE per second (each its own thread, 3 s
                               timeout, source addresses cycling) until SIGTERM, then writes
-                              {"total", "failed", "slow", "median_ms",
-                               "failures": [{t (start, unix time), seconds, error}]}
+                              {"total", "failed", "slow", "median_ms", "max_ms",
+                               "failures": [{t (start, unix time), seconds, error}],
+                               "backends": {pod: {count, first, last (start, unix time)}}}
   streams URL N SOURCES PORT_BASE OUT
                               N keep-alive connections from fixed tuples (the i-th address of
                               SOURCES, port PORT_BASE + i), a request on each every 100 ms until
@@ -166,12 +167,11 @@ def load(url, rate, sources, out):
     def one(source):
         start = time.time()
         try:
-            get(url, source, 3)
-            error = None
+            body, error = get(url, source, 3), None
         except Exception as e:
-            error = type(e).__name__
+            body, error = None, type(e).__name__
         with lock:
-            results.append((start, time.time() - start, error))
+            results.append((start, time.time() - start, error, body))
 
     start, i = time.time(), 0
     while not stop.is_set():
@@ -182,13 +182,21 @@ def load(url, rate, sources, out):
         stop.wait(max(0.0, start + i / rate - time.time()))
     for t in threads:
         t.join()
+    results.sort(key=lambda r: r[0])
     failures = [{"t": round(s, 4), "seconds": round(d, 4), "error": e}
-                for s, d, e in sorted(results) if e]
-    ok = [d for _, d, e in results if not e]
+                for s, d, e, _ in results if e]
+    ok = [d for _, d, e, _ in results if not e]
+    backends = {}
+    for s, _, e, body in results:
+        if not e:
+            b = backends.setdefault(body, {"count": 0, "first": round(s, 4)})
+            b["count"] += 1
+            b["last"] = round(s, 4)
     result = {"total": len(results), "failed": len(failures),
               "slow": sum(1 for d in ok if d > 0.5),
               "median_ms": round(statistics.median(ok) * 1000, 2) if ok else None,
-              "started": round(start, 3), "failures": failures}
+              "max_ms": round(max(ok) * 1000, 2) if ok else None,
+              "started": round(start, 3), "failures": failures, "backends": backends}
     with open(out, "w") as f:
         json.dump(result, f)
     return result
