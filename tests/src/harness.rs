@@ -434,3 +434,28 @@ impl Rng {
         self.next_u64() % n
     }
 }
+
+/// A background client (tests/lab/client.py's `load` and `streams` modes) that writes its
+/// JSON result to a file when it gets SIGTERM; killed on drop if not finished.
+pub struct Background(pub Option<Child>);
+
+impl Background {
+    /// SIGTERM, wait for the client to exit, and read its result from `out`.
+    pub fn finish(mut self, out: &Path) -> serde_json::Value {
+        let mut child = self.0.take().expect("running");
+        sh("kill", &["-TERM", &child.id().to_string()]);
+        let status = child.wait().expect("client exit");
+        let text = std::fs::read_to_string(out)
+            .unwrap_or_else(|e| panic!("client ({status}) wrote no {}: {e}", out.display()));
+        serde_json::from_str(&text).expect("client result")
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod apiserver;
 pub mod harness;
+pub mod lab;
 
 use std::collections::BTreeMap;
 

@@ -4,12 +4,14 @@
 //! kernel clients from many addresses behind the router, the pods of `make lab` behind VXLAN.
 //! Every figure is printed on a line starting with `fleet figure:`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::harness::{http_get, require_root, unique_name, workspace_root, Gateway, TempDir};
+use tests::harness::{
+    http_get, require_root, unique_name, workspace_root, Background, Gateway, TempDir,
+};
 
 const VIP: &str = "192.0.2.100";
 const STICKY_VIP: &str = "192.0.2.101";
@@ -390,28 +392,6 @@ impl Drop for Fleet {
 }
 
 /// A client process stopped with SIGTERM (it then writes its result), killed if dropped.
-struct Background(Option<Child>);
-
-impl Background {
-    fn finish(mut self, out: &Path) -> Value {
-        let mut child = self.0.take().expect("running");
-        run(&["kill", "-TERM", &child.id().to_string()]);
-        let status = child.wait().expect("client exit");
-        let text = std::fs::read_to_string(out)
-            .unwrap_or_else(|e| panic!("client ({status}) wrote no {}: {e}", out.display()));
-        serde_json::from_str(&text).expect("client result")
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn run(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])

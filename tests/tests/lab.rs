@@ -2,14 +2,13 @@
 //! namespaces on both sides of a real servicegate (DPDK, net_tap), Services from the files
 //! source. Each test builds its own lab with unique names and tears it down, even on failure.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::harness::{
-    http_get, require_root, servicegate_bin, unique_name, workspace_root, Gateway, TempDir,
-};
+use tests::harness::{http_get, workspace_root};
+use tests::lab::Lab;
 
 const POD1: &str = "10.244.1.2";
 const POD2: &str = "10.244.1.3";
@@ -35,197 +34,78 @@ const fn ready(addr: &'static str, node: &'static str) -> Ep {
     }
 }
 
-struct Lab {
-    dir: TempDir,
-    prefix: String,
-    taps: [String; 3],
-    gateway: Option<Gateway>,
-    admin: String,
+/// The files source's lab: configs/lab/ copied to a scratch directory the gateway watches.
+trait FilesLab {
+    /// The lab serving configs/lab/ (the `web` slice as three ready pods).
+    fn files() -> Self;
+    fn write_web_slice(&self, endpoints: &[Ep], generation: u64);
 }
 
-impl Lab {
-    fn start() -> Lab {
-        require_root();
-        let root = workspace_root();
-        let dir = TempDir::new("lab");
-        let manifests = dir.path().join("manifests");
-        std::fs::create_dir_all(&manifests).unwrap();
-        std::fs::copy(
-            root.join("configs/lab/services.yaml"),
-            manifests.join("services.yaml"),
-        )
-        .unwrap();
-        // The `web` slice lives in its own file so tests can rewrite it.
-        let slices = std::fs::read_to_string(root.join("configs/lab/endpointslices.yaml")).unwrap();
-        let others: Vec<&str> = slices
-            .split("\n---\n")
-            .filter(|d| !d.contains("name: web-abc12"))
-            .collect();
-        std::fs::write(
-            manifests.join("endpointslices.yaml"),
-            others.join("\n---\n"),
-        )
-        .unwrap();
-
-        let n = unique_name("");
-        let short = &n[n.len().saturating_sub(5)..];
-        let prefix = format!("sg{short}");
-        let taps = [
-            format!("{prefix}u"),
-            format!("{prefix}c"),
-            format!("{prefix}k"),
-        ];
-        let admin = format!("127.0.0.1:{}", 30000 + std::process::id() % 20000);
-        let config = std::fs::read_to_string(root.join("configs/lab.yaml"))
-            .unwrap()
-            .replace("iface=sg-up,", &format!("iface={},", taps[0]))
-            .replace("iface=sg-cl,", &format!("iface={},", taps[1]))
-            .replace("iface=sg-up-k\"", &format!("iface={}\"", taps[2]))
-            .replace("file_prefix: sg-lab", &format!("file_prefix: {prefix}"))
-            .replace("127.0.0.1:9900", &admin)
-            .replace("path: lab ", &format!("path: {} ", manifests.display()))
-            .replace(
-                "  service_cidr: 10.96.0.0/12",
-                "  service_cidr: 10.96.0.0/12\n  poll_ms: 50",
-            );
-        let config_path = dir.path().join("gateway.yaml");
-        std::fs::write(&config_path, config).unwrap();
-        let mut lab = Lab {
-            dir,
-            prefix,
-            taps,
-            gateway: None,
-            admin: admin.clone(),
-        };
-        lab.write_web_slice(
-            &[
-                ready(POD1, "node-1"),
-                ready(POD2, "node-1"),
-                ready(POD3, "node-2"),
-            ],
-            0,
-        );
-        let mut gateway = Gateway::start(&config_path, &admin);
-        gateway.wait_ready(Duration::from_secs(30));
-        lab.gateway = Some(gateway);
-        lab.topology("up");
-        lab
-    }
-
-    fn topology(&self, action: &str) {
-        let script = workspace_root().join("tests/lab/topology.sh");
-        let out = Command::new("bash")
-            .arg(script)
-            .args([
-                action,
-                &self.prefix,
-                &self.taps[0],
-                &self.taps[1],
-                &self.taps[2],
-            ])
-            .output()
-            .expect("topology.sh");
-        if action == "up" {
-            assert!(
-                out.status.success(),
-                "topology up failed:\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-
-    /// Rewrites the `web` EndpointSlice; `generation` varies an annotation so every write
-    /// is a real change.
-    fn write_web_slice(&self, endpoints: &[Ep], generation: u64) {
-        let mut text = format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc12\n  namespace: lab\n  labels:\n    kubernetes.io/service-name: web\n  annotations:\n    test/write: \"{generation}\"\naddressType: IPv4\nports:\n  - name: http\n    protocol: TCP\n    port: 9376\nendpoints:\n"
-        );
-        if endpoints.is_empty() {
-            text = text.replace("endpoints:\n", "endpoints: []\n");
-        }
-        for ep in endpoints {
-            text.push_str(&format!(
-                "  - addresses: [\"{}\"]\n    nodeName: {}\n    conditions: {{ready: {}, serving: {}, terminating: {}}}\n",
-                ep.addr, ep.node, ep.ready, ep.serving, ep.terminating
-            ));
-        }
-        let path = self.manifests().join("web-slice.yaml");
-        let tmp = self.manifests().join(".web-slice.tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(tmp, path).unwrap();
-    }
-
-    fn manifests(&self) -> PathBuf {
-        self.dir.path().join("manifests")
-    }
-
-    /// Runs tests/lab/client.py in namespace `ns` (e.g. "cpod", "client").
-    fn client(&self, ns: &str, args: &[&str]) -> Value {
-        let script = workspace_root().join("tests/lab/client.py");
-        let out = Command::new("ip")
-            .args(["netns", "exec", &format!("{}-{ns}", self.prefix), "python3"])
-            .arg(script)
-            .args(args)
-            .output()
-            .expect("client.py");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-            panic!(
-                "client {args:?}: {e}: {stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
+impl FilesLab for Lab {
+    fn files() -> Lab {
+        Lab::start("lab", |dir, config| {
+            let root = workspace_root();
+            let manifests = dir.join("manifests");
+            std::fs::create_dir_all(&manifests).unwrap();
+            std::fs::copy(
+                root.join("configs/lab/services.yaml"),
+                manifests.join("services.yaml"),
             )
+            .unwrap();
+            // The `web` slice lives in its own file so tests can rewrite it.
+            let slices =
+                std::fs::read_to_string(root.join("configs/lab/endpointslices.yaml")).unwrap();
+            let others: Vec<&str> = slices
+                .split("\n---\n")
+                .filter(|d| !d.contains("name: web-abc12"))
+                .collect();
+            std::fs::write(
+                manifests.join("endpointslices.yaml"),
+                others.join("\n---\n"),
+            )
+            .unwrap();
+            write_web_slice(
+                &manifests,
+                &[
+                    ready(POD1, "node-1"),
+                    ready(POD2, "node-1"),
+                    ready(POD3, "node-2"),
+                ],
+                0,
+            );
+            config
+                .replace("path: lab ", &format!("path: {} ", manifests.display()))
+                .replace(
+                    "  service_cidr: 10.96.0.0/12",
+                    "  service_cidr: 10.96.0.0/12\n  poll_ms: 50",
+                )
         })
     }
 
-    fn spawn_client(&self, ns: &str, args: &[&str]) -> std::process::Child {
-        let script = workspace_root().join("tests/lab/client.py");
-        Command::new("ip")
-            .args(["netns", "exec", &format!("{}-{ns}", self.prefix), "python3"])
-            .arg(script)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("client.py")
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let (_, body) = http_get(&self.admin, "/metrics").expect("metrics");
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    /// Waits until the snapshot generation passes `after`.
-    fn wait_generation(&self, after: f64) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let generation = self.metric("servicegate_snapshot_generation");
-            if generation > after {
-                return generation;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no new snapshot after generation {after}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    fn write_web_slice(&self, endpoints: &[Ep], generation: u64) {
+        write_web_slice(&self.dir.path().join("manifests"), endpoints, generation);
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        self.topology("down");
-        if let Some(gateway) = self.gateway.take() {
-            let (ok, out, err) = gateway.stop();
-            if !std::thread::panicking() {
-                assert!(ok, "gateway did not exit 0:\n{out}\n{err}");
-                assert!(out.contains("mbufs in use after stop: 0"), "{out}");
-            }
-        }
+/// Rewrites the `web` EndpointSlice in `manifests`; `generation` varies an annotation so
+/// every write is a real change.
+fn write_web_slice(manifests: &Path, endpoints: &[Ep], generation: u64) {
+    let mut text = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-abc12\n  namespace: lab\n  labels:\n    kubernetes.io/service-name: web\n  annotations:\n    test/write: \"{generation}\"\naddressType: IPv4\nports:\n  - name: http\n    protocol: TCP\n    port: 9376\nendpoints:\n"
+    );
+    if endpoints.is_empty() {
+        text = text.replace("endpoints:\n", "endpoints: []\n");
     }
+    for ep in endpoints {
+        text.push_str(&format!(
+            "  - addresses: [\"{}\"]\n    nodeName: {}\n    conditions: {{ready: {}, serving: {}, terminating: {}}}\n",
+            ep.addr, ep.node, ep.ready, ep.serving, ep.terminating
+        ));
+    }
+    let path = manifests.join("web-slice.yaml");
+    let tmp = manifests.join(".web-slice.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, path).unwrap();
 }
 
 fn counts(result: &Value) -> Vec<(String, u64)> {
@@ -258,7 +138,7 @@ fn assert_balanced(what: &str, result: &Value, total: u64) {
 
 #[test]
 fn tcp_and_udp_through_clusterip_nodeport_and_lb_are_balanced() {
-    let lab = Lab::start();
+    let lab = Lab::files();
     assert_balanced(
         "ClusterIP from a pod over VXLAN",
         &lab.client("cpod", &["count", "http://10.96.0.10/", "300"]),
@@ -283,7 +163,7 @@ fn tcp_and_udp_through_clusterip_nodeport_and_lb_are_balanced() {
 
 #[test]
 fn long_lived_connection_survives_churn_and_an_update_storm() {
-    let lab = Lab::start();
+    let lab = Lab::files();
     let out = lab.dir.path().join("stream.json");
     let mut stream = lab.spawn_client(
         "cpod",
@@ -342,7 +222,7 @@ fn assert_balanced_nonfailing(lab: &Lab) {
 
 #[test]
 fn terminating_pod_keeps_its_connection_and_removed_pod_gets_no_new_one() {
-    let lab = Lab::start();
+    let lab = Lab::files();
     // A long-lived connection pinned to whichever pod Maglev picks.
     let out = lab.dir.path().join("stream.json");
     let mut stream = lab.spawn_client(
@@ -418,7 +298,7 @@ fn terminating_pod_keeps_its_connection_and_removed_pod_gets_no_new_one() {
 
 #[test]
 fn no_endpoints_is_refused_fast_and_affinity_pins_a_client() {
-    let lab = Lab::start();
+    let lab = Lab::files();
     let generation = lab.metric("servicegate_snapshot_generation");
     lab.write_web_slice(&[], 1);
     lab.wait_generation(generation);
@@ -439,7 +319,7 @@ fn no_endpoints_is_refused_fast_and_affinity_pins_a_client() {
 
 #[test]
 fn the_gateway_own_address_reaches_its_kernel_through_the_exception_path() {
-    let lab = Lab::start();
+    let lab = Lab::files();
     let ssh = lab.client("client", &["connect", "192.168.100.1", "2222"]);
     assert_eq!(ssh["result"], "ok", "{ssh}");
     // And a ping to an address behind the gateway (a pod), ARP resolved both ways.
@@ -464,36 +344,9 @@ fn the_gateway_own_address_reaches_its_kernel_through_the_exception_path() {
     );
 }
 
-impl Lab {
-    /// `servicegate ctl trace FLOW` against this lab's gateway: the text it prints.
-    fn ctl_trace(&self, flow: &str) -> String {
-        let out = Command::new(servicegate_bin())
-            .args(["ctl", "--admin", &self.admin, "trace", flow])
-            .output()
-            .expect("servicegate ctl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "ctl trace {flow}: {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        println!("$ servicegate ctl trace '{flow}'\n{text}");
-        text
-    }
-
-    /// The value of the metric line starting with `prefix` (name and labels).
-    fn metric_line(&self, prefix: &str) -> Option<f64> {
-        let (_, body) = http_get(&self.admin, "/metrics").expect("metrics");
-        body.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-    }
-}
-
 #[test]
 fn ctl_trace_explains_cluster_ip_node_port_and_rejected_flows() {
-    let lab = Lab::start();
+    let lab = Lab::files();
     let pods = [POD1, POD2, POD3].map(|p| format!("{p}:9376"));
 
     let cluster_ip = lab.ctl_trace("tcp 10.244.2.50:41000 -> 10.96.0.10:80");
@@ -569,7 +422,7 @@ fn ctl_trace_explains_cluster_ip_node_port_and_rejected_flows() {
 
 #[test]
 fn service_and_backend_packet_counters_follow_real_traffic() {
-    let lab = Lab::start();
+    let lab = Lab::files();
     let backend = |pod: &str| {
         format!(
             "servicegate_backend_packets_total{{service=\"lab/web\",port=\"http\",protocol=\"TCP\",backend=\"{pod}:9376\"}}"
@@ -625,7 +478,7 @@ fn service_and_backend_packet_counters_follow_real_traffic() {
 /// answering the same client.
 #[test]
 fn a_client_routing_pod_cidrs_via_the_uplink_reaches_no_pod() {
-    let lab = Lab::start();
+    let lab = Lab::files();
     let ns = format!("{}-client", lab.prefix);
     let route = Command::new("ip")
         .args([
