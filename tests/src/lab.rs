@@ -169,6 +169,19 @@ impl Lab {
         text
     }
 
+    /// Sends `signal` (`HUP`, ...) to the gateway.
+    pub fn signal(&self, signal: &str) {
+        self.gateway
+            .as_ref()
+            .expect("gateway running")
+            .signal(signal);
+    }
+
+    /// The config file the gateway runs (and reads again on SIGHUP).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("gateway.yaml")
+    }
+
     /// `GET /v1/trace?flow=FLOW`: the JSON explanation.
     pub fn trace(&self, flow: &str) -> Value {
         let query = flow.replace(' ', "%20").replace('>', "%3E");

@@ -2,12 +2,12 @@
 //! namespaces on both sides of a real servicegate (DPDK, net_tap), Services from the files
 //! source. Each test builds its own lab with unique names and tears it down, even on failure.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::harness::{http_get, workspace_root};
+use tests::harness::{http_get, workspace_root, Background};
 use tests::lab::Lab;
 
 const POD1: &str = "10.244.1.2";
@@ -513,4 +513,238 @@ fn a_client_routing_pod_cidrs_via_the_uplink_reaches_no_pod() {
         &lab.client("client", &["count", "http://192.168.100.1:30080/", "90"]),
         90,
     );
+}
+
+/// Issue 24 items 1 and 2 (kube-semantics item 12): keep-alive connections through the
+/// gateway survive what kube-proxy's users expect them to survive. A pod's connection to
+/// the `web` ClusterIP lives through a 0.3 s readiness flap of its backend and through a
+/// move of the backend between two slices, removed first with a 0.3 s gap; a client's
+/// connection through the `web-nodeport` NodePort lives through a nodePort change and
+/// through the deletion of the Service, whose slice stays. Each keeps one backend and
+/// fails no request.
+#[test]
+fn keep_alive_connections_survive_flaps_slice_moves_and_service_edits() {
+    let lab = Lab::files();
+    let all = [
+        ready(POD1, "node-1"),
+        ready(POD2, "node-1"),
+        ready(POD3, "node-2"),
+    ];
+    let stream = |ns: &str, url: &str, seconds: &str, name: &str| {
+        let out = lab.dir.path().join(name);
+        let child = lab.spawn_client(ns, &["stream", url, seconds, out.to_str().unwrap()]);
+        (child, out)
+    };
+    let result = |(mut child, out): (std::process::Child, PathBuf)| -> Value {
+        assert!(child.wait().expect("stream client").success());
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+    };
+    let pods = [POD1, POD2, POD3];
+    let established_backend = |frontend: &str| -> usize {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let body = http_get(&lab.admin, "/v1/conntrack?limit=1000").unwrap().1;
+            let conntrack: Value = serde_json::from_str(&body).unwrap();
+            let found = conntrack["entries"].as_array().unwrap().iter().find(|e| {
+                e["frontend"] == frontend
+                    && e["state"].as_str().unwrap_or("").contains("ESTABLISHED")
+            });
+            if let Some(e) = found {
+                let addr = e["backend"].as_str().unwrap().split(':').next().unwrap();
+                return pods.iter().position(|p| *p == addr).expect("a pod");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no established entry for {frontend}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let write = |endpoints: &[Ep], generation: u64| {
+        let before = lab.metric("servicegate_snapshot_generation");
+        lab.write_web_slice(endpoints, generation);
+        lab.wait_generation(before);
+    };
+
+    // Item 1: readiness flap, then a slice move with a gap.
+    let cluster_ip = stream("cpod", "http://10.96.0.10/", "6", "flap.json");
+    std::thread::sleep(Duration::from_millis(800));
+    let pinned = established_backend("10.96.0.10:80");
+    let mut flapped = all;
+    flapped[pinned].ready = false;
+    flapped[pinned].serving = false;
+    write(&flapped, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    write(&all, 2);
+    std::thread::sleep(Duration::from_millis(800));
+    let others: Vec<Ep> = (0..3).filter(|i| *i != pinned).map(|i| all[i]).collect();
+    write(&others, 3);
+    std::thread::sleep(Duration::from_millis(300));
+    let moved = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-moved\n  namespace: lab\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n  - name: http\n    protocol: TCP\n    port: 9376\nendpoints:\n  - addresses: [\"{}\"]\n    nodeName: {}\n",
+        all[pinned].addr, all[pinned].node
+    );
+    let before = lab.metric("servicegate_snapshot_generation");
+    std::fs::write(
+        lab.dir.path().join("manifests").join("web-moved.yaml"),
+        moved,
+    )
+    .unwrap();
+    lab.wait_generation(before);
+    let flap = result(cluster_ip);
+    println!("through a readiness flap and a slice move: {flap}");
+    assert_eq!(flap["failed"], 0, "{flap}");
+    assert_eq!(flap["backends"].as_array().unwrap().len(), 1, "{flap}");
+    assert!(flap["requests"].as_u64().unwrap() > 20, "{flap}");
+
+    // Item 2: a nodePort change, then the Service's deletion (its slice stays).
+    let node_port = stream("client", "http://192.168.100.1:30080/", "5", "edits.json");
+    std::thread::sleep(Duration::from_millis(800));
+    established_backend("192.168.100.1:30080");
+    let services = lab.dir.path().join("manifests").join("services.yaml");
+    let text = std::fs::read_to_string(&services).unwrap();
+    let edited = text.replace("nodePort: 30080", "nodePort: 30091");
+    assert_ne!(edited, text);
+    let before = lab.metric("servicegate_snapshot_generation");
+    std::fs::write(&services, &edited).unwrap();
+    let after_edit = lab.wait_generation(before);
+    std::thread::sleep(Duration::from_millis(1000));
+    let without: Vec<&str> = edited
+        .split("\n---\n")
+        .filter(|d| !d.contains("name: web-nodeport\n"))
+        .collect();
+    assert_eq!(without.len() + 1, edited.split("\n---\n").count());
+    std::fs::write(&services, without.join("\n---\n")).unwrap();
+    lab.wait_generation(after_edit);
+    let edits = result(node_port);
+    println!("through a nodePort change and the Service's deletion: {edits}");
+    assert_eq!(edits["failed"], 0, "{edits}");
+    assert_eq!(edits["backends"].as_array().unwrap().len(), 1, "{edits}");
+    // New connections to the old nodePort are not served any more.
+    let refused = lab.client("client", &["count", "http://192.168.100.1:30080/", "3"]);
+    assert_eq!(refused["failed"], 3, "{refused}");
+    println!(
+        "backend_gone drops: {}, tcp_no_flow drops: {}",
+        lab.metric("servicegate_drops_total{reason=\"backend_gone\"}"),
+        lab.metric("servicegate_drops_total{reason=\"tcp_no_flow\"}")
+    );
+}
+
+/// Issue 22 item 4: a SIGHUP that adds a route while a keep-alive connection lives and new
+/// connections keep coming: the route is in force (trace names its next hop; a pod's
+/// datagram to it is forwarded, not a `no_route` drop), no request fails, the connection
+/// keeps its backend. Then a broken config on SIGHUP is refused while the gateway serves.
+#[test]
+fn sighup_adds_a_route_under_load_and_refuses_a_broken_config() {
+    let lab = Lab::files();
+    let flow = "udp 10.244.1.10:5000 -> 198.18.0.5:53";
+    // node1 sends what it has no route for to the gateway, flannel style.
+    let node1 = format!("{}-node1", lab.prefix);
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node1,
+            "ip",
+            "route",
+            "add",
+            "198.18.0.0/24",
+        ])
+        .args(["via", "10.244.0.1", "dev", "vxlan0", "onlink"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let no_route = "servicegate_drops_total{reason=\"no_route\"}";
+    let dropped_before = lab.metric(no_route);
+    lab.client("cpod", &["udp", "198.18.0.5", "53", "3"]);
+    assert!(
+        lab.metric(no_route) >= dropped_before + 3.0,
+        "no route yet: dropped"
+    );
+    assert!(
+        lab.trace(flow)["egress"]["next_hop"].is_null(),
+        "no route to 198.18.0.0/24 yet: {}",
+        lab.trace(flow)
+    );
+    let stream_out = lab.dir.path().join("stream.json");
+    let mut stream = lab.spawn_client(
+        "client",
+        &[
+            "stream",
+            "http://192.168.100.1:30080/",
+            "4",
+            stream_out.to_str().unwrap(),
+        ],
+    );
+    let load_out = lab.dir.path().join("load.json");
+    let load = Background(Some(lab.spawn_client(
+        "client",
+        &[
+            "load",
+            "http://192.168.100.1:30080/",
+            "40",
+            "192.168.100.2",
+            load_out.to_str().unwrap(),
+        ],
+    )));
+    std::thread::sleep(Duration::from_millis(1000));
+
+    let config = std::fs::read_to_string(lab.config_path()).unwrap();
+    let with_route = format!(
+        "{config}\nroutes:\n  - {{prefix: 198.18.0.0/24, via: 192.168.100.2, port: uplink}}\n"
+    );
+    std::fs::write(lab.config_path(), &with_route).unwrap();
+    let before = lab.metric("servicegate_snapshot_generation");
+    let signalled = Instant::now();
+    lab.signal("HUP");
+    lab.wait_generation(before);
+    let applied = signalled.elapsed();
+    let last_reload = || {
+        let (_, body) = http_get(&lab.admin, "/v1/services").unwrap();
+        let services: Value = serde_json::from_str(&body).unwrap();
+        services["last_reload"].as_str().unwrap_or("").to_string()
+    };
+    assert_eq!(last_reload(), "applied");
+    let traced = lab.trace(flow);
+    assert_eq!(traced["egress"]["next_hop"], "192.168.100.2", "{traced}");
+    // A real datagram: routed out of the uplink now, where it was a no_route drop.
+    let dropped_before = lab.metric(no_route);
+    lab.client("cpod", &["udp", "198.18.0.5", "53", "3"]);
+    assert_eq!(lab.metric(no_route), dropped_before, "routed, not dropped");
+
+    assert!(stream.wait().unwrap().success());
+    let stream: Value =
+        serde_json::from_str(&std::fs::read_to_string(&stream_out).unwrap()).unwrap();
+    let load = load.finish(&load_out);
+    println!("lab reload figure: SIGHUP -> new snapshot in {applied:?}; keep-alive {stream}; new connections total {} failed {}", load["total"], load["failed"]);
+    assert_eq!(stream["failed"], 0, "{stream}");
+    assert_eq!(stream["backends"].as_array().unwrap().len(), 1, "{stream}");
+    assert_eq!(load["failed"], 0, "{load}");
+    assert!(load["total"].as_u64().unwrap() > 40, "{load}");
+
+    // A broken config: refused with check's error, the running one (with the route) stays.
+    std::fs::write(
+        lab.config_path(),
+        with_route.replace("via: 192.168.100.2", "via: 192.168.100.300"),
+    )
+    .unwrap();
+    lab.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !last_reload().starts_with("refused") {
+        assert!(Instant::now() < deadline, "no refusal: {}", last_reload());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refusal = last_reload();
+    println!("lab reload figure: {refusal}");
+    assert!(
+        refusal.contains("gateway.yaml") && refusal.contains("routes[0]"),
+        "{refusal}"
+    );
+    assert_eq!(lab.trace(flow)["egress"]["next_hop"], "192.168.100.2");
+    let served = lab.client("client", &["count", "http://192.168.100.1:30080/", "20"]);
+    assert_eq!(served["failed"], 0, "{served}");
 }
