@@ -80,8 +80,9 @@ fn pipeline(flows: usize, routed: bool) -> Pipeline {
         snat_port_range: 32768..=60999,
         conntrack: ConntrackConfig {
             capacity: (flows * 2).next_power_of_two().max(1024),
-            // The bursts are established flows without handshakes.
+            // The bursts are established flows without handshakes, never answered.
             tcp_loose: true,
+            half_open_per_source: 0,
             ..ConntrackConfig::default()
         },
         affinity_capacity: 256,

@@ -152,6 +152,7 @@ ports:
 conntrack:
   capacity: {capacity}
   tcp_loose: true
+  half_open_per_source: 0
 {timeouts}admin:
   listen: 127.0.0.1:{admin_port}
 "#,
