@@ -506,13 +506,28 @@ impl Compiler {
             run.table_size = size;
         }
 
+        let node_filter = NodeFilter {
+            scheme: self.options.node_scheme,
+            names: &nodes.names,
+        };
         sync_slices(
             model,
             &mut self.slices,
             &mut self.slices_of,
             &mut self.services,
             &mut self.presence,
+            &node_filter,
         );
+        if nodes_changed {
+            // Endpoints on a node that left are not present any more (their flows end as a
+            // gone backend's), those on a node that joined are: counted again.
+            self.presence = BackendPresence::default();
+            for entry in self.slices.values() {
+                for (protocol, addr, port) in listed_endpoints(&entry.slice, &node_filter) {
+                    self.presence.add(protocol, addr, port);
+                }
+            }
+        }
 
         // Frontends added, removed or re-keyed: conflicts and ids are resolved anew.
         let mut structural = self.assembly.is_none();
@@ -627,12 +642,26 @@ fn service_label(slice: &EndpointSlice) -> Option<String> {
 /// Brings `slices` and `slices_of` in line with the model's EndpointSlices (walking both in
 /// key order, so an unchanged slice costs a comparison) and marks the Services whose slices
 /// changed dirty.
+/// Which endpoints are usable by their node: with a node scheme, only those on a known
+/// node (or naming none), as `endpoints_for_family` decides.
+struct NodeFilter<'a> {
+    scheme: NodeScheme,
+    names: &'a BTreeSet<Arc<str>>,
+}
+
+impl NodeFilter<'_> {
+    fn usable(&self, node: Option<&str>) -> bool {
+        self.scheme == NodeScheme::None || node.is_none_or(|n| self.names.contains(n))
+    }
+}
+
 fn sync_slices(
     model: &Model,
     slices: &mut BTreeMap<ObjectKey, SliceEntry>,
     slices_of: &mut SlicesOf,
     services: &mut BTreeMap<ObjectKey, ServiceEntry>,
     presence: &mut BackendPresence,
+    nodes: &NodeFilter,
 ) {
     let mut changed: Vec<(&ObjectKey, &Arc<EndpointSlice>)> = Vec::new();
     let mut removed: Vec<ObjectKey> = Vec::new();
@@ -668,7 +697,7 @@ fn sync_slices(
         let Some(old) = slices.remove(&key) else {
             continue;
         };
-        for (protocol, addr, port) in listed_endpoints(&old.slice) {
+        for (protocol, addr, port) in listed_endpoints(&old.slice, nodes) {
             presence.remove(protocol, addr, port);
         }
         if let Some(service) = old.service {
@@ -677,11 +706,11 @@ fn sync_slices(
         }
     }
     for (key, slice) in changed {
-        for (protocol, addr, port) in listed_endpoints(slice) {
+        for (protocol, addr, port) in listed_endpoints(slice, nodes) {
             presence.add(protocol, addr, port);
         }
         if let Some(old) = slices.get(key) {
-            for (protocol, addr, port) in listed_endpoints(&old.slice) {
+            for (protocol, addr, port) in listed_endpoints(&old.slice, nodes) {
                 presence.remove(protocol, addr, port);
             }
         }
@@ -716,7 +745,10 @@ fn sync_slices(
 /// Every (protocol, address, port) a slice lists, in any condition and whatever Service
 /// it names (or none): what [`BackendPresence`] counts. Invalid values are skipped (the
 /// Service compilation warns about them).
-fn listed_endpoints(slice: &EndpointSlice) -> impl Iterator<Item = (Protocol, Ipv4Addr, u16)> + '_ {
+fn listed_endpoints<'a>(
+    slice: &'a EndpointSlice,
+    nodes: &'a NodeFilter,
+) -> impl Iterator<Item = (Protocol, Ipv4Addr, u16)> + 'a {
     let family = FAMILIES
         .iter()
         .copied()
@@ -732,6 +764,7 @@ fn listed_endpoints(slice: &EndpointSlice) -> impl Iterator<Item = (Protocol, Ip
         .iter()
         .flatten()
         .filter(move |_| family.is_some())
+        .filter(move |e| nodes.usable(e.node_name.as_deref()))
         .filter_map(move |e| {
             let address = e.addresses.first()?.parse::<IpAddr>().ok()?;
             family?.v4(address)

@@ -1921,6 +1921,11 @@ fn nodes_from_the_api_route_pods_and_a_node_that_leaves_takes_its_endpoints_alon
         panic!("nodes from the API name nodes: Local");
     };
     assert_eq!(by_node.len(), 1);
+    // Nor is it present: a flow pinned to it ends as a gone backend's does.
+    let present =
+        |c: &Compiled, addr: &str| c.snapshot.backend_presence.contains(Tcp, ip(addr), 8080);
+    assert!(!present(&c, "10.244.2.2"));
+    assert!(present(&c, "10.244.1.2"));
 
     // node-2 joins: its endpoint is used and its pods routed, with nothing else changed.
     m.nodes.insert(
@@ -1935,6 +1940,7 @@ fn nodes_from_the_api_route_pods_and_a_node_that_leaves_takes_its_endpoints_alon
         panic!("Local");
     };
     assert_eq!(by_node["node-2"].backends[0].addr, ip("10.244.2.2"));
+    assert!(present(&c, "10.244.2.2"));
 
     // node-1 leaves.
     m.nodes.remove("node-1");
@@ -1943,4 +1949,6 @@ fn nodes_from_the_api_route_pods_and_a_node_that_leaves_takes_its_endpoints_alon
     let addrs: Vec<Ipv4Addr> = f.backends.backends.iter().map(|b| b.addr).collect();
     assert_eq!(addrs, [ip("10.244.2.2")]);
     assert_eq!(c.snapshot.pod_routes.len(), 1);
+    assert!(!present(&c, "10.244.1.2"), "node-1's pods left with it");
+    assert!(present(&c, "10.244.2.2"));
 }
