@@ -348,24 +348,33 @@ fn check_says_when_internal_traffic_policy_local_cannot_be_honoured() {
         "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n",
     )
     .expect("write kubeconfig");
-    let config = |pod_cidr: &str| {
+    // `vxlan.nodes: none`: only the static pod CIDRs name nodes. With the default
+    // (flannel) the nodes come from the API and check says so instead.
+    let config = |pod_cidr: &str, nodes: &str| {
         format!(
             "ports:\n  - name: cluster\n    device: net_tap0\n    role: cluster\n    addresses: [10.0.0.1/24]\n\
-             vxlan:\n  vni: 1\n  local_vtep: 10.0.0.1\n  pod_cidrs:\n    - {pod_cidr}\n\
+             vxlan:\n  vni: 1\n  local_vtep: 10.0.0.1\n{nodes}  pod_cidrs:\n    - {pod_cidr}\n\
              services:\n  source: kubernetes\n  kubeconfig: {}\n",
             kubeconfig.display()
         )
     };
     let note = "Services with internalTrafficPolicy: Local will be treated as Cluster";
-    for (pod_cidr, noted) in [
-        ("{cidr: 10.244.1.0/24, vtep: 10.0.0.11}", true),
+    let from_api = "nodes (pod CIDRs, VTEPs, VTEP MACs) come from the API";
+    for (pod_cidr, nodes, noted) in [
+        (
+            "{cidr: 10.244.1.0/24, vtep: 10.0.0.11}",
+            "  nodes: none\n",
+            true,
+        ),
         (
             "{cidr: 10.244.1.0/24, vtep: 10.0.0.11, node: node-1}",
+            "  nodes: none\n",
             false,
         ),
+        ("{cidr: 10.244.1.0/24, vtep: 10.0.0.11}", "", false),
     ] {
         let path = dir.path().join("gateway.yaml");
-        std::fs::write(&path, config(pod_cidr)).expect("write config");
+        std::fs::write(&path, config(pod_cidr, nodes)).expect("write config");
         let output = Command::new(servicegate_bin())
             .args(["check", "--config"])
             .arg(&path)
@@ -378,5 +387,10 @@ fn check_says_when_internal_traffic_policy_local_cannot_be_honoured() {
             String::from_utf8_lossy(&output.stderr)
         );
         assert_eq!(stdout.contains(note), noted, "{pod_cidr}:\n{stdout}");
+        assert_eq!(
+            stdout.contains(from_api),
+            nodes.is_empty(),
+            "{nodes}:\n{stdout}"
+        );
     }
 }
