@@ -436,6 +436,13 @@ fn counter_family() -> Family<Labels, Counter> {
     Family::default()
 }
 
+/// A gauge holding `value`, to register once.
+fn gauge_of(value: i64) -> Gauge {
+    let gauge = Gauge::default();
+    gauge.set(value);
+    gauge
+}
+
 fn gauge_family() -> Family<Labels, Gauge> {
     Family::default()
 }
@@ -829,15 +836,13 @@ fn render_metrics(state: &AdminState, worker_idle: &[Duration]) -> String {
         backend_info,
     );
 
-    let generation: Gauge = Gauge::default();
-    generation.set(snapshot.generation as i64);
+    let generation = gauge_of(snapshot.generation as i64);
     registry.register(
         "servicegate_snapshot_generation",
         "Generation of the installed snapshot (0: none yet)",
         generation,
     );
-    let frontends: Gauge = Gauge::default();
-    frontends.set(i64::from(snapshot.frontend_count));
+    let frontends = gauge_of(i64::from(snapshot.frontend_count));
     registry.register(
         "servicegate_frontends",
         "Frontends in the installed snapshot",
@@ -849,15 +854,13 @@ fn render_metrics(state: &AdminState, worker_idle: &[Duration]) -> String {
         Some(announcer) => {
             let status = announcer.status.lock();
             ready.set(i64::from(status.readiness.ready && snapshot_ready));
-            let draining: Gauge = Gauge::default();
-            draining.set(i64::from(status.readiness.draining));
+            let draining = gauge_of(i64::from(status.readiness.draining));
             registry.register(
                 "servicegate_draining",
                 "1 from SIGTERM/SIGINT until exit: announcements withdrawn, still forwarding",
                 draining,
             );
-            let count: Gauge = Gauge::default();
-            count.set(status.announced.len() as i64);
+            let count = gauge_of(status.announced.len() as i64);
             registry.register(
                 "servicegate_announced_prefixes",
                 "Prefixes in the announce table (what the BGP speaker announces)",
@@ -909,8 +912,7 @@ fn render_metrics(state: &AdminState, worker_idle: &[Duration]) -> String {
             "Compile and publish time of the last snapshot",
             latency,
         );
-        let services: Gauge = Gauge::default();
-        services.set(sync.services as i64);
+        let services = gauge_of(sync.services as i64);
         registry.register(
             "servicegate_services",
             "Services in the last snapshot",
@@ -928,8 +930,7 @@ fn render_metrics(state: &AdminState, worker_idle: &[Duration]) -> String {
             "Config reloads (SIGHUP) applied (ok) and refused (error)",
             reloads,
         );
-        let warnings: Gauge = Gauge::default();
-        warnings.set(sync.warnings.len() as i64);
+        let warnings = gauge_of(sync.warnings.len() as i64);
         registry.register(
             "servicegate_sync_warnings",
             "Objects the compiler skipped or served partially in the last sync",

@@ -109,6 +109,25 @@ fn start(rt: &tokio::runtime::Runtime, prepare: impl FnOnce(&FakeApiServer)) -> 
     }
 }
 
+/// A gateway serving `web` with two ready endpoints, seen in its admin API; returns the
+/// setup, the admin address and the ClusterIP frontend.
+fn start_web(rt: &tokio::runtime::Runtime) -> (Setup, String, String) {
+    let mut setup = start(rt, |server| {
+        server.apply_service(web_service());
+        server.apply_endpoint_slice(web_slice(&["10.244.1.2", "10.244.1.3"]));
+    });
+    let admin = setup.gateway.admin.clone();
+    setup.gateway.wait_ready(STARTUP);
+    let fe = format!("{CLUSTER_IP}:80");
+    wait_frontend(
+        &admin,
+        &fe,
+        Some(&["10.244.1.2:9376", "10.244.1.3:9376"]),
+        PROMPT,
+    );
+    (setup, admin, fe)
+}
+
 fn web_service() -> k8s_openapi::api::core::v1::Service {
     service(NS, SVC, CLUSTER_IP, 80)
 }
@@ -461,19 +480,7 @@ fn relist_after_410_never_drops_a_frontend() {
 #[test]
 fn api_outage_changes_nothing_and_a_change_made_meanwhile_lands_after() {
     let rt = runtime();
-    let mut setup = start(&rt, |server| {
-        server.apply_service(web_service());
-        server.apply_endpoint_slice(web_slice(&["10.244.1.2", "10.244.1.3"]));
-    });
-    let admin = setup.gateway.admin.clone();
-    setup.gateway.wait_ready(STARTUP);
-    let fe = format!("{CLUSTER_IP}:80");
-    wait_frontend(
-        &admin,
-        &fe,
-        Some(&["10.244.1.2:9376", "10.244.1.3:9376"]),
-        PROMPT,
-    );
+    let (setup, admin, fe) = start_web(&rt);
     // Let the watches settle (the snapshot may still be catching up on the initial events).
     std::thread::sleep(Duration::from_millis(500));
     let before = services(&admin);
@@ -550,15 +557,6 @@ fn api_outage_changes_nothing_and_a_change_made_meanwhile_lands_after() {
     stop(setup);
 }
 
-/// The value of the metric line that starts with `prefix` (name and labels).
-fn metric_line(admin: &str, prefix: &str) -> Option<f64> {
-    let (_, body) = get(admin, "/metrics")?;
-    body.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 fn last_reload(admin: &str) -> Option<String> {
     services(admin)["last_reload"].as_str().map(str::to_owned)
 }
@@ -566,19 +564,7 @@ fn last_reload(admin: &str) -> Option<String> {
 #[test]
 fn sighup_applies_a_good_config_names_restart_keys_and_refuses_a_broken_one() {
     let rt = runtime();
-    let mut setup = start(&rt, |server| {
-        server.apply_service(web_service());
-        server.apply_endpoint_slice(web_slice(&["10.244.1.2", "10.244.1.3"]));
-    });
-    let admin = setup.gateway.admin.clone();
-    setup.gateway.wait_ready(STARTUP);
-    let fe = format!("{CLUSTER_IP}:80");
-    wait_frontend(
-        &admin,
-        &fe,
-        Some(&["10.244.1.2:9376", "10.244.1.3:9376"]),
-        PROMPT,
-    );
+    let (setup, admin, fe) = start_web(&rt);
     let config = setup._dir.path().join("gateway.yaml");
     let original = std::fs::read_to_string(&config).expect("config");
     let gen_before = generation(&services(&admin));
@@ -607,7 +593,9 @@ fn sighup_applies_a_good_config_names_restart_keys_and_refuses_a_broken_one() {
     });
     wait_workers_at(&admin, g);
     assert_eq!(
-        metric_line(&admin, "servicegate_config_reload_total{result=\"ok\"}"),
+        metric(&admin, "servicegate_config_reload_total")
+            .get("result=\"ok\"")
+            .copied(),
         Some(1.0)
     );
     eprintln!("SIGHUP applied in {applied_after:?}, snapshot {g} seen by every worker");
@@ -623,7 +611,9 @@ fn sighup_applies_a_good_config_names_restart_keys_and_refuses_a_broken_one() {
         "{line}"
     );
     assert_eq!(
-        metric_line(&admin, "servicegate_config_reload_total{result=\"error\"}"),
+        metric(&admin, "servicegate_config_reload_total")
+            .get("result=\"error\"")
+            .copied(),
         Some(1.0)
     );
     assert_eq!(ready_code(&admin), Some(200));
