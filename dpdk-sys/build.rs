@@ -48,12 +48,16 @@ fn main() {
         .allowlist_function("rte_lpm_.*")
         .allowlist_function("rte_telemetry_register_cmd")
         .allowlist_function("rte_tel_data_.*")
+        .allowlist_function("rte_ip_frag_.*")
+        .allowlist_function("rte_ipv4_frag_reassemble_packet")
+        .allowlist_function("rte_ipv4_fragment_copy_nonseg_packet")
         .allowlist_var("RTE_.*")
         .allowlist_type("rte_eth_.*")
         .allowlist_type("rte_mbuf")
         .allowlist_type("rte_mempool")
         .allowlist_type("rte_lpm.*")
         .allowlist_type("rte_tel_.*")
+        .allowlist_type("rte_ip_frag_.*")
         .blocklist_type("rte_l2tpv2_combined_msg_hdr")
         .blocklist_type("rte_arp_hdr")
         .blocklist_function("rte_lpm_lookupx4")
@@ -62,6 +66,8 @@ fn main() {
         .generate_comments(false)
         .clang_arg("-march=native")
         .clang_arg("-Wno-everything")
+        // rte_ip_frag's copy fragmentation and expiry sweep are marked experimental in 22.11.
+        .clang_arg("-DALLOW_EXPERIMENTAL_API")
         .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()));
     for path in &dpdk.include_paths {
         builder = builder.clang_arg(format!("-I{}", path.display()));
@@ -79,6 +85,7 @@ fn main() {
         .include(env::current_dir().expect("cwd"))
         .flag("-march=native")
         .flag("-O3")
+        .define("ALLOW_EXPERIMENTAL_API", None)
         .flag("-Wno-deprecated-declarations")
         .warnings(false);
     for path in &dpdk.include_paths {

@@ -14,6 +14,7 @@
 #include <rte_version.h>
 #include <rte_lpm.h>
 #include <rte_telemetry.h>
+#include <rte_ip_frag.h>
 
 /* shim.c */
 int sg_rte_errno(void);

@@ -128,6 +128,7 @@ fn start_workers() -> Result<(Runtime, RuntimeSpec), String> {
         workers: vec![WorkerSpec::default(); 2],
         idle_sleep_us: 50,
         overlap_bursts_from: dataplane::worker::OVERLAP_BURSTS_FROM,
+        reassembly: None,
     };
     let mut runtime = Runtime::init(&spec)?;
     runtime.launch(&spec, |_| Ok(Mode::Io { peer: Vec::new() }))?;

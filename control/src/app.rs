@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context};
 use dataplane::conntrack::{ConntrackConfig, Timeouts, SECOND};
 use dataplane::dpdk::PortSetup;
 use dataplane::pipeline::{self, Pipeline, PipelineConfig};
-use dataplane::runtime::{PortSpec, Runtime, RuntimeSpec, WorkerSpec};
+use dataplane::runtime::{PortSpec, ReassemblySpec, Runtime, RuntimeSpec, WorkerSpec};
 use dataplane::snapshot::{LiveSettings, PodCidrRoute, Snapshot};
 use dataplane::wire::MacAddr;
 use dataplane::worker::Mode;
@@ -340,6 +340,12 @@ fn runtime_spec(
         workers: worker_specs,
         idle_sleep_us: config.cores.idle_sleep_us,
         overlap_bursts_from: config.conntrack.overlap_bursts_from,
+        reassembly: (config.mode == ForwardingMode::Gateway && config.fragments.reassemble).then(
+            || ReassemblySpec {
+                max_datagrams: config.fragments.max_datagrams,
+                timeout_ms: config.fragments.timeout_ms,
+            },
+        ),
     })
 }
 
@@ -462,6 +468,7 @@ fn pipeline_config(
         workers: config.cores.workers.len(),
         neighbor_timeout_ms: 300_000,
         routable_prefixes,
+        reassemble_fragments: config.fragments.reassemble,
     })
 }
 

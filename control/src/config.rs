@@ -34,6 +34,8 @@ pub struct Config {
     #[serde(default)]
     pub edge: EdgeConfig,
     #[serde(default)]
+    pub fragments: FragmentsConfig,
+    #[serde(default)]
     pub conntrack: ConntrackSection,
     #[serde(default)]
     pub maglev: MaglevConfig,
@@ -342,6 +344,40 @@ pub struct EdgeConfig {
     /// Prefixes that packets from uplinks may be routed to (default: none).
     #[serde(default)]
     pub routable_prefixes: Vec<Ipv4Net>,
+}
+
+/// IPv4 reassembly before the pipeline (DPDK's `rte_ip_frag`, one table per worker).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FragmentsConfig {
+    /// Reassemble the fragments the gateway forwards (as nf_conntrack does); off: a
+    /// fragment of a tracked destination is dropped (`fragment`) and others are routed.
+    #[serde(default = "default_true")]
+    pub reassemble: bool,
+    /// Datagrams in progress per worker; each holds at most 8 fragments' mbufs.
+    #[serde(default = "default_fragment_datagrams")]
+    pub max_datagrams: u32,
+    /// A datagram still incomplete this long after its first fragment is given up.
+    #[serde(default = "default_fragment_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_fragment_datagrams() -> u32 {
+    1024
+}
+
+fn default_fragment_timeout_ms() -> u64 {
+    2000
+}
+
+impl Default for FragmentsConfig {
+    fn default() -> Self {
+        FragmentsConfig {
+            reassemble: true,
+            max_datagrams: default_fragment_datagrams(),
+            timeout_ms: default_fragment_timeout_ms(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -654,6 +690,21 @@ impl Config {
         };
         if self.ports.is_empty() {
             return Err(err("ports".into(), "at least one port is required".into()));
+        }
+        if self.fragments.reassemble {
+            let f = &self.fragments;
+            if !(1..=65536).contains(&f.max_datagrams) {
+                return Err(err(
+                    "fragments.max_datagrams".into(),
+                    format!("{} is outside 1..=65536", f.max_datagrams),
+                ));
+            }
+            if !(10..=60_000).contains(&f.timeout_ms) {
+                return Err(err(
+                    "fragments.timeout_ms".into(),
+                    format!("{} is outside 10..=60000", f.timeout_ms),
+                ));
+            }
         }
         let mut names = HashSet::new();
         for (i, port) in self.ports.iter().enumerate() {

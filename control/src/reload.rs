@@ -111,6 +111,7 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "conntrack.tcp_loose".into(),
         old.conntrack.tcp_loose != new.conntrack.tcp_loose,
     );
+    differ("fragments".into(), old.fragments != new.fragments);
     differ("announce".into(), old.announce != new.announce);
     differ("admin.listen".into(), old.admin.listen != new.admin.listen);
     keys
@@ -135,6 +136,7 @@ pub fn effective(old: &Config, new: &Config) -> Result<Config, String> {
     out.conntrack.overlap_bursts_from = old.conntrack.overlap_bursts_from;
     out.conntrack.half_open_per_source = old.conntrack.half_open_per_source;
     out.conntrack.tcp_loose = old.conntrack.tcp_loose;
+    out.fragments = old.fragments.clone();
     out.announce = old.announce.clone();
     match (&old.vxlan, &mut out.vxlan) {
         (Some(a), Some(b)) => {

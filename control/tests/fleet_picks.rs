@@ -161,6 +161,7 @@ fn pipeline(index: usize, workers: usize) -> Pipeline {
         workers,
         neighbor_timeout_ms: 30_000,
         routable_prefixes: Vec::new(),
+        reassemble_fragments: true,
     })
     .expect("pipeline")
 }

@@ -191,6 +191,7 @@ fn pipeline(config: &Config) -> Pipeline {
         workers: 1,
         neighbor_timeout_ms: 30_000,
         routable_prefixes: Vec::new(),
+        reassemble_fragments: true,
     })
     .expect("pipeline")
 }

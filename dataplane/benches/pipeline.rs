@@ -91,6 +91,7 @@ fn pipeline(flows: usize, routed: bool) -> Pipeline {
         workers: 1,
         neighbor_timeout_ms: 30_000,
         routable_prefixes: vec![],
+        reassemble_fragments: true,
     })
     .expect("pipeline")
 }

@@ -1137,3 +1137,302 @@ unsafe fn fill_telemetry_dict(d: *mut sys::rte_tel_data, dict: &TelemetryDict) {
         }
     }
 }
+
+/// Largest datagram a reassembled frame may hold: an mbuf's data room is a `u16` that
+/// includes the headroom.
+pub const REASSEMBLED_MAX: usize = u16::MAX as usize - sys::RTE_PKTMBUF_HEADROOM as usize;
+
+/// Most fragments one datagram may arrive in (`RTE_LIBRTE_IP_FRAG_MAX_FRAG`).
+pub const FRAGMENTS_PER_DATAGRAM: usize = sys::RTE_LIBRTE_IP_FRAG_MAX_FRAG as usize;
+
+/// Most fragments [`fragment_ipv4`] cuts a datagram into (65,535 bytes at a 1,280-byte MTU).
+pub const FRAGMENTS_OUT_MAX: usize = 64;
+
+/// What [`Reassembly::add`] did with a fragment.
+pub enum Reassembled {
+    /// Held until its datagram is complete.
+    Pending,
+    /// The whole datagram, in one contiguous mbuf from the datagram pool, starting at the
+    /// first fragment's Ethernet header, with a valid IPv4 header checksum.
+    Complete(Mbuf),
+}
+
+/// One worker's IPv4 reassembly: DPDK's fragment table (`rte_ip_frag`), bounded in
+/// datagrams and in time, and the pool whole datagrams are copied into so that the pipeline
+/// sees one contiguous frame. Fragments the table gives up on (timed out, duplicate or
+/// overlapping, more than [`FRAGMENTS_PER_DATAGRAM`], the table full) are freed here and
+/// counted by [`Reassembly::take_freed`].
+pub struct Reassembly {
+    table: NonNull<sys::rte_ip_frag_tbl>,
+    death_row: Box<sys::rte_ip_frag_death_row>,
+    datagrams: std::sync::Arc<Mempool>,
+    freed: u64,
+    /// Fragments seen lately, by a hash of [`FragmentId`]: rte_ip_frag gives up a whole
+    /// datagram when one of its fragments arrives twice, where Linux drops only the copy.
+    /// An exact copy seen within the timeout is dropped here before it reaches the table.
+    recent: Box<[(FragmentId, u64); RECENT_FRAGMENTS]>,
+    timeout_tsc: u64,
+}
+
+/// Fragments [`Reassembly`] remembers to recognise exact copies (direct-mapped).
+const RECENT_FRAGMENTS: usize = 1024;
+
+/// What makes two fragments copies of each other: the datagram (addresses, protocol,
+/// identification) and the piece (flags and offset, length).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct FragmentId {
+    addresses: u64,
+    ident_protocol: u32,
+    flags_offset_length: u32,
+}
+
+impl FragmentId {
+    fn of(ip: &[u8]) -> Option<FragmentId> {
+        let h = ip.first_chunk::<20>()?;
+        Some(FragmentId {
+            addresses: u64::from_be_bytes(h[12..20].try_into().ok()?),
+            ident_protocol: u32::from_be_bytes([h[4], h[5], h[9], 0]),
+            flags_offset_length: u32::from_be_bytes([h[6], h[7], h[2], h[3]]),
+        })
+    }
+
+    fn slot(&self) -> usize {
+        let mixed = crate::maglev::fmix64(
+            self.addresses
+                ^ (u64::from(self.ident_protocol) << 17)
+                ^ u64::from(self.flags_offset_length),
+        );
+        (mixed as usize) & (RECENT_FRAGMENTS - 1)
+    }
+}
+
+// SAFETY: the table and the mbufs it holds belong to this value alone; it moves to the
+// worker's lcore with the worker and is only used there.
+unsafe impl Send for Reassembly {}
+
+impl Reassembly {
+    /// A table of at most `max_datagrams` datagrams in progress, each given up after
+    /// `timeout_tsc` TSC cycles; whole datagrams are copied into mbufs of `datagrams`
+    /// (whose data room should hold [`REASSEMBLED_MAX`] bytes).
+    pub fn new(
+        max_datagrams: u32,
+        timeout_tsc: u64,
+        datagrams: std::sync::Arc<Mempool>,
+    ) -> Result<Reassembly> {
+        let max_datagrams = max_datagrams.max(1);
+        // Four-way buckets, twice as many entries as datagrams: rte_ip_frag's own sizing.
+        let buckets = (max_datagrams * 2).div_ceil(4).next_power_of_two();
+        // SAFETY: plain sizes; the table is allocated from DPDK's heap (EAL is up, since a
+        // mempool exists) and returned to it in Drop.
+        let table = unsafe {
+            sys::rte_ip_frag_table_create(buckets, 4, max_datagrams, timeout_tsc.max(1), -1)
+        };
+        let table = NonNull::new(table).ok_or(Error {
+            operation: format!("rte_ip_frag_table_create({max_datagrams} datagrams)"),
+            code: rte_errno(),
+        })?;
+        Ok(Reassembly {
+            table,
+            death_row: Box::default(),
+            datagrams,
+            freed: 0,
+            recent: vec![(FragmentId::default(), 0); RECENT_FRAGMENTS]
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("RECENT_FRAGMENTS entries")),
+            timeout_tsc: timeout_tsc.max(1),
+        })
+    }
+
+    /// Adds `fragment` (an IPv4 fragment after `l2` bytes of Ethernet header) at TSC time
+    /// `now_tsc`.
+    pub fn add(&mut self, mut fragment: Mbuf, l2: usize, now_tsc: u64) -> Reassembled {
+        let (ip_offset, l3) = {
+            let data = fragment.data();
+            match data.get(l2) {
+                Some(&version_ihl) if l2 < 128 => (l2, usize::from(version_ihl & 0x0f) * 4),
+                _ => {
+                    self.freed += 1;
+                    return Reassembled::Pending;
+                }
+            }
+        };
+        let Some(id) = FragmentId::of(&fragment.data()[ip_offset..]) else {
+            self.freed += 1;
+            return Reassembled::Pending;
+        };
+        let recent = &mut self.recent[id.slot()];
+        if recent.0 == id && now_tsc.wrapping_sub(recent.1) < self.timeout_tsc {
+            self.freed += 1;
+            return Reassembled::Pending;
+        }
+        *recent = (id, now_tsc);
+        let port = fragment.port();
+        let m = fragment.raw_mut();
+        // l2_len is bits 0-6 and l3_len bits 7-15 of tx_offload: rte_ip_frag reads them.
+        m.__bindgen_anon_3.tx_offload = (ip_offset as u64) | ((l3 as u64) << 7);
+        let ip_header = fragment.data_mut()[ip_offset..].as_mut_ptr();
+        // SAFETY: the table and death row are ours; the fragment is a valid single-segment
+        // mbuf whose ownership passes to the table (it is held, freed to the death row, or
+        // chained into the returned datagram); `ip_header` points at its IPv4 header, which
+        // the pipeline validated (length, checksum) before asking for reassembly.
+        let whole = unsafe {
+            sys::rte_ipv4_frag_reassemble_packet(
+                self.table.as_ptr(),
+                &mut *self.death_row,
+                fragment.into_raw(),
+                now_tsc,
+                ip_header.cast(),
+            )
+        };
+        self.free_death_row();
+        let Some(whole) = NonNull::new(whole) else {
+            return Reassembled::Pending;
+        };
+        let whole = Mbuf { mbuf: whole };
+        match self.contiguous_copy(&whole, port, ip_offset) {
+            Some(copy) => Reassembled::Complete(copy),
+            None => {
+                // Too large for one mbuf, or the datagram pool is empty: every fragment is
+                // lost, as the table would have lost them.
+                self.freed += u64::from(whole.raw().nb_segs);
+                Reassembled::Pending
+            }
+        }
+    }
+
+    /// `whole` (a chain) in one mbuf of the datagram pool, with its IPv4 header checksum
+    /// filled (rte_ip_frag leaves it zero).
+    fn contiguous_copy(&self, whole: &Mbuf, port: u16, ip_offset: usize) -> Option<Mbuf> {
+        let len = whole.raw().pkt_len as usize;
+        if len > REASSEMBLED_MAX {
+            return None;
+        }
+        let mut copy = self.datagrams.alloc()?;
+        if !copy.append(len) {
+            return None;
+        }
+        let dst = copy.data_mut().as_mut_ptr();
+        // SAFETY: `whole` is a valid chain of pkt_len bytes; `dst` has room for `len` bytes
+        // (just appended). rte_pktmbuf_read copies into `dst` when the data is segmented and
+        // returns a pointer into the mbuf when it is not; both are copied below.
+        let read = unsafe {
+            sys::rte_pktmbuf_read(whole.mbuf.as_ptr(), 0, len as u32, dst.cast::<c_void>())
+        };
+        if read.is_null() {
+            return None;
+        }
+        if read.cast::<u8>() != dst {
+            // SAFETY: `read` points at `len` bytes inside `whole`, disjoint from `copy`.
+            unsafe { std::ptr::copy_nonoverlapping(read.cast::<u8>(), dst, len) };
+        }
+        copy.raw_mut().port = port;
+        let ip = copy.data_mut().get_mut(ip_offset..)?;
+        let mut ip = crate::wire::ipv4::Ipv4Packet::new_checked(ip).ok()?;
+        ip.fill_checksum();
+        Some(copy)
+    }
+
+    /// Frees the fragments of datagrams older than the timeout.
+    pub fn expire(&mut self, now_tsc: u64) {
+        // SAFETY: the table and death row are ours.
+        unsafe {
+            sys::rte_ip_frag_table_del_expired_entries(
+                self.table.as_ptr(),
+                &mut *self.death_row,
+                now_tsc,
+            )
+        };
+        self.free_death_row();
+    }
+
+    fn free_death_row(&mut self) {
+        if self.death_row.cnt > 0 {
+            self.freed += u64::from(self.death_row.cnt);
+            // SAFETY: the death row holds mbufs the table gave up; freeing them empties it.
+            unsafe { sys::rte_ip_frag_free_death_row(&mut *self.death_row, 0) };
+        }
+    }
+
+    /// Fragments freed without being reassembled since the last call.
+    pub fn take_freed(&mut self) -> u64 {
+        std::mem::take(&mut self.freed)
+    }
+}
+
+impl Drop for Reassembly {
+    fn drop(&mut self) {
+        self.free_death_row();
+        // SAFETY: the table came from rte_ip_frag_table_create; destroying it frees the
+        // fragments it still holds.
+        unsafe { sys::rte_ip_frag_table_destroy(self.table.as_ptr()) };
+    }
+}
+
+/// The fragments [`fragment_ipv4`] cut, taken in order; those not taken are freed.
+pub struct Fragments {
+    mbufs: [*mut sys::rte_mbuf; FRAGMENTS_OUT_MAX],
+    len: usize,
+    next: usize,
+}
+
+impl Fragments {
+    pub fn len(&self) -> usize {
+        self.len - self.next
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == self.next
+    }
+
+    pub fn pop(&mut self) -> Option<Mbuf> {
+        if self.next >= self.len {
+            return None;
+        }
+        let ptr = self.mbufs[self.next];
+        self.next += 1;
+        NonNull::new(ptr).map(|mbuf| Mbuf { mbuf })
+    }
+}
+
+impl Drop for Fragments {
+    fn drop(&mut self) {
+        while self.pop().is_some() {}
+    }
+}
+
+/// Cuts `packet` (starting at its IPv4 header, without DF) into fragments of at most
+/// `ip_mtu` bytes, copied into fresh mbufs of `pool` with the usual headroom for the link
+/// headers (`rte_ipv4_fragment_copy_nonseg_packet`); their IPv4 header checksums are left
+/// zero. The error is DPDK's errno.
+pub fn fragment_ipv4(
+    packet: &Mbuf,
+    ip_mtu: u16,
+    pool: &Mempool,
+) -> std::result::Result<Fragments, i32> {
+    let mut fragments = Fragments {
+        mbufs: [std::ptr::null_mut(); FRAGMENTS_OUT_MAX],
+        len: 0,
+        next: 0,
+    };
+    if !packet.is_contiguous() {
+        return Err(22);
+    }
+    // SAFETY: `packet` is a valid single-segment mbuf the function only reads; `mbufs` has
+    // room for the FRAGMENTS_OUT_MAX pointers passed; the pool is valid. On success the
+    // first `n` entries are fresh mbufs we own (freed by `Fragments`); on failure the
+    // function freed whatever it had made.
+    let n = unsafe {
+        sys::rte_ipv4_fragment_copy_nonseg_packet(
+            packet.mbuf.as_ptr(),
+            fragments.mbufs.as_mut_ptr(),
+            FRAGMENTS_OUT_MAX as u16,
+            ip_mtu,
+            pool.as_ptr(),
+        )
+    };
+    if n < 0 {
+        return Err(-n);
+    }
+    fragments.len = (n as usize).min(FRAGMENTS_OUT_MAX);
+    Ok(fragments)
+}

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::dpdk::{self, Eal, LcoreId, Mempool, Port, PortId, PortSetup, PortStats, QueueId};
+use crate::dpdk::{
+    self, Eal, LcoreId, Mempool, Port, PortId, PortSetup, PortStats, QueueId, Reassembly,
+};
 use crate::snapshot::Snapshot;
 use crate::stats::WorkerStats;
 use crate::worker::{Mode, Worker, WorkerShared};
@@ -38,8 +40,23 @@ pub struct RuntimeSpec {
     pub idle_sleep_us: u64,
     /// [`Worker::overlap_bursts_from`].
     pub overlap_bursts_from: usize,
+    /// Each worker's IPv4 reassembly (`None`: none).
+    pub reassembly: Option<ReassemblySpec>,
 }
 
+/// Bounds of one worker's IPv4 reassembly.
+#[derive(Clone, Copy, Debug)]
+pub struct ReassemblySpec {
+    /// Datagrams in progress at once; a fragment of one more is dropped (`fragment`)
+    /// unless the oldest has timed out.
+    pub max_datagrams: u32,
+    /// A datagram not complete this long after its first fragment is given up.
+    pub timeout_ms: u64,
+}
+
+/// Whole datagrams (up to 64 KiB each) a worker may have in flight at once, between its
+/// reassembly and transmission or a hand-off.
+const DATAGRAM_MBUFS_PER_WORKER: u32 = 64;
 /// What `Runtime::stop` observed.
 #[derive(Clone)]
 pub struct StopReport {
@@ -56,6 +73,8 @@ pub struct Runtime {
     // Field order is drop order: ports before the pool before EAL.
     ports: Vec<Port>,
     pool: Arc<Mempool>,
+    /// Reassembled datagrams, one contiguous mbuf each.
+    datagrams: Option<Arc<Mempool>>,
     lcores: Vec<LcoreId>,
     stop: Arc<AtomicBool>,
     pub snapshot: Arc<ArcSwap<Snapshot>>,
@@ -77,6 +96,19 @@ impl Runtime {
         }
         let pool = Mempool::new(&eal, "sg_mbufs", spec.mbufs, spec.mbuf_cache, 2048)
             .map_err(|e| e.to_string())?;
+        let datagrams = match spec.reassembly {
+            Some(_) => Some(Arc::new(
+                Mempool::new(
+                    &eal,
+                    "sg_datagrams",
+                    DATAGRAM_MBUFS_PER_WORKER * spec.workers.len().max(1) as u32,
+                    0,
+                    dpdk::REASSEMBLED_MAX as u16,
+                )
+                .map_err(|e| format!("reassembly pool: {e}"))?,
+            )),
+            None => None,
+        };
         let mut ports = Vec::with_capacity(spec.ports.len());
         for port_spec in &spec.ports {
             let mut port = Port::by_name(&eal, &port_spec.device_name)
@@ -90,6 +122,7 @@ impl Runtime {
         Ok(Runtime {
             ports,
             pool: Arc::new(pool),
+            datagrams,
             lcores: lcores[..spec.workers.len()].to_vec(),
             stop: Arc::new(AtomicBool::new(false)),
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
@@ -127,7 +160,19 @@ impl Runtime {
                 .map_err(|e| format!("port {}: {e}", port_spec.name))?;
         }
         let max_port_id = self.ports.iter().map(|p| p.id.0).max().unwrap_or(0);
+        let tsc_per_ms = dpdk::tsc_hz() / 1000;
         for (index, worker_spec) in spec.workers.iter().enumerate() {
+            let reassembly = match (spec.reassembly, &self.datagrams) {
+                (Some(r), Some(datagrams)) => Some(
+                    Reassembly::new(
+                        r.max_datagrams,
+                        r.timeout_ms.saturating_mul(tsc_per_ms),
+                        datagrams.clone(),
+                    )
+                    .map_err(|e| format!("worker {index}: {e}"))?,
+                ),
+                _ => None,
+            };
             let worker = Worker {
                 index,
                 rx_queues: worker_spec
@@ -144,6 +189,7 @@ impl Runtime {
                 peers: self.workers.clone(),
                 idle_sleep_us: spec.idle_sleep_us,
                 overlap_bursts_from: spec.overlap_bursts_from,
+                reassembly,
             };
             let lcore = self.lcores[index];
             self.eal

@@ -40,7 +40,7 @@ drop_reasons! {
     NotIpv4 => "not_ipv4": "not IPv4 or ARP, and no exception port to hand it to",
     BadChecksum => "bad_checksum": "IPv4 header checksum wrong",
     TtlExceeded => "ttl_exceeded": "TTL reached zero (an ICMP time-exceeded was sent when allowed)",
-    Fragment => "fragment": "IPv4 fragment of a service flow (fragments are not reassembled)",
+    Fragment => "fragment": "IPv4 fragment given up without being reassembled: timed out, duplicate or overlapping, over 8 per datagram or 65,407 bytes, the table full (or fragments.reassemble off and the fragment's flow tracked)",
     NoService => "no_service": "destination is an unallocated service address, or a service port nobody serves",
     NoEndpoints => "no_endpoints": "service has no usable endpoint (an ICMP port-unreachable was sent when allowed)",
     SourceRange => "source_range": "LoadBalancer source outside loadBalancerSourceRanges",
@@ -84,6 +84,12 @@ pub struct WorkerStats {
     pub to_exception: u64,
     /// Packets the pipeline's established-flow fast path forwarded.
     pub fast_path: u64,
+    /// IPv4 fragments taken into reassembly.
+    pub fragments_in: u64,
+    /// Datagrams reassembled from them.
+    pub reassembled: u64,
+    /// Fragments the gateway cut from packets larger than the egress MTU.
+    pub fragments_out: u64,
     pub from_exception: u64,
     /// Snapshot generation the worker last loaded.
     pub generation: u64,
@@ -133,6 +139,9 @@ impl Default for WorkerStats {
             handoffs_in: 0,
             to_exception: 0,
             fast_path: 0,
+            fragments_in: 0,
+            reassembled: 0,
+            fragments_out: 0,
             from_exception: 0,
             generation: 0,
             burst_latency_ns: new_latency_histogram(),
@@ -233,6 +242,9 @@ impl WorkerStats {
         self.handoffs_in += other.handoffs_in;
         self.to_exception += other.to_exception;
         self.fast_path += other.fast_path;
+        self.fragments_in += other.fragments_in;
+        self.reassembled += other.reassembled;
+        self.fragments_out += other.fragments_out;
         self.from_exception += other.from_exception;
         self.generation = self.generation.max(other.generation);
         let _ = self.burst_latency_ns.add(&other.burst_latency_ns);
@@ -282,6 +294,9 @@ impl WorkerStats {
         self.handoffs_in = local.handoffs_in;
         self.to_exception = local.to_exception;
         self.fast_path = local.fast_path;
+        self.fragments_in = local.fragments_in;
+        self.reassembled = local.reassembled;
+        self.fragments_out = local.fragments_out;
         self.from_exception = local.from_exception;
         self.generation = local.generation;
         self.frontend_packets.clone_from(&local.frontend_packets);

@@ -15,7 +15,9 @@ use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 
 use crate::conntrack::{Direction, FlowKey, Nat, Tick};
-use crate::dpdk::{self, Mbuf, Mempool, PortId, QueueId, RxBurst, TxBuffer};
+use crate::dpdk::{
+    self, Mbuf, Mempool, PortId, QueueId, Reassembled, Reassembly, RxBurst, TxBuffer,
+};
 use crate::frame::Frame;
 use crate::pipeline::{BurstHashes, Pipeline, Verdict};
 use crate::snapshot::Snapshot;
@@ -114,6 +116,8 @@ pub struct Worker {
     /// Live conntrack entries from which each burst is held back until the next one has
     /// been received and its index slots requested (0: always).
     pub overlap_bursts_from: usize,
+    /// IPv4 reassembly (`None`: fragments the pipeline asks to reassemble are dropped).
+    pub reassembly: Option<Reassembly>,
 }
 
 /// [`Worker::overlap_bursts_from`] by default: at 2^18 live flows the conntrack entries
@@ -185,7 +189,7 @@ impl Worker {
                 stats.handoffs_in += 1;
                 let in_port = mbuf.port();
                 let verdict = self.handle(&mut mbuf, in_port, snapshot, now, &mut stats, None);
-                self.dispatch(mbuf, verdict, now, &mut tx, &mut held, &mut stats);
+                self.dispatch(mbuf, verdict, snapshot, now, &mut tx, &mut held, &mut stats);
             }
             received += taken;
 
@@ -295,7 +299,7 @@ impl Worker {
             let hash = burst.hashes.get(position);
             position += 1;
             let verdict = self.handle(&mut mbuf, in_port, snapshot, now, stats, hash);
-            self.dispatch(mbuf, verdict, now, tx, held, stats);
+            self.dispatch(mbuf, verdict, snapshot, now, tx, held, stats);
         }
     }
 
@@ -325,7 +329,96 @@ impl Worker {
     }
 
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn dispatch(
+        &mut self,
+        mbuf: Mbuf,
+        verdict: Verdict,
+        snapshot: &Snapshot,
+        now: Tick,
+        tx: &mut [TxBuffer],
+        held: &mut Vec<Held>,
+        stats: &mut WorkerStats,
+    ) {
+        match verdict {
+            Verdict::Reassemble => self.reassemble(mbuf, snapshot, now, tx, held, stats),
+            Verdict::Fragment { ip_mtu } => self.fragment(mbuf, ip_mtu, now, tx, held, stats),
+            _ => self.dispatch_whole(mbuf, verdict, now, tx, held, stats),
+        }
+    }
+
+    /// Adds a fragment to the reassembly; a datagram it completes goes through the
+    /// pipeline like a received frame (it is no fragment any more).
+    #[inline(never)]
+    fn reassemble(
+        &mut self,
+        mbuf: Mbuf,
+        snapshot: &Snapshot,
+        now: Tick,
+        tx: &mut [TxBuffer],
+        held: &mut Vec<Held>,
+        stats: &mut WorkerStats,
+    ) {
+        let Some(reassembly) = self.reassembly.as_mut() else {
+            stats.drop(DropReason::Fragment);
+            return;
+        };
+        let l2 = match mbuf.data().get(12..14) {
+            Some([0x81, 0x00]) => 18,
+            Some(_) => 14,
+            None => {
+                stats.drop(DropReason::Malformed);
+                return;
+            }
+        };
+        stats.fragments_in += 1;
+        let Reassembled::Complete(mut whole) = reassembly.add(mbuf, l2, dpdk::tsc()) else {
+            return;
+        };
+        stats.reassembled += 1;
+        let in_port = whole.port();
+        let verdict = self.handle(&mut whole, in_port, snapshot, now, stats, None);
+        match verdict {
+            Verdict::Fragment { ip_mtu } => self.fragment(whole, ip_mtu, now, tx, held, stats),
+            // A whole datagram is no fragment: the pipeline cannot ask again.
+            Verdict::Reassemble => stats.drop(DropReason::Malformed),
+            _ => self.dispatch_whole(whole, verdict, now, tx, held, stats),
+        }
+    }
+
+    /// Cuts a packet larger than its egress MTU into fragments (DPDK's `rte_ip_frag`) and
+    /// sends each the way the pipeline sends the packet.
+    #[inline(never)]
+    fn fragment(
+        &mut self,
+        packet: Mbuf,
+        ip_mtu: u16,
+        now: Tick,
+        tx: &mut [TxBuffer],
+        held: &mut Vec<Held>,
+        stats: &mut WorkerStats,
+    ) {
+        let mut fragments = match dpdk::fragment_ipv4(&packet, ip_mtu, &self.pool) {
+            Ok(fragments) => fragments,
+            Err(_) => {
+                stats.drop(DropReason::NoMbuf);
+                return;
+            }
+        };
+        drop(packet);
+        stats.fragments_out += fragments.len() as u64;
+        while let Some(mut fragment) = fragments.pop() {
+            let verdict = match &mut self.mode {
+                Mode::Gateway(pipeline) => pipeline.egress_fragment(&mut fragment, now),
+                Mode::Io { .. } => Verdict::Drop(DropReason::Malformed),
+            };
+            self.dispatch_whole(fragment, verdict, now, tx, held, stats);
+        }
+    }
+
+    /// The verdicts about one frame as it leaves: send, hold, hand over or drop.
+    #[inline(always)]
+    fn dispatch_whole(
         &self,
         mbuf: Mbuf,
         verdict: Verdict,
@@ -361,6 +454,11 @@ impl Worker {
                     stats.handoffs_out += 1;
                 }
             }
+            // Handled by `dispatch`; a fragment of a fragment is not made.
+            Verdict::Reassemble | Verdict::Fragment { .. } => {
+                stats.drop(DropReason::Malformed);
+                drop(mbuf);
+            }
         }
     }
 
@@ -371,6 +469,10 @@ impl Worker {
         held: &mut Vec<Held>,
         stats: &mut WorkerStats,
     ) {
+        if let Some(reassembly) = self.reassembly.as_mut() {
+            reassembly.expire(dpdk::tsc());
+            stats.drops[DropReason::Fragment as usize] += reassembly.take_freed();
+        }
         let Mode::Gateway(pipeline) = &mut self.mode else {
             return;
         };

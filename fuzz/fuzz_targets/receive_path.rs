@@ -79,6 +79,7 @@ fn config() -> PipelineConfig {
         workers: 1,
         neighbor_timeout_ms: 30_000,
         routable_prefixes: vec![],
+        reassemble_fragments: true,
     }
 }
 

@@ -17,10 +17,13 @@
 //! 2. **IPv4**: `new_checked` (`malformed`), header checksum (`bad_checksum`); Ethernet
 //!    padding is trimmed. L4 checksums are not verified (a bad one stays bad through the
 //!    incremental updates). *Options* are allowed and forwarded untouched (L4 is found
-//!    through the IHL; source-route options are not acted upon). *Fragments*: never
-//!    reassembled nor translated; a fragment addressed to a service address, into the
-//!    service CIDR or to a SNAT address is dropped (`fragment`) because its flow cannot be
-//!    tracked without reassembly; any other fragment is routed as it is.
+//!    through the IHL; source-route options are not acted upon). *Fragments* (after the
+//!    uplink source check) go to the worker's reassembly ([`Verdict::Reassemble`], DPDK's
+//!    `rte_ip_frag`) unless they are for the gateway itself (the kernel reassembles those)
+//!    or come from an uplink toward nothing the whole datagram could reach
+//!    (`uplink_not_allowed`); the whole datagram then comes back as a new frame. With
+//!    `fragments.reassemble` off, a fragment to a service, node-port or SNAT address or into
+//!    the service CIDR is dropped (`fragment`) and any other is routed as it is.
 //! 3. **VXLAN** to `local_vtep:udp_port`, on a cluster port only: I flag required (`vxlan_bad_flags`), VNI must be
 //!    the configured one (`vxlan_unknown_vni`), truncation is `malformed`. The outer headers
 //!    are stripped; the outer source (the sending node's VTEP) is kept for
@@ -51,9 +54,10 @@
 //! 6. **Route**: pod CIDRs of the snapshot (VXLAN encap toward the node's VTEP) first, then
 //!    configured and connected routes by longest prefix (a connected route wins over a
 //!    static one of the same prefix). TTL ≤ 1 → ICMP time-exceeded (`ttl_exceeded`). *MTU*:
-//!    a frame whose (outer) IP length exceeds the egress MTU is never fragmented: with DF
-//!    an ICMP frag-needed goes back (next-hop MTU = port MTU, minus 50 when encapsulating),
-//!    both cases count `mtu_exceeded`.
+//!    a packet whose (outer) IP length exceeds the egress MTU gets, with DF, an ICMP
+//!    frag-needed (next-hop MTU = port MTU, minus 50 when encapsulating; `mtu_exceeded`);
+//!    without DF it is translated whole and handed to the worker to cut
+//!    ([`Verdict::Fragment`]; each fragment leaves through [`Pipeline::egress_fragment`]).
 //! 7. **L2**: egress MAC as source, next hop's MAC as destination → `Transmit`, or
 //!    `HoldForNeighbor` (the next hop is then ARPed by [`Pipeline::housekeeping`]).
 //!
@@ -138,6 +142,8 @@ const _: () = assert!(ROUTE_CACHE_SLOTS.is_power_of_two());
 /// so learning never allocates; when full, configured and known VTEPs keep their entries
 /// and new ones are sent with the broadcast inner MAC, which kernel VXLAN devices accept).
 const VTEP_MACS: usize = 4096;
+/// The smallest IP MTU the gateway fragments to (RFC 791's 576 bytes every host accepts).
+const MIN_FRAGMENT_MTU: u16 = 576;
 /// Frames per burst the prefetch stage looks ahead at (the rx burst size).
 pub const PREFETCH_BURST: usize = 32;
 
@@ -199,6 +205,9 @@ pub struct PipelineConfig {
     /// Prefixes that uplinks may reach although they are neither a Service frontend nor
     /// the gateway's (`edge.routable_prefixes`; see [`edge`]).
     pub routable_prefixes: Vec<Ipv4Net>,
+    /// Fragments the gateway forwards are reassembled first ([`Verdict::Reassemble`]), as
+    /// nf_conntrack does; off: a fragment of a tracked destination is dropped (`fragment`).
+    pub reassemble_fragments: bool,
 }
 
 /// The conntrack key hashes [`Pipeline::prefetch_burst`] computed, by position in the burst.
@@ -240,6 +249,30 @@ pub enum Verdict {
     Handoff {
         worker: u16,
     },
+    /// An IPv4 fragment the gateway must see whole (its flow is tracked, or may be): add it
+    /// to the worker's reassembly; the whole datagram then goes through
+    /// [`Pipeline::process`] like any frame.
+    Reassemble,
+    /// The packet is translated but larger than the egress MTU, without DF: its link
+    /// headers are removed (the frame starts at the IPv4 header). Cut it into fragments of
+    /// at most `ip_mtu` bytes and pass each to [`Pipeline::egress_fragment`].
+    Fragment {
+        ip_mtu: u16,
+    },
+}
+
+/// The egress of the packet a [`Verdict::Fragment`] cut, for each of its fragments.
+#[derive(Clone, Copy, Debug)]
+struct FragmentEgress {
+    ctx: Ctx,
+    hop: Hop,
+    cache_slot: Option<usize>,
+    /// The packet's Ethernet header (with its 802.1Q tag, if any) as the pipeline left it.
+    link: [u8; FragmentEgress::LINK_MAX],
+}
+
+impl FragmentEgress {
+    const LINK_MAX: usize = 18;
 }
 
 // Eight bytes travel back from every stage in a register; a larger verdict is returned
@@ -441,6 +474,9 @@ pub struct Pipeline {
     snat_port_range: RangeInclusive<u16>,
     /// The [`LiveSettings::id`] applied last (0: the ones of [`PipelineConfig`]).
     settings_id: u64,
+    reassemble_fragments: bool,
+    /// Set by [`Verdict::Fragment`], read by [`Pipeline::egress_fragment`].
+    fragment_egress: Option<FragmentEgress>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -696,6 +732,8 @@ impl Pipeline {
             fast_path: true,
             snat_port_range: config.snat_port_range,
             settings_id: 0,
+            reassemble_fragments: config.reassemble_fragments,
+            fragment_egress: None,
         })
     }
 
@@ -1209,12 +1247,10 @@ impl Pipeline {
                 return Verdict::Drop(bad.drop_reason());
             }
         }
-        if fragment
-            && (snap.service_addresses.contains_key(&dst)
-                || self.is_snat_addr(dst)
-                || snap.service_cidr.is_some_and(|c| c.contains(&dst)))
-        {
-            return Verdict::Drop(DropReason::Fragment);
+        if fragment {
+            if let Some(verdict) = self.fragment_verdict(dst, snap, from_uplink) {
+                return verdict;
+            }
         }
         if l4 == L4::IcmpError && !fragment {
             if let Some(v) = self.icmp_error_tracked(frame, ctx, snap, now, stats) {
@@ -1300,6 +1336,37 @@ impl Pipeline {
             return Verdict::Drop(DropReason::UplinkNotAllowed);
         }
         self.forward(frame, ctx, now, stats, Rewrite::default(), None)
+    }
+
+    /// What becomes of a fragment: reassembled when its flow is or may be tracked (to a
+    /// service, node-port or SNAT address, or a reply or routed packet: nf_conntrack
+    /// reassembles all of these), `None` (the general path: the kernel reassembles) when
+    /// it is for the gateway itself. A fragment from an uplink that the whole datagram
+    /// could not pass either is dropped before it takes a place in the table.
+    #[cold]
+    fn fragment_verdict(
+        &self,
+        dst: Ipv4Addr,
+        snap: &Snapshot,
+        from_uplink: bool,
+    ) -> Option<Verdict> {
+        let tracked = snap.service_addresses.contains_key(&dst)
+            || snap.node_port_addresses.contains(&dst)
+            || self.is_snat_addr(dst)
+            || snap.service_cidr.is_some_and(|c| c.contains(&dst));
+        if !self.reassemble_fragments {
+            return tracked.then_some(Verdict::Drop(DropReason::Fragment));
+        }
+        if tracked {
+            return Some(Verdict::Reassemble);
+        }
+        if self.is_owned(dst) || dst.is_broadcast() || dst.is_multicast() {
+            return None;
+        }
+        if from_uplink && !self.edge.routable(dst) {
+            return Some(Verdict::Drop(DropReason::UplinkNotAllowed));
+        }
+        Some(Verdict::Reassemble)
     }
 
     /// Whether the packet arrived on an uplink (the edge policy applies).
@@ -1864,13 +1931,76 @@ impl Pipeline {
                     None,
                 );
             }
-            return Verdict::Drop(DropReason::MtuExceeded);
+            return self.fragment_on_egress(frame, ctx, rw, hop, cache_slot, mtu - overhead);
         }
         {
             let ip = &mut frame.data_mut()[ctx.l2..];
             rewrite::forward_rewrite(ip, rw.src, rw.dst);
         }
         self.egress(frame, ctx, now, hop, cache_slot)
+    }
+
+    /// A packet without DF above the egress MTU: translated whole (its transport checksum
+    /// covers every fragment), its link headers set aside for
+    /// [`Pipeline::egress_fragment`], then handed to the worker to cut.
+    #[cold]
+    #[inline(never)]
+    fn fragment_on_egress<F: Frame>(
+        &mut self,
+        frame: &mut F,
+        mut ctx: Ctx,
+        rw: Rewrite,
+        hop: Hop,
+        cache_slot: Option<usize>,
+        ip_mtu: usize,
+    ) -> Verdict {
+        if ctx.l2 > FragmentEgress::LINK_MAX || ip_mtu < usize::from(MIN_FRAGMENT_MTU) {
+            return Verdict::Drop(DropReason::MtuExceeded);
+        }
+        {
+            let ip = &mut frame.data_mut()[ctx.l2..];
+            rewrite::forward_rewrite(ip, rw.src, rw.dst);
+        }
+        let mut link = [0u8; FragmentEgress::LINK_MAX];
+        link[..ctx.l2].copy_from_slice(&frame.data()[..ctx.l2]);
+        // Every fragment takes the same underlay path (VXLAN source port): a hash of the
+        // addresses when the flow gave none, since only the first fragment has ports.
+        if ctx.flow_hash.is_none() {
+            let ip = &frame.data()[ctx.l2..];
+            let addresses = u64::from_be_bytes(ip[12..20].try_into().unwrap_or([0; 8]));
+            ctx.flow_hash = Some(fmix64(addresses));
+        }
+        if !frame.adj(ctx.l2) {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        self.fragment_egress = Some(FragmentEgress {
+            ctx,
+            hop,
+            cache_slot,
+            link,
+        });
+        Verdict::Fragment {
+            ip_mtu: ip_mtu.min(usize::from(u16::MAX)) as u16,
+        }
+    }
+
+    /// One fragment of the packet the last [`Verdict::Fragment`] was about (the frame
+    /// starts at its IPv4 header, whose checksum is filled here): the link headers back,
+    /// then the same egress as the whole packet would have taken.
+    pub fn egress_fragment<F: Frame>(&mut self, frame: &mut F, now: Tick) -> Verdict {
+        let Some(pending) = self.fragment_egress else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        match Ipv4Packet::new_checked(frame.data_mut()) {
+            Ok(mut ip) => ip.fill_checksum(),
+            Err(_) => return Verdict::Drop(DropReason::Malformed),
+        }
+        let l2 = pending.ctx.l2;
+        if !frame.prepend(l2) {
+            return Verdict::Drop(DropReason::NoMbuf);
+        }
+        frame.data_mut()[..l2].copy_from_slice(&pending.link[..l2]);
+        self.egress(frame, pending.ctx, now, pending.hop, pending.cache_slot)
     }
 
     /// Encapsulates when the hop says so, then sets MACs: from the route cache's copy when
@@ -2146,6 +2276,12 @@ impl Pipeline {
             }
         }
         let (src, dst, protocol) = (ip.src(), ip.dst(), ip.protocol());
+        // Every fragment of a datagram must reach the worker reassembling it, and only the
+        // first has ports: fragments are placed by their addresses (the whole datagram is
+        // handed to its flow's owner after reassembly).
+        if ip.is_fragment() {
+            return Some((protocol, src, 0, dst, 0, src));
+        }
         match rewrite::parse_l4(protocol, ip.frag_offset() == 0, ip.payload()).ok()? {
             L4::Ports { sport, dport, .. } => Some((protocol, src, sport, dst, dport, src)),
             L4::Echo { ident, .. } => Some((protocol, src, ident, dst, ident, src)),

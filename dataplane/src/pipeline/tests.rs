@@ -106,6 +106,7 @@ pub(super) fn config(worker_index: usize, workers: usize) -> PipelineConfig {
         workers,
         neighbor_timeout_ms: 30_000,
         routable_prefixes: vec![],
+        reassemble_fragments: true,
     }
 }
 
@@ -936,7 +937,7 @@ fn l3_table() {
             check: none(),
         },
         Case {
-            desc: "fragment of a routed packet: forwarded as it is",
+            desc: "fragment of a routed packet: reassembled first (as nf_conntrack does)",
             port: UPLINK,
             input: {
                 let mut f = udp_in.clone();
@@ -945,8 +946,8 @@ fn l3_table() {
                 p.fill_checksum();
                 f
             },
-            verdict: Verdict::Transmit { port: CLUSTER },
-            check: Box::new(|o| assert_eq!(o.ttl, 63)),
+            verdict: Verdict::Reassemble,
+            check: none(),
         },
     ];
     for c in cases {
@@ -1069,10 +1070,14 @@ fn mtu_exceeded() {
     assert_eq!(o.dst, ip("203.0.113.5"));
     assert_eq!(o.quoted, df[14..14 + 28].to_vec());
     assert_drop(&stats, DropReason::MtuExceeded, 1);
+    // Without DF it is fragmented: routed (TTL 63), its link header removed for the worker
+    // to cut the IPv4 packet (`fragments_are_sent_the_way_the_whole_packet_goes`).
     let no_df = from_router().udp_v4(sa("203.0.113.5:4000"), sa("10.244.1.5:53"), &big);
     let r = run(&mut p, &snap, UPLINK, &no_df, 0, &mut stats);
-    assert_eq!(r.verdict, Verdict::Drop(DropReason::MtuExceeded));
-    assert_drop(&stats, DropReason::MtuExceeded, 2);
+    assert_eq!(r.verdict, Verdict::Fragment { ip_mtu: 1000 });
+    assert_eq!(r.out.len(), no_df.len() - 14);
+    assert_eq!((r.out[0], r.out[8]), (0x45, 63));
+    assert_drop(&stats, DropReason::MtuExceeded, 1);
     // Through VXLAN the next-hop MTU leaves room for the 50 bytes of encapsulation.
     let to_pod = from_router().dont_frag(true).udp_v4(
         sa("203.0.113.5:4000"),
@@ -1084,6 +1089,73 @@ fn mtu_exceeded() {
     assert_eq!(
         parse(&r.out).icmp,
         Some((icmp::TYPE_DEST_UNREACHABLE, icmp::CODE_FRAG_NEEDED, 950))
+    );
+}
+
+/// What the worker does with a [`Verdict::Fragment`] (DPDK's `rte_ipv4_fragment_*` there,
+/// cut by hand here): each piece goes back through [`Pipeline::egress_fragment`] and leaves
+/// the way the whole packet would have, toward one VTEP with one outer source port.
+#[test]
+fn fragments_are_sent_the_way_the_whole_packet_goes() {
+    let snap = empty_snapshot();
+    let mut cfg = routed_config();
+    cfg.ports[1].mtu = 1000;
+    let mut p = Pipeline::new(cfg).unwrap();
+    let mut stats = WorkerStats::default();
+    let data: Vec<u8> = (0..2400u32).map(|i| (i * 7) as u8).collect();
+    let input =
+        from_router()
+            .ident(0x4242)
+            .udp_v4(sa("203.0.113.5:4000"), sa("10.245.2.9:53"), &data);
+    let r = run(&mut p, &snap, UPLINK, &input, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Fragment { ip_mtu: 950 });
+    let packet = r.out;
+    let payload = &packet[20..];
+    // (950 - 20) rounded down to a multiple of 8.
+    let piece = 928;
+    let mut outputs = Vec::new();
+    for (i, chunk) in payload.chunks(piece).enumerate() {
+        let mut fragment = packet[..20].to_vec();
+        fragment.extend_from_slice(chunk);
+        {
+            let mut ip = Ipv4Packet::new_unchecked(&mut fragment[..]);
+            ip.set_total_len((20 + chunk.len()) as u16);
+            ip.set_more_frags((i + 1) * piece < payload.len());
+            ip.set_frag_offset((i * piece) as u16);
+            ip.set_checksum(0);
+        }
+        let mut frame = VecFrame::new(&fragment);
+        let verdict = p.egress_fragment(&mut frame, 0);
+        assert_eq!(verdict, Verdict::Transmit { port: CLUSTER }, "fragment {i}");
+        outputs.push(frame.into_vec());
+    }
+    assert_eq!(outputs.len(), 3);
+    let mut reassembled = Vec::new();
+    let mut source_ports = Vec::new();
+    for (i, out) in outputs.iter().enumerate() {
+        assert!(out.len() <= 14 + 1000, "fragment {i}: {} bytes", out.len());
+        let outer = Ipv4Packet::new_checked(&out[14..]).unwrap();
+        assert!(outer.verify_checksum(), "fragment {i}: outer checksum");
+        assert_eq!(outer.dst(), ip("10.0.0.2"), "fragment {i}: node-2's VTEP");
+        let udp = UdpPacket::new_checked(outer.payload()).unwrap();
+        assert_eq!(udp.dst_port(), 4789);
+        source_ports.push(udp.src_port());
+        let inner = Ipv4Packet::new_checked(&out[14 + 20 + 8 + 8 + 14..]).unwrap();
+        assert!(inner.verify_checksum(), "fragment {i}: inner checksum");
+        assert_eq!(inner.ident(), 0x4242);
+        assert_eq!(inner.ttl(), 63);
+        assert_eq!(inner.frag_offset() as usize, i * piece);
+        assert_eq!(inner.more_frags(), i < 2);
+        reassembled.extend_from_slice(inner.payload());
+    }
+    assert!(
+        source_ports.windows(2).all(|w| w[0] == w[1]),
+        "{source_ports:?}"
+    );
+    assert_eq!(
+        reassembled,
+        input[14 + 20..],
+        "the datagram, whole and in order"
     );
 }
 
@@ -2252,6 +2324,13 @@ fn fragments_and_echo_to_service_addresses() {
         ipp.fill_checksum();
     }
     let r = run(&mut p, &snap, CLUSTER, &frag, 0, &mut stats);
+    assert_eq!(r.verdict, Verdict::Reassemble);
+    let mut off = Pipeline::new(PipelineConfig {
+        reassemble_fragments: false,
+        ..config(0, 1)
+    })
+    .unwrap();
+    let r = run(&mut off, &snap, CLUSTER, &frag, 0, &mut stats);
     assert_eq!(r.verdict, Verdict::Drop(DropReason::Fragment));
     let ping = from_cluster().icmp_echo_v4(ip("10.244.9.9"), ip(CIP), true, 9, 1, b"hi");
     let r = run(&mut p, &snap, CLUSTER, &ping, 0, &mut stats);
@@ -2279,23 +2358,42 @@ fn first_fragment_of_a_large_udp_datagram() {
     };
     let cases = [
         (
-            "routed, untouched but for TTL",
+            "routed, reassembly on",
             first_fragment("203.0.113.5:53"),
+            true,
+            Verdict::Reassemble,
+        ),
+        (
+            "to a ClusterIP, reassembly on",
+            first_fragment("10.96.0.53:53"),
+            true,
+            Verdict::Reassemble,
+        ),
+        (
+            "routed, reassembly off: untouched but for TTL",
+            first_fragment("203.0.113.5:53"),
+            false,
             Verdict::Transmit { port: UPLINK },
         ),
         (
-            "to a ClusterIP",
+            "to a ClusterIP, reassembly off",
             first_fragment("10.96.0.53:53"),
+            false,
             Verdict::Drop(DropReason::Fragment),
         ),
     ];
-    for (desc, frag, verdict) in cases {
-        let mut p = pipeline();
+    for (desc, frag, reassemble_fragments, verdict) in cases {
+        let mut p = Pipeline::new(PipelineConfig {
+            reassemble_fragments,
+            ..config(0, 1)
+        })
+        .unwrap();
         let mut stats = WorkerStats::default();
         let r = run(&mut p, &snap, CLUSTER, &frag, 0, &mut stats);
         assert_eq!(r.verdict, verdict, "{desc}");
         match verdict {
             Verdict::Drop(reason) => assert_drop(&stats, reason, 1),
+            Verdict::Reassemble => assert_eq!(r.out, frag, "{desc}: untouched"),
             _ => {
                 assert_eq!(r.out.len(), frag.len(), "{desc}");
                 assert_eq!(r.out[14 + 8], 63, "{desc}: TTL");

@@ -218,6 +218,7 @@ fn routable_prefixes_open_what_they_name() {
     let snap = svc_snapshot();
     let mut p = Pipeline::new(PipelineConfig {
         routable_prefixes: vec!["10.244.1.0/24".parse().unwrap()],
+        reassemble_fragments: true,
         ..config(0, 1)
     })
     .unwrap();
