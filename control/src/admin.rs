@@ -659,6 +659,7 @@ fn render_metrics(state: &AdminState, worker_idle: &[Duration]) -> String {
     let handoffs = counter_family();
     let exception = counter_family();
     let fast_path = counter_family();
+    let fragments = counter_family();
     let bursts = counter_family();
     let worker_generation = gauge_family();
     for (w, s) in per_worker.iter().enumerate() {
@@ -685,6 +686,15 @@ fn render_metrics(state: &AdminState, worker_idle: &[Duration]) -> String {
                 .inc_by(v);
         }
         fast_path.get_or_create(&l).inc_by(s.fast_path);
+        for (stage, v) in [
+            ("received", s.fragments_in),
+            ("reassembled", s.reassembled),
+            ("sent", s.fragments_out),
+        ] {
+            fragments
+                .get_or_create(&labels(&[("worker", &wl), ("stage", stage)]))
+                .inc_by(v);
+        }
         for (dir, v) in [("to", s.to_exception), ("from", s.from_exception)] {
             exception
                 .get_or_create(&labels(&[("worker", &wl), ("direction", dir)]))
@@ -743,6 +753,11 @@ fn render_metrics(state: &AdminState, worker_idle: &[Duration]) -> String {
         exception,
     );
     registry.register("servicegate_bursts", "Non-empty bursts processed", bursts);
+    registry.register(
+        "servicegate_fragments",
+        "IPv4 fragments taken into reassembly (received), datagrams reassembled from them, and fragments cut on egress (sent); given-up fragments count as drops{reason=\"fragment\"}",
+        fragments,
+    );
     registry.register(
         "servicegate_fast_path_packets",
         "Packets of established flows forwarded by the fast path (the rest take the general path)",
