@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build lab lab-virtio lab-fleet test bench fuzz-build deps package
+.PHONY: build lab lab-virtio lab-fleet soak test bench fuzz-build deps package
 
 deps:
 	bash .ci/install-deps
@@ -19,6 +19,12 @@ lab-virtio: deps build
 # Two gateways announcing over BGP (BIRD) to an ECMP router, clients and the lab cluster.
 lab-fleet: deps build
 	bash tests/lab/fleet-run.sh
+
+# The lab under constant churn for SOAK_MINUTES minutes (make soak SOAK_MINUTES=30); CI
+# (make test) runs the same test for 2 minutes.
+SOAK_MINUTES ?= 10
+soak: deps build
+	SOAK_MINUTES=$(SOAK_MINUTES) $(CARGO) test --release -p tests --test soak -- --nocapture
 
 test: deps
 	$(CARGO) fmt --all -- --check

@@ -200,6 +200,8 @@ pub struct SyncInfo {
 
 /// Driver counters of every port, by port name.
 pub type PortStatsFn = Box<dyn Fn() -> Vec<(String, PortStats)> + Send + Sync>;
+/// (mbufs in use, mbufs available) of each packet pool, by pool name.
+pub type MempoolsFn = Box<dyn Fn() -> Vec<(String, u32, u32)> + Send + Sync>;
 
 /// Everything the admin API reads.
 pub struct AdminState {
@@ -208,6 +210,8 @@ pub struct AdminState {
     pub ports: Vec<PortInfo>,
     /// Driver counters (`rte_eth_stats`), read on each scrape.
     pub port_stats: PortStatsFn,
+    /// The packet pools' occupancy, read on each scrape.
+    pub mempools: MempoolsFn,
     /// Set once the first complete snapshot is installed.
     pub ready: Arc<AtomicBool>,
     pub sync: Arc<parking_lot::Mutex<SyncInfo>>,
@@ -581,6 +585,23 @@ fn render_metrics(state: &AdminState, worker_idle: &[Duration]) -> String {
             |s| s.rx_no_mbuf,
         ),
     ];
+    let in_use = gauge_family();
+    let available = gauge_family();
+    for (pool, used, free) in (state.mempools)() {
+        let l = labels(&[("pool", &pool)]);
+        in_use.get_or_create(&l).set(i64::from(used));
+        available.get_or_create(&l).set(i64::from(free));
+    }
+    registry.register(
+        "servicegate_mempool_mbufs_in_use",
+        "Mbufs taken from a packet pool: in rx rings, in flight, held for reassembly (back to its idle level when traffic stops; a steady rise is a leak)",
+        in_use,
+    );
+    registry.register(
+        "servicegate_mempool_mbufs_available",
+        "Mbufs left in a packet pool (near 0: rx_no_mbuf follows)",
+        available,
+    );
     let port_stats = (state.port_stats)();
     for (name, help, field) in driver {
         let family = counter_family();

@@ -340,12 +340,11 @@ fn runtime_spec(
         workers: worker_specs,
         idle_sleep_us: config.cores.idle_sleep_us,
         overlap_bursts_from: config.conntrack.overlap_bursts_from,
-        reassembly: (config.mode == ForwardingMode::Gateway && config.fragments.reassemble).then(
-            || ReassemblySpec {
+        reassembly: (config.mode == ForwardingMode::Gateway && config.fragments.reassemble)
+            .then_some(ReassemblySpec {
                 max_datagrams: config.fragments.max_datagrams,
                 timeout_ms: config.fragments.timeout_ms,
-            },
-        ),
+            }),
     })
 }
 
@@ -905,7 +904,14 @@ async fn serve_control(
             .collect(),
         link_up: |id| dataplane::dpdk::link_up(dataplane::dpdk::PortId(id)),
     };
+    let pools = runtime.pools();
     let state = Arc::new(crate::admin::AdminState {
+        mempools: Box::new(move || {
+            pools
+                .iter()
+                .map(|(name, pool)| (name.to_string(), pool.in_use(), pool.available()))
+                .collect()
+        }),
         snapshot: runtime.snapshot.clone(),
         workers: runtime.workers.clone(),
         ports,

@@ -371,6 +371,7 @@ async fn start() -> Harness {
                 tx_queues: 2,
             },
         ],
+        mempools: Box::new(|| vec![("rx".to_string(), 1200, 6991)]),
         port_stats: Box::new(|| {
             vec![
                 (

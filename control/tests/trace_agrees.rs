@@ -267,6 +267,9 @@ fn forwarded(from: From, flow: &FlowKey, config: &Config, snapshot: &Snapshot) -
         },
         Verdict::ToException { .. } => outcome("local"),
         Verdict::Handoff { .. } => panic!("one worker hands nothing off"),
+        Verdict::Reassemble | Verdict::Fragment { .. } => {
+            panic!("the flows traced here are neither fragments nor above the MTU")
+        }
         Verdict::Transmit { .. } | Verdict::HoldForNeighbor { .. } => {
             let out = frame.into_vec();
             let l3 = |frame: &[u8]| {

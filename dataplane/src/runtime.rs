@@ -148,6 +148,16 @@ impl Runtime {
         &self.pool
     }
 
+    /// Every packet pool by the name the metrics give it: `rx` (frames received and built),
+    /// and `datagrams` (reassembled datagrams) when reassembly is on.
+    pub fn pools(&self) -> Vec<(&'static str, Arc<Mempool>)> {
+        let mut pools = vec![("rx", self.pool.clone())];
+        if let Some(datagrams) = &self.datagrams {
+            pools.push(("datagrams", datagrams.clone()));
+        }
+        pools
+    }
+
     /// Starts the ports and launches one worker per `spec.workers` entry with the mode
     /// `mode_for(worker_index)` gives.
     pub fn launch(

@@ -26,6 +26,20 @@ Fleet modes (tests/lab/fleet.sh: the client namespace owns every address of SOUR
                               SOURCES, port PORT_BASE + i), a request on each every 100 ms until
                               SIGTERM; a connection whose request fails is broken and stops:
                               {"connections": [{"source", "requests", "broken", "error", "backends"}]}
+
+Soak modes (tests/tests/soak.rs; SOURCE is one local address, ephemeral ports):
+  paced URL RATE SOURCE OUT   new connections at RATE per second on a fixed schedule (each its
+                              own thread, 10 s timeout) until SIGTERM, then waits for those in
+                              flight (up to 15 s: "unfinished" counts the rest) and writes
+                              {"total", "failed", "unfinished", "slow" (> 1 s), "seconds", "rate",
+                              "max_lag_ms", "max_in_flight", "median_ms", "p99_ms", "max_ms",
+                              "failures": [first 20: {t, seconds, error}], "backends": {pod: n}}
+  keepalive URL N INTERVAL SOURCE OUT
+                              N keep-alive connections, a request on each every INTERVAL
+                              seconds until SIGTERM; a failed request counts, and the
+                              connection is opened again (never silently: "ports" lists every
+                              local port a connection had): {"connections": [{"requests",
+                              "failed", "ports", "backends", "errors"}], "requests", "failed"}
 """
 
 import collections
@@ -236,6 +250,109 @@ def streams(url, n, sources, port_base, out):
     return result
 
 
+def paced(url, rate, source, out):
+    lock, durations, failures, backends = threading.Lock(), [], [], collections.Counter()
+    counts = {"total": 0, "failed": 0, "in_flight": 0, "max_in_flight": 0}
+
+    def one(start):
+        try:
+            body, error = get(url, (source, 0), 10), None
+        except Exception as e:
+            body, error = None, "%s: %s" % (type(e).__name__, e)
+        seconds = time.time() - start
+        with lock:
+            counts["total"] += 1
+            counts["in_flight"] -= 1
+            if error:
+                counts["failed"] += 1
+                if len(failures) < 20:
+                    failures.append({"t": round(start, 3), "seconds": round(seconds, 3),
+                                     "error": error})
+            else:
+                durations.append(seconds)
+                backends[body] += 1
+
+    start, i, max_lag = time.time(), 0, 0.0
+    while not stop.is_set():
+        now = time.time()
+        max_lag = max(max_lag, now - (start + i / rate))
+        with lock:
+            counts["in_flight"] += 1
+            counts["max_in_flight"] = max(counts["max_in_flight"], counts["in_flight"])
+        threading.Thread(target=one, args=(now,), daemon=True).start()
+        i += 1
+        stop.wait(max(0.0, start + i / rate - time.time()))
+    seconds = time.time() - start
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        with lock:
+            if counts["in_flight"] == 0:
+                break
+        time.sleep(0.05)
+    with lock:
+        durations.sort()
+        result = {"total": counts["total"], "failed": counts["failed"],
+                  "unfinished": counts["in_flight"],
+                  "slow": sum(1 for d in durations if d > 1.0),
+                  "started": i, "seconds": round(seconds, 3),
+                  "rate": round(i / seconds, 2) if seconds else None,
+                  "max_lag_ms": round(max_lag * 1000, 1),
+                  "max_in_flight": counts["max_in_flight"],
+                  "median_ms": round(durations[len(durations) // 2] * 1000, 2) if durations else None,
+                  "p99_ms": round(durations[int(len(durations) * 0.99)] * 1000, 2) if durations else None,
+                  "max_ms": round(durations[-1] * 1000, 2) if durations else None,
+                  "failures": failures, "backends": dict(backends)}
+    with open(out, "w") as f:
+        json.dump(result, f)
+    return result
+
+
+def keepalive(url, n, interval, source, out):
+    parts = urllib.parse.urlsplit(url)
+    states = [{"requests": 0, "failed": 0, "ports": [], "backends": [], "errors": []}
+              for _ in range(n)]
+
+    def run(index, state):
+        stop.wait(interval * index / n)  # spread the connections' requests over the interval
+        conn = None
+        while not stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80,
+                                                      timeout=10, source_address=(source, 0))
+                    conn.connect()
+                    conn.auto_open = 0  # a connection the server closed is a failure, not reopened
+                    state["ports"].append(conn.sock.getsockname()[1])
+                conn.request("GET", parts.path or "/")
+                body = conn.getresponse().read().decode().strip()
+                state["requests"] += 1
+                if body not in state["backends"]:
+                    state["backends"].append(body)
+            except Exception as e:
+                state["failed"] += 1
+                if len(state["errors"]) < 5:
+                    state["errors"].append({"t": round(time.time(), 3),
+                                            "error": "%s: %s" % (type(e).__name__, e)})
+                if conn is not None:
+                    conn.close()
+                conn = None
+            stop.wait(interval)
+        if conn is not None:
+            conn.close()
+
+    threads = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate(states)]
+    for t in threads:
+        t.start()
+    stop.wait()
+    for t in threads:
+        t.join()
+    result = {"connections": states, "requests": sum(s["requests"] for s in states),
+              "failed": sum(s["failed"] for s in states)}
+    with open(out, "w") as f:
+        json.dump(result, f)
+    return result
+
+
 mode, args = sys.argv[1], sys.argv[2:]
 if mode == "count":
     out = count(args[0], int(args[1]))
@@ -251,6 +368,10 @@ elif mode == "load":
     out = load(args[0], float(args[1]), args[2], args[3])
 elif mode == "streams":
     out = streams(args[0], int(args[1]), args[2], int(args[3]), args[4])
+elif mode == "paced":
+    out = paced(args[0], float(args[1]), args[2], args[3])
+elif mode == "keepalive":
+    out = keepalive(args[0], int(args[1]), float(args[2]), args[3], args[4])
 elif mode == "connect":
     out = connect(args[0], int(args[1]))
 else:

@@ -177,6 +177,14 @@ impl Lab {
             .signal(signal);
     }
 
+    /// The gateway's process id (for /proc/PID/status and the like).
+    pub fn gateway_pid(&self) -> u32 {
+        self.gateway
+            .as_ref()
+            .and_then(Gateway::pid)
+            .expect("gateway running")
+    }
+
     /// The config file the gateway runs (and reads again on SIGHUP).
     pub fn config_path(&self) -> std::path::PathBuf {
         self.dir.path().join("gateway.yaml")

@@ -1,0 +1,52 @@
+//! Raw bytes → the gateway's two text inputs, neither of which may panic on anything:
+//! Kubernetes manifests (the files source: YAML/JSON documents → model → compiled
+//! snapshot, first from a prefix of the input and then from all of it, so the compiler's
+//! incremental path runs on the second) and the gateway config (parse and validate, then
+//! the reload comparison against itself and the lab config).
+#![no_main]
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use control::compiler::{CompileOptions, Compiler};
+use control::config::Config;
+use libfuzzer_sys::fuzz_target;
+
+fn options() -> CompileOptions {
+    CompileOptions {
+        node_port_addresses: vec![Ipv4Addr::new(192, 0, 2, 1)],
+        // Small tables: the fuzzer is after the parsing and compiling, not Maglev's fill.
+        maglev_table_size: 131,
+        service_cidr: Some("10.96.0.0/12".parse().expect("prefix")),
+        ..CompileOptions::default()
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(rest);
+    if mode & 1 == 0 {
+        let cut = text
+            .char_indices()
+            .map(|(i, _)| i)
+            .nth(usize::from(mode) * text.len() / 512)
+            .unwrap_or(text.len());
+        let mut compiler = Compiler::new(options());
+        let first = control::manifests::load_str(Path::new("fuzz-a.yaml"), &text[..cut]);
+        let _ = compiler.compile(&first.model);
+        let all = control::manifests::load_str(Path::new("fuzz-b.yaml"), &text);
+        let compiled = compiler.compile(&all.model);
+        let _ = compiled.warnings.len();
+    } else if let Ok(config) = Config::parse(&text, "fuzz.yaml") {
+        let _ = control::reload::needs_restart(&config, &config);
+        let _ = control::reload::effective(&config, &config);
+        if let Ok(lab) = Config::parse(LAB, "lab.yaml") {
+            let _ = control::reload::needs_restart(&lab, &config);
+            let _ = control::reload::effective(&lab, &config);
+        }
+    }
+});
+
+const LAB: &str = include_str!("../../configs/lab.yaml");
