@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: build lab lab-virtio lab-fleet soak test bench fuzz-build deps package
+.PHONY: build lab lab-virtio lab-fleet soak fuzz test bench fuzz-build deps package
 
 deps:
 	bash .ci/install-deps
@@ -25,6 +25,19 @@ lab-fleet: deps build
 SOAK_MINUTES ?= 10
 soak: deps build
 	SOAK_MINUTES=$(SOAK_MINUTES) $(CARGO) test --release -p tests --test soak -- --nocapture
+
+# Both fuzz targets, FUZZ_RUNS executions each (cargo-fuzz, nightly features through
+# RUSTC_BOOTSTRAP; no sanitizer: the targets are safe Rust, overflow checks on). The
+# closing notes' figures: FUZZ_RUNS=100000000 for receive_path, 10000000 for manifests.
+FUZZ_RUNS ?= 1000000
+fuzz: deps
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	mkdir -p fuzz/corpus/receive_path fuzz/corpus/manifests_config
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O -a -s none receive_path \
+	  -- -runs=$(FUZZ_RUNS) -print_final_stats=1
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O -a -s none manifests_config \
+	  corpus/manifests_config ../configs ../configs/lab ../configs/deploy \
+	  -- -runs=$(FUZZ_RUNS) -print_final_stats=1
 
 test: deps
 	$(CARGO) fmt --all -- --check

@@ -1,8 +1,8 @@
 //! Raw bytes → the gateway's two text inputs, neither of which may panic on anything:
 //! Kubernetes manifests (the files source: YAML/JSON documents → model → compiled
-//! snapshot, first from a prefix of the input and then from all of it, so the compiler's
-//! incremental path runs on the second) and the gateway config (parse and validate, then
-//! the reload comparison against itself and the lab config).
+//! snapshot, first from the documents of the input's first half and then from all of it, so
+//! the compiler's incremental path runs on the second) and the gateway config (parse and
+//! validate, then the reload comparison against itself and the lab config).
 #![no_main]
 
 use std::net::Ipv4Addr;
@@ -23,23 +23,24 @@ fn options() -> CompileOptions {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else {
-        return;
-    };
-    let text = String::from_utf8_lossy(rest);
-    if mode & 1 == 0 {
-        let cut = text
-            .char_indices()
-            .map(|(i, _)| i)
-            .nth(usize::from(mode) * text.len() / 512)
-            .unwrap_or(text.len());
-        let mut compiler = Compiler::new(options());
-        let first = control::manifests::load_str(Path::new("fuzz-a.yaml"), &text[..cut]);
-        let _ = compiler.compile(&first.model);
-        let all = control::manifests::load_str(Path::new("fuzz-b.yaml"), &text);
-        let compiled = compiler.compile(&all.model);
-        let _ = compiled.warnings.len();
-    } else if let Ok(config) = Config::parse(&text, "fuzz.yaml") {
+    // Both readings of every input, so the repository's manifests and configs are seeds
+    // as they are (`make fuzz` passes configs/ and configs/lab/).
+    let text = String::from_utf8_lossy(data);
+    // The first model: the documents before the first separator past the middle.
+    let middle = (0..=text.len() / 2)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    let cut = text[middle..]
+        .find("\n---")
+        .map_or(middle, |at| middle + at);
+    let mut compiler = Compiler::new(options());
+    let first = control::manifests::load_str(Path::new("fuzz-a.yaml"), &text[..cut]);
+    let _ = compiler.compile(&first.model);
+    let all = control::manifests::load_str(Path::new("fuzz-b.yaml"), &text);
+    let compiled = compiler.compile(&all.model);
+    let _ = compiled.warnings.len();
+    if let Ok(config) = Config::parse(&text, "fuzz.yaml") {
         let _ = control::reload::needs_restart(&config, &config);
         let _ = control::reload::effective(&config, &config);
         if let Ok(lab) = Config::parse(LAB, "lab.yaml") {
