@@ -392,7 +392,8 @@ pub struct ConntrackSection {
     /// been received (`dataplane::worker::Worker::overlap_bursts_from`; 0: always).
     #[serde(default = "default_overlap_bursts_from")]
     pub overlap_bursts_from: usize,
-    /// Half-open (unassured) entries one source address may hold per worker; 0: no limit.
+    /// Half-open (unassured TCP and SCTP) entries one source address may hold per worker;
+    /// 0: no limit.
     #[serde(default = "default_half_open_per_source")]
     pub half_open_per_source: u32,
     /// Per-state timeouts in seconds; omitted ones keep Linux nf_conntrack's defaults.

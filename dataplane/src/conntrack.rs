@@ -349,8 +349,8 @@ pub struct ConntrackConfig {
     /// Maximum number of connections (entries) this worker tracks.
     pub capacity: usize,
     pub timeouts: Timeouts,
-    /// Unassured (half-open) entries one source address may hold; 0: no limit (see
-    /// [`Conntrack::half_open_of`]).
+    /// Half-open (unassured TCP and SCTP) entries one source address may hold; 0: no limit
+    /// (see [`Conntrack::half_open_of`]).
     pub half_open_per_source: u32,
     /// Let a TCP segment without SYN open a flow to a frontend, as Linux does with
     /// `nf_conntrack_tcp_loose=1` (picking up connections mid-stream). Off by default: such a
@@ -379,7 +379,14 @@ pub const DEFAULT_HALF_OPEN_PER_SOURCE: u32 = 1024;
 /// few seconds, not one or two minutes).
 pub const PRESSURE_SYN_TIMEOUT: Tick = 5 * SECOND;
 
-/// Counters of unassured entries per source address, by a hash of the address (a source
+/// The protocols whose unassured entries are half-open connections (a SYN or an INIT not
+/// answered): what `conntrack.half_open_per_source` bounds.
+#[inline]
+fn opens_with_handshake(protocol: u8) -> bool {
+    protocol == PROTO_TCP || protocol == PROTO_SCTP
+}
+
+/// Counters of half-open entries per source address, by a hash of the address (a source
 /// may share its bucket with a few others; the budget is generous enough for that).
 const HALF_OPEN_BUCKETS: usize = 1 << 16;
 
@@ -1265,17 +1272,21 @@ impl Conntrack {
         self.snat_pressure_until = now.saturating_add(PRESSURE_SYN_TIMEOUT);
     }
 
-    /// Unassured entries (half-open TCP, unreplied UDP/SCTP/ICMP) whose original source is
-    /// `src` (or shares its bucket).
+    /// Half-open entries (unassured TCP and SCTP: a handshake not completed) whose
+    /// original source is `src` (or shares its bucket). Unreplied UDP and ICMP do not count:
+    /// a client's outstanding DNS queries are no SYN flood.
     #[inline]
     pub fn half_open_of(&self, src: Ipv4Addr) -> u32 {
         self.half_open[half_open_bucket(src)]
     }
 
-    /// Whether `src` may open one more unassured entry (`conntrack.half_open_per_source`).
+    /// Whether `src` may open one more `protocol` flow (`conntrack.half_open_per_source`
+    /// bounds the ones that open with a handshake).
     #[inline]
-    pub fn half_open_allowed(&self, src: Ipv4Addr) -> bool {
-        self.half_open_per_source == 0 || self.half_open_of(src) < self.half_open_per_source
+    pub fn half_open_allowed(&self, protocol: u8, src: Ipv4Addr) -> bool {
+        self.half_open_per_source == 0
+            || !opens_with_handshake(protocol)
+            || self.half_open_of(src) < self.half_open_per_source
     }
 
     /// Incremental expiry: examines at most `budget` slab slots from a sweeping cursor and
@@ -1320,8 +1331,11 @@ impl Conntrack {
     }
 
     fn push_unassured(&mut self, id: u32) {
-        let bucket = half_open_bucket(self.entries[id as usize].original.src);
-        self.half_open[bucket] = self.half_open[bucket].saturating_add(1);
+        let original = &self.entries[id as usize].original;
+        if opens_with_handshake(original.protocol) {
+            let bucket = half_open_bucket(original.src);
+            self.half_open[bucket] = self.half_open[bucket].saturating_add(1);
+        }
         let tail = self.unassured_tail;
         {
             let e = &mut self.entries[id as usize];
@@ -1341,8 +1355,11 @@ impl Conntrack {
             let e = &self.entries[id as usize];
             (e.prev, e.next)
         };
-        let bucket = half_open_bucket(self.entries[id as usize].original.src);
-        self.half_open[bucket] = self.half_open[bucket].saturating_sub(1);
+        let original = &self.entries[id as usize].original;
+        if opens_with_handshake(original.protocol) {
+            let bucket = half_open_bucket(original.src);
+            self.half_open[bucket] = self.half_open[bucket].saturating_sub(1);
+        }
         if prev == NIL {
             self.unassured_head = next;
         } else {

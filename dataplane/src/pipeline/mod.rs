@@ -1544,7 +1544,7 @@ impl Pipeline {
         let Some(hop) = self.route_cache[route_slot].hop else {
             return Verdict::Drop(DropReason::NoRoute);
         };
-        if !self.ct.half_open_allowed(key.src) {
+        if !self.ct.half_open_allowed(key.protocol, key.src) {
             return Verdict::Drop(DropReason::HalfOpenLimit);
         }
         let mut snat = None;

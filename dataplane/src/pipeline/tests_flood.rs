@@ -189,6 +189,19 @@ fn half_open_flows_per_source_are_bounded() {
     .unwrap();
     let mut stats = WorkerStats::default();
     let src = Ipv4Addr::new(203, 0, 113, 77);
+    // Unreplied UDP (a client's outstanding DNS queries) is no half-open connection: it
+    // neither counts nor is refused.
+    for port in 0..40 {
+        let query = from_router().udp_v4(
+            SocketAddrV4::new(src, 5000 + port),
+            sa("10.96.0.53:53"),
+            b"q",
+        );
+        assert!(transmitted(
+            run(&mut p, &snap, UPLINK, &query, 0, &mut stats).verdict
+        ));
+    }
+    assert_eq!(p.conntrack().half_open_of(src), 0);
     for port in 0..16 {
         let syn = from_router().tcp_v4(
             SocketAddrV4::new(src, 2000 + port),
