@@ -28,6 +28,10 @@ pub enum Traffic {
     NodePortAck,
     /// SYNs, each of a distinct flow, to the ClusterIP.
     Syn,
+    /// A spoofed SYN flood (hping3 `--flood -S --rand-source`): SYNs from scattered
+    /// sources of 100.64.0.0/10 and random ports to the NodePort 192.168.100.1:30080,
+    /// masqueraded, never answered.
+    SynFlood,
     /// UDP datagrams to 10.96.0.20:53.
     Udp,
     /// `ClusterIpAck` from pods of node-1, VXLAN-encapsulated by its VTEP 10.0.0.11.
@@ -76,6 +80,16 @@ pub fn frame(traffic: Traffic, i: usize) -> Vec<u8> {
             b"",
         ),
         Traffic::Syn => uplink.tcp_v4(client(external, i), cluster_ip, TcpFlags::SYN, b""),
+        Traffic::SynFlood => {
+            let r = dataplane::maglev::fmix64(i as u64 ^ 0x5f10_0d5e_ed00_0001);
+            let source = u32::from(Ipv4Addr::new(100, 64, 0, 0)) | (r as u32 & 0x003f_ffff);
+            uplink.tcp_v4(
+                SocketAddrV4::new(Ipv4Addr::from(source), 1024 + ((r >> 32) as u16 % 64_000)),
+                SocketAddrV4::new(Ipv4Addr::new(192, 168, 100, 1), 30080),
+                TcpFlags::SYN,
+                b"",
+            )
+        }
         Traffic::Udp => uplink.udp_v4(
             client(external, i),
             SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 20), 53),

@@ -122,6 +122,10 @@ fn scenarios(suite: Suite) -> Vec<Scenario> {
     });
     if suite == Suite::Full {
         v.push(Scenario {
+            note: "spoofed SYN flood to the NodePort (DNAT+SNAT, 3 backends x 28,232 SNAT ports, production timeouts): past the first 84,696 SYNs each one reclaims the SNAT port of an unreplied entry (early drop); what a flood at the worker's full rate costs",
+            ..Scenario::new("h-syn-flood", 1 << 19, Traffic::SynFlood)
+        });
+        v.push(Scenario {
             many_services: true,
             note: "1,000 ClusterIP Services x 8 backends, DNAT+SNAT",
             ..Scenario::new("f-1000-svc", 10_000, Traffic::ManyServices)

@@ -515,6 +515,115 @@ fn a_client_routing_pod_cidrs_via_the_uplink_reaches_no_pod() {
     );
 }
 
+/// The sum of every sample of metric `name` (all labels) on the lab gateway's /metrics.
+fn metric_sum(lab: &Lab, name: &str) -> f64 {
+    let (_, body) = http_get(&lab.admin, "/metrics").expect("metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue 23 item 2, live, as a new user tried it: `hping3 --flood -S --rand-source` at the
+/// NodePort (masqueraded: 3 backends' SNAT ports are what such a flood exhausted) for 8 s,
+/// from the outside client's namespace, while the same client opens 20 new connections a
+/// second and keeps 4 keep-alive connections busy. Every new connection succeeds during and
+/// after the flood (a SYN may need its retransmission), no keep-alive connection breaks or
+/// is reopened, and the table's evictions were unreplied entries only (an established
+/// entry is never evicted: `evict_unassured`).
+#[test]
+fn a_spoofed_syn_flood_leaves_new_and_established_connections_served() {
+    let lab = Lab::files();
+    let url = "http://192.168.100.1:30080/";
+    let (paced_out, keepalive_out) = (
+        lab.dir.path().join("paced.json"),
+        lab.dir.path().join("keepalive.json"),
+    );
+    let keepalive = Background(Some(lab.spawn_client(
+        "client",
+        &[
+            "keepalive",
+            url,
+            "4",
+            "0.2",
+            "192.168.100.2",
+            keepalive_out.to_str().unwrap(),
+        ],
+    )));
+    let paced = Background(Some(lab.spawn_client(
+        "client",
+        &[
+            "paced",
+            url,
+            "20",
+            "192.168.100.2",
+            paced_out.to_str().unwrap(),
+        ],
+    )));
+    std::thread::sleep(Duration::from_secs(2));
+    let rx_before = metric_sum(&lab, "servicegate_port_rx_packets_total");
+    let evictions_before = metric_sum(&lab, "servicegate_conntrack_evictions_total");
+    let flood = Command::new("ip")
+        .args(["netns", "exec", &format!("{}-client", lab.prefix)])
+        .args([
+            "timeout",
+            "-s",
+            "INT",
+            "8",
+            "hping3",
+            "--flood",
+            "-S",
+            "--rand-source",
+        ])
+        .args(["-p", "30080", "-q", "192.168.100.1"])
+        .output()
+        .expect("hping3 (the hping3 package)");
+    let rx_flood = metric_sum(&lab, "servicegate_port_rx_packets_total") - rx_before;
+    // New connections go on after the flood: the table and the SNAT ports recover.
+    std::thread::sleep(Duration::from_secs(4));
+    let paced = paced.finish(&paced_out);
+    let keepalive = keepalive.finish(&keepalive_out);
+    let evictions = metric_sum(&lab, "servicegate_conntrack_evictions_total") - evictions_before;
+    println!(
+        "syn flood figure: hping3 {}; {rx_flood} frames received during the flood ({:.0}/s); \
+         {evictions} unreplied entries evicted; new connections {} failed {} (median {} ms, \
+         p99 {} ms, max {} ms); keep-alive requests {} failed {}",
+        String::from_utf8_lossy(&flood.stderr)
+            .trim()
+            .replace('\n', " "),
+        rx_flood / 8.0,
+        paced["total"],
+        paced["failed"],
+        paced["median_ms"],
+        paced["p99_ms"],
+        paced["max_ms"],
+        keepalive["requests"],
+        keepalive["failed"],
+    );
+    assert!(
+        rx_flood > 50_000.0,
+        "the flood did not reach the gateway ({rx_flood} frames): {flood:?}"
+    );
+    let total = paced["total"].as_u64().unwrap_or(0);
+    let failed = paced["failed"].as_u64().unwrap_or(u64::MAX);
+    assert!(total >= 200, "new connections made: {paced}");
+    assert!(
+        failed * 100 <= total,
+        "more than 1% of new connections failed: {paced}"
+    );
+    assert_eq!(
+        keepalive["failed"], 0,
+        "keep-alive requests failed: {keepalive}"
+    );
+    for connection in keepalive["connections"].as_array().expect("connections") {
+        assert_eq!(
+            connection["ports"].as_array().map(Vec::len),
+            Some(1),
+            "a keep-alive connection was reopened: {connection}"
+        );
+    }
+}
+
 /// Sends `count` UDP datagrams of `size` bytes from namespace `ns` of the lab to `target`
 /// (host:port) with the kernel's own socket (which fragments them) and checks each echo:
 /// the pods' echo answers `<name> <datagram>`. Returns (intact answers, failures).
