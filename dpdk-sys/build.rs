@@ -51,6 +51,19 @@ fn main() {
         .allowlist_function("rte_ip_frag_.*")
         .allowlist_function("rte_ipv4_frag_reassemble_packet")
         .allowlist_function("rte_ipv4_fragment_copy_nonseg_packet")
+        .allowlist_function("rte_pdump_.*")
+        .allowlist_function("rte_pcapng_.*")
+        .allowlist_function("rte_bpf_convert")
+        .allowlist_function("rte_free")
+        .allowlist_function("pcap_open_dead")
+        .allowlist_function("pcap_compile")
+        .allowlist_function("pcap_freecode")
+        .allowlist_function("pcap_geterr")
+        .allowlist_function("pcap_close")
+        .allowlist_var("RTE_PDUMP_.*")
+        .allowlist_var("DLT_EN10MB")
+        .allowlist_var("PCAP_NETMASK_UNKNOWN")
+        .allowlist_var("RING_F_.*")
         .allowlist_var("RTE_.*")
         .allowlist_type("rte_eth_.*")
         .allowlist_type("rte_mbuf")
@@ -94,4 +107,6 @@ fn main() {
     cc.compile("dpdk_static_fns");
 
     // pkg-config already emitted the link lines for libdpdk; PMDs load as plugins at EAL init.
+    // libpcap compiles capture filters (`servicegate ctl capture --filter`) for rte_bpf.
+    println!("cargo:rustc-link-lib=pcap");
 }

@@ -15,6 +15,10 @@
 #include <rte_lpm.h>
 #include <rte_telemetry.h>
 #include <rte_ip_frag.h>
+#include <pcap/pcap.h>
+#include <rte_pdump.h>
+#include <rte_pcapng.h>
+#include <rte_bpf.h>
 
 /* shim.c */
 int sg_rte_errno(void);

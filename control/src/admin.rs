@@ -73,6 +73,8 @@ pub struct PortInfo {
     pub role: String,
     /// Receive queues.
     pub queues: u16,
+    /// The EAL device name (`net_tap0`, a PCI address): what a capture attaches to.
+    pub device: String,
     /// Transmit queues (one per worker: a worker's tx queue is its index).
     pub tx_queues: u16,
 }
@@ -203,6 +205,16 @@ pub type PortStatsFn = Box<dyn Fn() -> Vec<(String, PortStats)> + Send + Sync>;
 /// (mbufs in use, mbufs available) of each packet pool, by pool name.
 pub type MempoolsFn = Box<dyn Fn() -> Vec<(String, u32, u32)> + Send + Sync>;
 
+/// The EAL settings a secondary process must share with the gateway.
+#[derive(Clone, Debug, Default)]
+pub struct EalInfo {
+    pub file_prefix: String,
+    /// Whether the gateway's memory is in hugepages, which secondaries map (with
+    /// `--no-huge` it is private to the gateway and no capture can attach).
+    pub hugepages: bool,
+    pub no_pci: bool,
+}
+
 /// Everything the admin API reads.
 pub struct AdminState {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
@@ -212,6 +224,8 @@ pub struct AdminState {
     pub port_stats: PortStatsFn,
     /// The packet pools' occupancy, read on each scrape.
     pub mempools: MempoolsFn,
+    /// How a DPDK secondary process (`ctl capture`, `dpdk-dumpcap`) joins this gateway.
+    pub eal: EalInfo,
     /// Set once the first complete snapshot is installed.
     pub ready: Arc<AtomicBool>,
     pub sync: Arc<parking_lot::Mutex<SyncInfo>>,
@@ -300,6 +314,7 @@ fn router_for(app: Arc<App>) -> Router {
         .route("/v1/conntrack", get(conntrack))
         .route("/v1/trace", get(trace))
         .route("/v1/announcements", get(announcements))
+        .route("/v1/ports", get(ports))
         .with_state(app)
 }
 
@@ -1070,6 +1085,25 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 
 // ---------------------------------------------------------------------------------------
 // /v1/announcements
+
+/// The ports, and what a DPDK secondary process needs to join the gateway.
+async fn ports(State(app): State<Arc<App>>) -> Response {
+    let eal = &app.state.eal;
+    Json(json!({
+        "file_prefix": eal.file_prefix,
+        "hugepages": eal.hugepages,
+        "no_pci": eal.no_pci,
+        "ports": app.state.ports.iter().map(|p| json!({
+            "name": p.name,
+            "id": p.id,
+            "device": p.device,
+            "role": p.role,
+            "queues": p.queues,
+            "tx_queues": p.tx_queues,
+        })).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
 
 async fn announcements(State(app): State<Arc<App>>) -> Response {
     let Some(announcer) = &app.state.announce else {

@@ -836,6 +836,10 @@ fn worker_modes(
 pub fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let spec = runtime_spec(&config, Devices::Configured, &config.eal.file_prefix)?;
     let mut runtime = Runtime::init(&spec).map_err(|e| anyhow!(e))?;
+    // `ctl capture` and dpdk-dumpcap attach as secondary processes (hugepages only).
+    if let Err(err) = dataplane::dpdk::pdump_init() {
+        tracing::warn!("packet capture unavailable: {err}");
+    }
     let result = (|| -> anyhow::Result<()> {
         let mut modes = worker_modes(&config, &runtime, spec.workers.len(), false)?;
         runtime
@@ -884,10 +888,16 @@ async fn serve_control(
                 .find(|c| c.name == p.name)
                 .map(|c| format!("{:?}", c.role).to_lowercase())
                 .unwrap_or_else(|| "exception".into()),
+            device: p.device_name.clone(),
             queues: p.setup.rx_queues,
             tx_queues: p.setup.tx_queues,
         })
         .collect();
+    let eal = crate::admin::EalInfo {
+        file_prefix: config.eal.file_prefix.clone(),
+        hugepages: !spec.eal_args.iter().any(|a| a == "--no-huge"),
+        no_pci: spec.eal_args.iter().any(|a| a == "--no-pci"),
+    };
     let stats_ports: Vec<(String, u16)> = ports.iter().map(|p| (p.name.clone(), p.id)).collect();
     let announcer = Arc::new(crate::announce::Announcer::default());
     let health = crate::announce::HealthInputs {
@@ -906,6 +916,7 @@ async fn serve_control(
     };
     let pools = runtime.pools();
     let state = Arc::new(crate::admin::AdminState {
+        eal,
         mempools: Box::new(move || {
             pools
                 .iter()

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod announce;
 pub mod app;
+pub mod capture;
 pub mod compiler;
 pub mod config;
 pub mod ctl;

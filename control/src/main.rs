@@ -81,6 +81,32 @@ enum CtlWhat {
     },
     /// The prefixes this gateway asks its BGP speaker to announce, and why.
     Announcements,
+    /// Capture a port's packets into a pcapng file (the gateway must run on hugepages).
+    Capture {
+        /// The port's name in the config (`uplink`, `cluster`, `uplink-exception`).
+        #[arg(long)]
+        port: String,
+        /// Only this rx/tx queue (default: every queue).
+        #[arg(long)]
+        queue: Option<u16>,
+        #[arg(long, value_enum, default_value_t = control::capture::Direction::Both)]
+        direction: control::capture::Direction,
+        /// libpcap filter syntax, e.g. `tcp port 80` (run in the gateway as eBPF).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Stop after this many frames.
+        #[arg(long, short = 'c', default_value_t = 0)]
+        count: u64,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Bytes kept of each frame.
+        #[arg(long, default_value_t = 2176)]
+        snaplen: u32,
+        /// The pcapng file to write.
+        #[arg(short = 'w', long = "write")]
+        output: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -101,6 +127,31 @@ fn main() -> ExitCode {
             inputs,
             out_dir,
         } => load(&config).and_then(|c| control::app::replay(c, &inputs, &out_dir)),
+        Command::Ctl {
+            admin,
+            what:
+                CtlWhat::Capture {
+                    port,
+                    queue,
+                    direction,
+                    filter,
+                    count,
+                    duration,
+                    snaplen,
+                    output,
+                },
+            ..
+        } => control::capture::run(&control::capture::CaptureRequest {
+            admin,
+            port,
+            queue,
+            direction,
+            filter,
+            count,
+            duration: duration.map(std::time::Duration::from_secs_f64),
+            snaplen,
+            output,
+        }),
         Command::Ctl { admin, json, what } => {
             let command = match what {
                 CtlWhat::Services => control::ctl::CtlCommand::Services,
@@ -112,6 +163,7 @@ fn main() -> ExitCode {
                     flow: flow.join(" "),
                 },
                 CtlWhat::Announcements => control::ctl::CtlCommand::Announcements,
+                CtlWhat::Capture { .. } => unreachable!("handled above"),
             };
             control::ctl::run(&admin, command, json)
         }

@@ -360,6 +360,7 @@ async fn start() -> Harness {
                 name: "uplink".into(),
                 id: 0,
                 role: "uplink".into(),
+                device: "net_null0".into(),
                 queues: 2,
                 tx_queues: 2,
             },
@@ -367,10 +368,12 @@ async fn start() -> Harness {
                 name: "cluster".into(),
                 id: 1,
                 role: "cluster".into(),
+                device: "net_null1".into(),
                 queues: 2,
                 tx_queues: 2,
             },
         ],
+        eal: control::admin::EalInfo::default(),
         mempools: Box::new(|| vec![("rx".to_string(), 1200, 6991)]),
         port_stats: Box::new(|| {
             vec![

@@ -1436,3 +1436,273 @@ pub fn fragment_ipv4(
     fragments.len = (n as usize).min(FRAGMENTS_OUT_MAX);
     Ok(fragments)
 }
+
+/// Lets DPDK's packet capture (`rte_pdump`) serve secondary processes: `servicegate ctl
+/// capture` and `dpdk-dumpcap`. Call once in the gateway after EAL init; until a capture
+/// asks, nothing runs per packet beyond ethdev's check for rx/tx callbacks.
+pub fn pdump_init() -> Result<()> {
+    // SAFETY: EAL is initialised (the caller holds the runtime); registers a multi-process
+    // action and a memzone, nothing we own.
+    check("rte_pdump_init", unsafe { sys::rte_pdump_init() }).map(|_| ())
+}
+
+// rte_pdump.h's flags (an anonymous enum) and queue wildcard.
+const PDUMP_FLAG_RX: u32 = 1;
+const PDUMP_FLAG_TX: u32 = 2;
+const PDUMP_FLAG_PCAPNG: u32 = 4;
+const PDUMP_ALL_QUEUES: u16 = u16::MAX;
+
+/// What to capture from a running gateway.
+#[derive(Clone, Debug)]
+pub struct CaptureSpec {
+    /// The port's EAL device name (`net_tap0`, a PCI address).
+    pub device: String,
+    /// One rx/tx queue, or every queue.
+    pub queue: Option<u16>,
+    pub rx: bool,
+    pub tx: bool,
+    /// libpcap filter syntax (`tcp port 80`), run as eBPF by rte_bpf in the gateway.
+    pub filter: Option<String>,
+    /// Bytes kept of each frame.
+    pub snaplen: u32,
+}
+
+/// A capture running in the gateway on behalf of this process (a DPDK secondary): the
+/// gateway's rx/tx callbacks (`rte_pdump`) copy matching frames, in pcapng form
+/// (`rte_pcapng_copy`), into a ring this process drains into a pcapng file
+/// (`rte_pcapng_write_packets`). Dropping it stops the capture and closes the file.
+pub struct PortCapture {
+    port: u16,
+    queue: u16,
+    flags: u32,
+    ring: NonNull<sys::rte_ring>,
+    pool: Mempool,
+    pcapng: NonNull<sys::rte_pcapng>,
+    filter: Option<NonNull<sys::rte_bpf_prm>>,
+    started_ns: u64,
+    /// Frames written so far.
+    pub written: u64,
+}
+
+impl PortCapture {
+    /// Starts capturing per `spec` into `file` (truncated, written as pcapng).
+    pub fn start(eal: &Eal, spec: &CaptureSpec, file: std::fs::File) -> Result<PortCapture> {
+        let err = |operation: String, code: i32| Error { operation, code };
+        let device = CString::new(spec.device.as_str())
+            .map_err(|_| err(format!("device name {:?}", spec.device), 22))?;
+        let mut port = 0u16;
+        // SAFETY: a valid C string and a valid out pointer.
+        check(format!("port {:?} in the gateway", spec.device), unsafe {
+            sys::rte_eth_dev_get_port_by_name(device.as_ptr(), &mut port)
+        })?;
+        let filter = match &spec.filter {
+            Some(expression) => Some(compile_filter(expression, spec.snaplen)?),
+            None => None,
+        };
+        let tag = std::process::id();
+        let ring_name = CString::new(format!("sg_capture_{tag}")).expect("no NUL");
+        // SAFETY: a valid name. rte_pdump accepts only multi-producer, multi-consumer rings.
+        let ring = unsafe { sys::rte_ring_create(ring_name.as_ptr(), 4096, -1, 0) };
+        let ring = NonNull::new(ring)
+            .ok_or_else(|| err("rte_ring_create (capture ring)".into(), rte_errno()))?;
+        // SAFETY: a pure size computation.
+        let data_room = unsafe { sys::rte_pcapng_mbuf_size(spec.snaplen) };
+        let pool = Mempool::new(
+            eal,
+            &format!("sg_capture_pool_{tag}"),
+            4095,
+            0,
+            (data_room as u16).saturating_sub(sys::RTE_PKTMBUF_HEADROOM as u16),
+        )?;
+        use std::os::fd::IntoRawFd;
+        let fd = file.into_raw_fd();
+        let app =
+            CString::new(format!("servicegate {}", env!("CARGO_PKG_VERSION"))).expect("no NUL");
+        // SAFETY: `fd` is an open file we hand over (rte_pcapng_close closes it); the
+        // strings are valid for the call (copied into the section header).
+        let pcapng = unsafe {
+            sys::rte_pcapng_fdopen(
+                fd,
+                std::ptr::null(),
+                std::ptr::null(),
+                app.as_ptr(),
+                std::ptr::null(),
+            )
+        };
+        let pcapng = NonNull::new(pcapng).ok_or_else(|| {
+            // SAFETY: the fd is still ours when fdopen failed.
+            unsafe { libc::close(fd) };
+            err("rte_pcapng_fdopen".into(), rte_errno())
+        })?;
+        let queue = spec.queue.unwrap_or(PDUMP_ALL_QUEUES);
+        let flags =
+            (if spec.rx { PDUMP_FLAG_RX } else { 0 }) | (if spec.tx { PDUMP_FLAG_TX } else { 0 });
+        let mut capture = PortCapture {
+            port,
+            queue,
+            flags,
+            ring,
+            pool,
+            pcapng,
+            filter,
+            started_ns: now_ns(),
+            written: 0,
+        };
+        // SAFETY: the ring and pool live in shared memory the gateway can use, and stay until
+        // `Drop` disabled the capture; the filter (if any) likewise.
+        let enabled = unsafe {
+            sys::rte_pdump_enable_bpf(
+                port,
+                queue,
+                flags | PDUMP_FLAG_PCAPNG,
+                spec.snaplen,
+                capture.ring.as_ptr(),
+                capture.pool.as_ptr(),
+                capture
+                    .filter
+                    .map_or(std::ptr::null(), |f| f.as_ptr().cast_const()),
+            )
+        };
+        if let Err(e) = check(format!("rte_pdump_enable_bpf(port {port})"), enabled) {
+            capture.flags = 0;
+            return Err(e);
+        }
+        Ok(capture)
+    }
+
+    /// Writes what the gateway has copied so far, at most `max` frames; how many.
+    pub fn drain(&mut self, max: u64) -> Result<usize> {
+        let mut mbufs = [std::ptr::null_mut::<sys::rte_mbuf>(); BURST_SIZE];
+        let mut total = 0;
+        loop {
+            let want = (max - total as u64).min(BURST_SIZE as u64) as c_uint;
+            if want == 0 {
+                return Ok(total);
+            }
+            // SAFETY: a valid ring of mbuf pointers; room for `want` <= BURST_SIZE of them.
+            let n = unsafe {
+                sys::rte_ring_dequeue_burst(
+                    self.ring.as_ptr(),
+                    mbufs.as_mut_ptr().cast(),
+                    want,
+                    std::ptr::null_mut(),
+                )
+            } as usize;
+            if n == 0 {
+                return Ok(total);
+            }
+            // SAFETY: `n` mbufs made by rte_pcapng_copy, ours; the call always frees them.
+            let written = unsafe {
+                sys::rte_pcapng_write_packets(self.pcapng.as_ptr(), mbufs.as_mut_ptr(), n as u16)
+            };
+            if written < 0 {
+                return Err(Error {
+                    operation: "rte_pcapng_write_packets".into(),
+                    code: std::io::Error::last_os_error().raw_os_error().unwrap_or(5),
+                });
+            }
+            self.written += n as u64;
+            total += n;
+        }
+    }
+}
+
+impl Drop for PortCapture {
+    fn drop(&mut self) {
+        if self.flags != 0 {
+            // SAFETY: the capture this value enabled.
+            unsafe { sys::rte_pdump_disable(self.port, self.queue, self.flags) };
+        }
+        // Copies made past the count, or before the disable took effect, are not written.
+        let mut mbufs = [std::ptr::null_mut::<sys::rte_mbuf>(); BURST_SIZE];
+        loop {
+            // SAFETY: a valid ring of mbuf pointers; room for BURST_SIZE of them.
+            let n = unsafe {
+                sys::rte_ring_dequeue_burst(
+                    self.ring.as_ptr(),
+                    mbufs.as_mut_ptr().cast(),
+                    BURST_SIZE as c_uint,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n == 0 {
+                break;
+            }
+            // SAFETY: `n` mbufs of our pool, ours to free.
+            unsafe { sys::rte_pktmbuf_free_bulk(mbufs.as_mut_ptr(), n) };
+        }
+        let comment = CString::new("servicegate ctl capture").expect("no NUL");
+        // SAFETY: the open capture file; the comment is valid for the call.
+        unsafe {
+            sys::rte_pcapng_write_stats(
+                self.pcapng.as_ptr(),
+                self.port,
+                comment.as_ptr(),
+                self.started_ns,
+                now_ns(),
+                self.written,
+                0,
+            );
+            sys::rte_pcapng_close(self.pcapng.as_ptr());
+            sys::rte_ring_free(self.ring.as_ptr());
+            if let Some(filter) = self.filter {
+                sys::rte_free(filter.as_ptr().cast());
+            }
+        }
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A libpcap filter expression as DPDK eBPF (libpcap's compiler, `rte_bpf_convert`).
+fn compile_filter(expression: &str, snaplen: u32) -> Result<NonNull<sys::rte_bpf_prm>> {
+    let text = CString::new(expression).map_err(|_| Error {
+        operation: format!("filter {expression:?}"),
+        code: 22,
+    })?;
+    // SAFETY: a "dead" handle only compiles filters; closed below on every path.
+    let pcap = unsafe { sys::pcap_open_dead(sys::DLT_EN10MB as c_int, snaplen as c_int) };
+    if pcap.is_null() {
+        return Err(Error {
+            operation: "pcap_open_dead".into(),
+            code: 12,
+        });
+    }
+    let mut program = sys::bpf_program::default();
+    // SAFETY: valid handle, out struct and C string.
+    let compiled = unsafe {
+        sys::pcap_compile(
+            pcap,
+            &mut program,
+            text.as_ptr(),
+            1,
+            sys::PCAP_NETMASK_UNKNOWN,
+        )
+    };
+    let result = if compiled != 0 {
+        // SAFETY: pcap_geterr returns the handle's NUL-terminated message.
+        let message = unsafe { CStr::from_ptr(sys::pcap_geterr(pcap)) }
+            .to_string_lossy()
+            .into_owned();
+        Err(Error {
+            operation: format!("filter {expression:?}: {message}"),
+            code: 22,
+        })
+    } else {
+        // SAFETY: a program pcap_compile filled; the result is rte_malloc'ed and ours.
+        let converted = unsafe { sys::rte_bpf_convert(&program) };
+        // SAFETY: the program pcap_compile allocated.
+        unsafe { sys::pcap_freecode(&mut program) };
+        NonNull::new(converted).ok_or_else(|| Error {
+            operation: format!("rte_bpf_convert({expression:?})"),
+            code: rte_errno(),
+        })
+    };
+    // SAFETY: the handle opened above.
+    unsafe { sys::pcap_close(pcap) };
+    result
+}
