@@ -459,3 +459,37 @@ impl Drop for Background {
         }
     }
 }
+
+/// `servicegate replay --config CONFIG --in PORT=FILE... --out-dir OUT`, which must succeed:
+/// its report (stdout).
+pub fn replay(config: &Path, inputs: &[(&str, &Path)], out_dir: &Path) -> String {
+    let mut command = Command::new(servicegate_bin());
+    command.args(["replay", "--config"]).arg(config);
+    for (port, input) in inputs {
+        command
+            .arg("--in")
+            .arg(format!("{port}={}", input.display()));
+    }
+    let output = command
+        .arg("--out-dir")
+        .arg(out_dir)
+        .output()
+        .expect("run servicegate replay");
+    let report = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "replay failed:\n{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    report
+}
+
+/// The drop counters of a replay report (`drop REASON: N` lines).
+pub fn replay_drops(report: &str) -> std::collections::BTreeMap<String, u64> {
+    report
+        .lines()
+        .filter_map(|l| l.strip_prefix("drop "))
+        .filter_map(|l| l.split_once(": "))
+        .map(|(name, n)| (name.to_string(), n.trim().parse().expect("count")))
+        .collect()
+}

@@ -213,3 +213,39 @@ impl Drop for Lab {
         }
     }
 }
+
+/// Copies the lab's manifests (configs/lab/) into `dir`/manifests, leaving out the
+/// EndpointSlices named in `taken` (the caller writes those itself, in their own files), and
+/// returns that directory.
+pub fn lab_manifests_without(dir: &Path, taken: &[&str]) -> std::path::PathBuf {
+    let root = workspace_root();
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::copy(
+        root.join("configs/lab/services.yaml"),
+        manifests.join("services.yaml"),
+    )
+    .unwrap();
+    let slices = std::fs::read_to_string(root.join("configs/lab/endpointslices.yaml")).unwrap();
+    let documents: Vec<&str> = slices.split("\n---\n").collect();
+    let others: Vec<&str> = documents
+        .iter()
+        .copied()
+        .filter(|d| {
+            !taken
+                .iter()
+                .any(|name| d.contains(&format!("name: {name}\n")))
+        })
+        .collect();
+    assert_eq!(
+        others.len() + taken.len(),
+        documents.len(),
+        "every slice of {taken:?} is in configs/lab/endpointslices.yaml"
+    );
+    std::fs::write(
+        manifests.join("endpointslices.yaml"),
+        others.join("\n---\n"),
+    )
+    .unwrap();
+    manifests
+}

@@ -11,11 +11,12 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use dataplane::wire::build::FrameBuilder;
 use dataplane::wire::{ethernet, ipv4, Ipv4Packet, MacAddr};
-use tests::harness::{read_pcap, require_root, servicegate_bin, unique_name, write_pcap, TempDir};
+use tests::harness::{
+    read_pcap, replay, replay_drops, require_root, unique_name, write_pcap, TempDir,
+};
 
 const GW_UPLINK_MAC: MacAddr = MacAddr([0x02, 0x53, 0x47, 0x00, 0x00, 0x01]);
 const GW_CLUSTER_MAC: MacAddr = MacAddr([0x02, 0x53, 0x47, 0x00, 0x00, 0x02]);
@@ -149,33 +150,8 @@ fn delivered(n: u8, len: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn replay(config: &Path, inputs: &[(&str, &Path)], out_dir: &Path) -> String {
-    let mut command = Command::new(servicegate_bin());
-    command.args(["replay", "--config"]).arg(config);
-    for (port, input) in inputs {
-        command
-            .arg("--in")
-            .arg(format!("{port}={}", input.display()));
-    }
-    let output = command
-        .arg("--out-dir")
-        .arg(out_dir)
-        .output()
-        .expect("run servicegate replay");
-    let report = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "replay failed:\n{report}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    report
-}
-
 fn counter(report: &str, name: &str) -> u64 {
-    report
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("drop {name}: ")))
-        .map_or(0, |n| n.trim().parse().expect("count"))
+    replay_drops(report).get(name).copied().unwrap_or(0)
 }
 
 fn assert_frames(port: &str, got: &[Vec<u8>], want: &[Vec<u8>], report: &str) {

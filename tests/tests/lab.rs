@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::harness::{http_get, workspace_root, Background};
-use tests::lab::Lab;
+use tests::harness::{http_get, Background};
+use tests::lab::{lab_manifests_without, Lab};
 
 const POD1: &str = "10.244.1.2";
 const POD2: &str = "10.244.1.3";
@@ -44,26 +44,8 @@ trait FilesLab {
 impl FilesLab for Lab {
     fn files() -> Lab {
         Lab::start("lab", |dir, config| {
-            let root = workspace_root();
-            let manifests = dir.join("manifests");
-            std::fs::create_dir_all(&manifests).unwrap();
-            std::fs::copy(
-                root.join("configs/lab/services.yaml"),
-                manifests.join("services.yaml"),
-            )
-            .unwrap();
             // The `web` slice lives in its own file so tests can rewrite it.
-            let slices =
-                std::fs::read_to_string(root.join("configs/lab/endpointslices.yaml")).unwrap();
-            let others: Vec<&str> = slices
-                .split("\n---\n")
-                .filter(|d| !d.contains("name: web-abc12"))
-                .collect();
-            std::fs::write(
-                manifests.join("endpointslices.yaml"),
-                others.join("\n---\n"),
-            )
-            .unwrap();
+            let manifests = lab_manifests_without(dir, &["web-abc12"]);
             write_web_slice(
                 &manifests,
                 &[

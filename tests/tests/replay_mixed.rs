@@ -14,14 +14,15 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
-use std::process::Command;
 
 use dataplane::wire::build::FrameBuilder;
 use dataplane::wire::{
     arp, ethernet, icmp, ipv4, ArpPacket, EthernetFrame, IcmpPacket, Ipv4Packet, MacAddr, TcpFlags,
     TcpPacket, UdpPacket, VxlanPacket,
 };
-use tests::harness::{read_pcap, require_root, servicegate_bin, unique_name, write_pcap, TempDir};
+use tests::harness::{
+    read_pcap, replay, replay_drops, require_root, unique_name, write_pcap, TempDir,
+};
 
 const GW_UPLINK_MAC: MacAddr = MacAddr([0x02, 0x53, 0x47, 0x00, 0x00, 0x01]);
 const GW_CLUSTER_MAC: MacAddr = MacAddr([0x02, 0x53, 0x47, 0x00, 0x00, 0x02]);
@@ -745,14 +746,6 @@ fn compare(port: &str, index: usize, what: &str, expected: &[u8], actual: &[u8])
 }
 
 /// The value of `drop NAME: N` lines of the replay report.
-fn drop_counters(report: &str) -> std::collections::BTreeMap<String, u64> {
-    report
-        .lines()
-        .filter_map(|l| l.strip_prefix("drop "))
-        .filter_map(|l| l.split_once(": "))
-        .map(|(name, n)| (name.to_string(), n.trim().parse().expect("count")))
-        .collect()
-}
 
 #[test]
 fn replay_of_a_mixed_capture_gives_the_expected_captures() {
@@ -766,29 +759,6 @@ fn replay_with_bursts_held_back_gives_the_same_captures() {
     replay_mixed_capture(0);
 }
 
-/// Runs `servicegate replay` with `inputs` entering on the uplink, in order; its report.
-fn replay(config: &Path, inputs: &[&Path], out_dir: &Path) -> String {
-    let mut command = Command::new(servicegate_bin());
-    command.args(["replay", "--config"]).arg(config);
-    for input in inputs {
-        command
-            .arg("--in")
-            .arg(format!("uplink={}", input.display()));
-    }
-    let output = command
-        .arg("--out-dir")
-        .arg(out_dir)
-        .output()
-        .expect("run servicegate replay");
-    let report = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "replay failed:\n{report}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    report
-}
-
 fn replay_mixed_capture(overlap_bursts_from: usize) {
     require_root();
     let dir = TempDir::new("mixed");
@@ -799,7 +769,7 @@ fn replay_mixed_capture(overlap_bursts_from: usize) {
     write_pcap(&input_path, &input);
     let out_dir = dir.path().join("out");
     let started = std::time::Instant::now();
-    let report = replay(&config, &[&input_path], &out_dir);
+    let report = replay(&config, &[("uplink", &input_path)], &out_dir);
     eprintln!(
         "replay of {} frames took {:.2?}:\n{report}",
         input.len(),
@@ -873,7 +843,7 @@ fn replay_mixed_capture(overlap_bursts_from: usize) {
         }
     }
     assert_eq!(
-        drop_counters(&report),
+        replay_drops(&report),
         want_drops,
         "drop counters:\n{report}"
     );
@@ -925,7 +895,11 @@ fn replay_with_two_workers_joins_their_captures() {
     write_pcap(&first, &input[..40]);
     write_pcap(&second, &input[40..]);
     let out_dir = dir.path().join("out");
-    let report = replay(&config, &[&first, &second], &out_dir);
+    let report = replay(
+        &config,
+        &[("uplink", &first), ("uplink", &second)],
+        &out_dir,
+    );
     assert!(report.contains("port uplink: rx 64 tx 0 "), "{report}");
     assert!(report.contains("port cluster: rx 0 tx 64 "), "{report}");
     assert!(report.contains("drops total: 0\n"), "{report}");

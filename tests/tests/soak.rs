@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::harness::{http_get, workspace_root, Background};
-use tests::lab::Lab;
+use tests::harness::{http_get, Background};
+use tests::lab::{lab_manifests_without, Lab};
 
 /// The conntrack timeout of the closing TCP states in the soak's config, seconds.
 const CLOSE_TIMEOUT: u64 = 5;
@@ -98,25 +98,7 @@ fn write_churn(manifests: &Path, step: u64) {
 /// The lab serving configs/lab/ with the `web` and `web-nodeport` slices in churn.yaml.
 fn soak_lab() -> Lab {
     Lab::start("soak", |dir, config| {
-        let root = workspace_root();
-        let manifests = dir.join("manifests");
-        std::fs::create_dir_all(&manifests).unwrap();
-        std::fs::copy(
-            root.join("configs/lab/services.yaml"),
-            manifests.join("services.yaml"),
-        )
-        .unwrap();
-        let slices = std::fs::read_to_string(root.join("configs/lab/endpointslices.yaml")).unwrap();
-        let others: Vec<&str> = slices
-            .split("\n---\n")
-            .filter(|d| !d.contains("name: web-abc12") && !d.contains("name: web-nodeport-abc12"))
-            .collect();
-        assert_eq!(others.len() + 2, slices.split("\n---\n").count());
-        std::fs::write(
-            manifests.join("endpointslices.yaml"),
-            others.join("\n---\n"),
-        )
-        .unwrap();
+        let manifests = lab_manifests_without(dir, &["web-abc12", "web-nodeport-abc12"]);
         write_churn(&manifests, 0);
         let t = CLOSE_TIMEOUT;
         assert!(
