@@ -630,3 +630,135 @@ fn sighup_applies_a_good_config_names_restart_keys_and_refuses_a_broken_one() {
     wait_frontend(&admin, &fe, Some(&["10.244.1.3:9376"]), PROMPT);
     stop(setup);
 }
+
+/// Issue 23 item 6: hostile API objects. An EndpointSlice of 10,000 endpoints, a Service
+/// created and deleted 100 times a second for 3 s, and objects with missing or absurd
+/// fields (no spec, an address that is no IP, ports 0 and 70,000, an unknown address type,
+/// a slice of no Service, endpoints without conditions) never stop the gateway: each is
+/// applied or skipped, and the good Service keeps its tables all along.
+#[test]
+fn hostile_api_objects_neither_crash_the_gateway_nor_disturb_a_good_service() {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    let rt = runtime();
+    let (mut setup, admin, fe) = start_web(&rt);
+    let web_backends = ["10.244.1.2:9376", "10.244.1.3:9376"];
+    let server = &setup.server;
+
+    // 10,000 endpoints in one slice (the API server caps slices at 1,000; a broken or
+    // hostile one may not).
+    let started = Instant::now();
+    server.apply_service(service(NS, "big", "10.96.0.77", 80));
+    let addresses: Vec<String> = (0..10_000u32)
+        .map(|i| format!("10.245.{}.{}", i / 250, 1 + i % 250))
+        .collect();
+    let refs: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    server.apply_endpoint_slice(endpoint_slice(NS, "big-1", "big", &refs, 9376));
+    wait_for("the 10,000-endpoint frontend", EVENTUALLY, || {
+        let s = services(&admin);
+        (frontends(&s).get("10.96.0.77:80").map(Vec::len) == Some(10_000)).then_some(())
+    });
+    println!(
+        "hostile figure: a slice of 10,000 endpoints served after {:?}",
+        started.elapsed()
+    );
+
+    // Flapping: created and deleted 100 times a second for 3 s, ending created.
+    let flap = service(NS, "flap", "10.96.0.78", 80);
+    server.apply_endpoint_slice(endpoint_slice(NS, "flap-1", "flap", &["10.244.1.9"], 9376));
+    let started = Instant::now();
+    for i in 0..300 {
+        if i % 2 == 0 {
+            server.apply_service(flap.clone());
+        } else {
+            server.delete_service(NS, "flap");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server.apply_service(flap.clone());
+    wait_frontend(&admin, "10.96.0.78:80", Some(&["10.244.1.9:9376"]), PROMPT);
+    println!(
+        "hostile figure: 301 flaps in {:?}, then the flapping Service served",
+        started.elapsed()
+    );
+
+    // Missing and absurd fields.
+    let mut no_spec = service(NS, "no-spec", "10.96.0.79", 80);
+    no_spec.spec = None;
+    server.apply_service(no_spec);
+    let mut bad_ip = service(NS, "bad-ip", "10.96.0.80", 80);
+    if let Some(spec) = bad_ip.spec.as_mut() {
+        spec.cluster_ip = Some("not-an-ip".into());
+        spec.cluster_ips = Some(vec!["999.1.1.1".into()]);
+    }
+    server.apply_service(bad_ip);
+    let mut bad_ports = service(NS, "bad-ports", "10.96.0.81", 80);
+    if let Some(port) = bad_ports
+        .spec
+        .as_mut()
+        .and_then(|s| s.ports.as_mut())
+        .and_then(|p| p.first_mut())
+    {
+        port.port = 70_000;
+        port.node_port = Some(-1);
+        port.protocol = Some("QUIC".into());
+        port.target_port = Some(IntOrString::String(String::new()));
+    }
+    server.apply_service(bad_ports);
+    let mut zero_port = service(NS, "zero-port", "10.96.0.82", 0);
+    if let Some(spec) = zero_port.spec.as_mut() {
+        spec.type_ = Some("NoSuchType".into());
+        spec.ports.get_or_insert_with(Vec::new).clear();
+    }
+    server.apply_service(zero_port);
+    let mut bad_slice = endpoint_slice(NS, "bad-ip-1", "bad-ip", &["999.0.0.1", ""], 0);
+    bad_slice.address_type = "Bogus".into();
+    server.apply_endpoint_slice(bad_slice);
+    let mut orphan = endpoint_slice(NS, "orphan-1", "web", &["10.244.9.9"], 9376);
+    orphan.metadata.labels = None;
+    server.apply_endpoint_slice(orphan);
+    let mut odd = endpoint_slice(NS, "web-odd", "web", &[], 9376);
+    odd.endpoints = Some(vec![Endpoint {
+        addresses: vec![],
+        conditions: None,
+        ..Default::default()
+    }]);
+    odd.ports = Some(vec![EndpointPort {
+        port: Some(-5),
+        protocol: Some("TCP".into()),
+        name: Some("http".into()),
+        ..Default::default()
+    }]);
+    server.apply_endpoint_slice(odd);
+    // One more good change goes through after all of it.
+    server.apply_service(service(NS, "after", "10.96.0.83", 80));
+    server.apply_endpoint_slice(endpoint_slice(
+        NS,
+        "after-1",
+        "after",
+        &["10.244.1.4"],
+        9376,
+    ));
+    wait_frontend(&admin, "10.96.0.83:80", Some(&["10.244.1.4:9376"]), PROMPT);
+
+    assert!(setup.gateway.is_running(), "the gateway exited");
+    let s = services(&admin);
+    assert_eq!(
+        frontends(&s).get(&fe).cloned(),
+        Some(
+            web_backends
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+        ),
+        "the good Service's backends changed: {s}"
+    );
+    assert_eq!(
+        frontends(&s).get("10.96.0.77:80").map(Vec::len),
+        Some(10_000)
+    );
+    let (code, _) = get(&admin, "/healthz").expect("healthz");
+    assert_eq!(code, 200);
+    stop(setup);
+}
