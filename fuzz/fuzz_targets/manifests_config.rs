@@ -7,6 +7,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use control::compiler::{CompileOptions, Compiler};
 use control::config::Config;
@@ -43,11 +44,16 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(config) = Config::parse(&text, "fuzz.yaml") {
         let _ = control::reload::needs_restart(&config, &config);
         let _ = control::reload::effective(&config, &config);
-        if let Ok(lab) = Config::parse(LAB, "lab.yaml") {
-            let _ = control::reload::needs_restart(&lab, &config);
-            let _ = control::reload::effective(&lab, &config);
+        if let Some(lab) = lab() {
+            let _ = control::reload::needs_restart(lab, &config);
+            let _ = control::reload::effective(lab, &config);
         }
     }
 });
 
-const LAB: &str = include_str!("../../configs/lab.yaml");
+/// The lab config, parsed once.
+fn lab() -> Option<&'static Config> {
+    static LAB: OnceLock<Option<Config>> = OnceLock::new();
+    LAB.get_or_init(|| Config::parse(include_str!("../../configs/lab.yaml"), "lab.yaml").ok())
+        .as_ref()
+}
