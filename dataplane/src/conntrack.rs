@@ -1524,7 +1524,7 @@ impl SnatPorts {
         flow_hash: u64,
         now: Tick,
     ) -> Option<(Ipv4Addr, u16)> {
-        match self.probe(ct, protocol, backend, flow_hash, now) {
+        match self.probe(ct, protocol, backend, flow_hash, now, None) {
             Probe::Free(candidate, _) => Some(candidate),
             Probe::Taken(_) => None,
         }
@@ -1544,7 +1544,11 @@ impl SnatPorts {
         flow_hash: u64,
         now: Tick,
     ) -> Option<(Ipv4Addr, u16)> {
-        match self.probe(ct, protocol, backend, flow_hash, now) {
+        // Under pressure (a flood's unreplied entries hold most ports) a probe rarely finds
+        // a free port: reclaiming the oldest unreplied one among the first few costs a few
+        // lookups instead of `max_attempts` cache misses per new flow.
+        let victim_after = ct.under_pressure(now).then_some(PRESSURE_VICTIM_PROBES);
+        match self.probe(ct, protocol, backend, flow_hash, now, victim_after) {
             Probe::Free(candidate, probes) => {
                 if probes >= PRESSURE_PROBES {
                     ct.note_snat_pressure(now);
@@ -1559,7 +1563,8 @@ impl SnatPorts {
         }
     }
 
-    /// The probe of [`SnatPorts::allocate`].
+    /// The probe of [`SnatPorts::allocate`]; with `victim_after`, it stops after that many
+    /// taken ports once one of them can be reclaimed.
     fn probe(
         &self,
         ct: &Conntrack,
@@ -1567,6 +1572,7 @@ impl SnatPorts {
         backend: (Ipv4Addr, u16),
         flow_hash: u64,
         now: Tick,
+        victim_after: Option<u32>,
     ) -> Probe {
         // The unassured flow holding a probed port that expires first.
         let mut victim: Option<((Ipv4Addr, u16), EntryId, Tick)> = None;
@@ -1591,6 +1597,9 @@ impl SnatPorts {
                     if !e.assured && victim.is_none_or(|(.., at)| e.expires_at < at) {
                         victim = Some((candidate, id, e.expires_at));
                     }
+                    if victim.is_some() && victim_after.is_some_and(|n| i + 1 >= u64::from(n)) {
+                        break;
+                    }
                 }
             }
         }
@@ -1610,6 +1619,10 @@ enum Probe {
 /// random probes, 8 in a row are taken about once in 2^8 allocations at half occupancy,
 /// once in 10 at three quarters.
 pub const PRESSURE_PROBES: u32 = 8;
+
+/// Under pressure, taken ports probed before the oldest unreplied one among them is
+/// reclaimed (see [`SnatPorts::allocate_reclaiming`]).
+pub const PRESSURE_VICTIM_PROBES: u32 = 8;
 
 const AFFINITY_WAYS: usize = 4;
 
