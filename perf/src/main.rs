@@ -202,6 +202,7 @@ struct Ctx {
     lab: PathBuf,
     many: PathBuf,
     next_admin: u16,
+    hugepages: bool,
 }
 
 /// Captures are generated once per scenario and reused across runs.
@@ -253,6 +254,7 @@ fn run_scenario(ctx: &mut Ctx, s: &Scenario, files: &[PathBuf], run: usize) -> R
         masquerade_cluster_ip: s.masquerade,
         tcp_syn_sent_timeout: s.syn_timeout,
         conntrack_capacity: s.conntrack_capacity.unwrap_or(1 << 21),
+        hugepages: ctx.hugepages,
     };
     let mut row = Row {
         name: s.name.to_string(),
@@ -510,6 +512,7 @@ fn main() -> anyhow::Result<()> {
         .context("workspace root")?
         .to_path_buf();
     let mut binary = root.join("target/release/servicegate");
+    let mut hugepages = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -524,9 +527,11 @@ fn main() -> anyhow::Result<()> {
             "--runs" => runs = args.next().context("--runs N")?.parse()?,
             "--servicegate" => binary = PathBuf::from(args.next().context("--servicegate PATH")?),
             "--only" => only = Some(args.next().context("--only NAME[:FLOWS]")?),
+            // servicegate's memory on 2 MiB hugepages (reserved and mounted beforehand).
+            "--hugepages" => hugepages = true,
             "-h" | "--help" => {
                 println!(
-                    "perf --suite quick|full [--runs N] [--only NAME[:FLOWS]] [--servicegate PATH]"
+                    "perf --suite quick|full [--runs N] [--only NAME[:FLOWS]] [--servicegate PATH] [--hugepages]"
                 );
                 return Ok(());
             }
@@ -563,6 +568,7 @@ fn main() -> anyhow::Result<()> {
         lab: root.join("configs/lab"),
         many,
         next_admin: 19_000 + (std::process::id() % 1000) as u16 * 10,
+        hugepages,
     };
     eprintln!("TSC {:.0} MHz ({tsc_note})", tsc_hz / 1e6);
     let mut files = Vec::new();
