@@ -127,46 +127,7 @@ fn main() -> ExitCode {
             inputs,
             out_dir,
         } => load(&config).and_then(|c| control::app::replay(c, &inputs, &out_dir)),
-        Command::Ctl {
-            admin,
-            what:
-                CtlWhat::Capture {
-                    port,
-                    queue,
-                    direction,
-                    filter,
-                    count,
-                    duration,
-                    snaplen,
-                    output,
-                },
-            ..
-        } => control::capture::run(&control::capture::CaptureRequest {
-            admin,
-            port,
-            queue,
-            direction,
-            filter,
-            count,
-            duration: duration.map(std::time::Duration::from_secs_f64),
-            snaplen,
-            output,
-        }),
-        Command::Ctl { admin, json, what } => {
-            let command = match what {
-                CtlWhat::Services => control::ctl::CtlCommand::Services,
-                CtlWhat::Conntrack { limit, service } => control::ctl::CtlCommand::Conntrack {
-                    limit: Some(limit),
-                    service,
-                },
-                CtlWhat::Trace { flow } => control::ctl::CtlCommand::Trace {
-                    flow: flow.join(" "),
-                },
-                CtlWhat::Announcements => control::ctl::CtlCommand::Announcements,
-                CtlWhat::Capture { .. } => unreachable!("handled above"),
-            };
-            control::ctl::run(&admin, command, json)
-        }
+        Command::Ctl { admin, json, what } => ctl(admin, json, what),
         Command::Version => {
             println!("servicegate {}", env!("CARGO_PKG_VERSION"));
             println!("{}", dataplane::dpdk::version());
@@ -181,6 +142,45 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `servicegate ctl`: a capture runs here (a DPDK secondary process); everything else is
+/// one admin API request.
+fn ctl(admin: String, json: bool, what: CtlWhat) -> anyhow::Result<()> {
+    let command = match what {
+        CtlWhat::Services => control::ctl::CtlCommand::Services,
+        CtlWhat::Conntrack { limit, service } => control::ctl::CtlCommand::Conntrack {
+            limit: Some(limit),
+            service,
+        },
+        CtlWhat::Trace { flow } => control::ctl::CtlCommand::Trace {
+            flow: flow.join(" "),
+        },
+        CtlWhat::Announcements => control::ctl::CtlCommand::Announcements,
+        CtlWhat::Capture {
+            port,
+            queue,
+            direction,
+            filter,
+            count,
+            duration,
+            snaplen,
+            output,
+        } => {
+            return control::capture::run(&control::capture::CaptureRequest {
+                admin,
+                port,
+                queue,
+                direction,
+                filter,
+                count,
+                duration: duration.map(std::time::Duration::from_secs_f64),
+                snaplen,
+                output,
+            })
+        }
+    };
+    control::ctl::run(&admin, command, json)
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {

@@ -22,6 +22,7 @@ use crate::frame::Frame;
 use crate::pipeline::{BurstHashes, Pipeline, Verdict};
 use crate::snapshot::Snapshot;
 use crate::stats::{ConntrackCounters, DropReason, StatsCell, WorkerStats, MAX_PORTS};
+use crate::wire::ethernet::EthernetFrame;
 use crate::wire::MacAddr;
 
 /// Frames a worker holds while their next hop's MAC is being resolved.
@@ -363,13 +364,10 @@ impl Worker {
             stats.drop(DropReason::Fragment);
             return;
         };
-        let l2 = match mbuf.data().get(12..14) {
-            Some([0x81, 0x00]) => 18,
-            Some(_) => 14,
-            None => {
-                stats.drop(DropReason::Malformed);
-                return;
-            }
+        // The pipeline parsed this header before asking; its own view gives the length.
+        let Ok(l2) = EthernetFrame::new_checked(mbuf.data()).map(|e| e.header_len()) else {
+            stats.drop(DropReason::Malformed);
+            return;
         };
         stats.fragments_in += 1;
         let Reassembled::Complete(mut whole) = reassembly.add(mbuf, l2, dpdk::tsc()) else {
